@@ -1,0 +1,69 @@
+// Command detour is a transparent TCP proxy for Linux gateways.
+//
+// This package holds only flags, wiring, signals and exit codes; the work is
+// done by packages redirect (kernel side) and tunnel (the data path).
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+// Exit statuses.
+const (
+	exitOK      = 0
+	exitFailure = 1 // detour could not do its job (listen failed, ...)
+	exitUsage   = 2 // bad command line or configuration
+)
+
+func main() {
+	os.Exit(detour(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func detour(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "run":
+		return runCommand(args[1:], stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "detour", versionString())
+		return exitOK
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "detour: unknown command %q (want run or version; see detour help)\n", args[0])
+	return exitUsage
+}
+
+const usage = `detour: a transparent TCP proxy for Linux gateways
+
+usage:
+  detour run [flags]    serve redirected connections (detour run --help for flags)
+  detour version        print the version
+`
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := bi.Main.Version
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+			v += " (" + s.Value[:12] + ")"
+		}
+	}
+	return v
+}

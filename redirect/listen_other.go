@@ -1,0 +1,41 @@
+//go:build !linux
+
+package redirect
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"syscall"
+)
+
+var errNotLinux = errors.New("redirect: transparent proxying needs Linux netfilter")
+
+// Listener accepts redirected connections; only Linux has them.
+type Listener struct{}
+
+// Listen fails on this OS.
+func Listen(ctx context.Context, mode Mode, addr string) (*Listener, error) { return nil, errNotLinux }
+
+// Accept fails on this OS.
+func (l *Listener) Accept() (*net.TCPConn, error) { return nil, errNotLinux }
+
+// Close does nothing on this OS.
+func (l *Listener) Close() error { return nil }
+
+// Addr is nil on this OS.
+func (l *Listener) Addr() net.Addr { return nil }
+
+// Mode is the zero Mode on this OS.
+func (l *Listener) Mode() Mode { return Redirect }
+
+// OriginalDst fails on this OS.
+func (l *Listener) OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
+	return netip.AddrPort{}, errNotLinux
+}
+
+// MarkControl returns a Control function that fails on this OS.
+func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) error {
+	return func(string, string, syscall.RawConn) error { return errNotLinux }
+}
