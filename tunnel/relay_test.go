@@ -1,0 +1,291 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// pair returns the two ends of a fresh loopback TCP connection.
+func pair(t *testing.T) (dialed, accepted *net.TCPConn) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	d, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close(); a.Close() })
+	return d, a
+}
+
+type relayResult struct {
+	up, down int64
+	err      error
+}
+
+// startRelay wires app client ⇄ relay ⇄ app server over loopback and runs
+// the relay in the background.
+func startRelay(t *testing.T, idle time.Duration) (client, server *net.TCPConn, done <-chan relayResult) {
+	t.Helper()
+	checkGoroutines(t)
+	client, proxyClient := pair(t)
+	proxyServer, server := pair(t)
+	r := newRelay(context.Background(), proxyClient)
+	if !r.setServer(proxyServer) {
+		t.Fatal("setServer refused on a fresh relay")
+	}
+	ch := make(chan relayResult, 1)
+	go func() {
+		up, down, err := r.run(idle)
+		ch <- relayResult{up, down, err}
+	}()
+	return client, server, ch
+}
+
+// checkGoroutines fails the test if goroutines started during it are still
+// running shortly after it ends.
+func checkGoroutines(t *testing.T) {
+	before := runtime.NumGoroutine()
+	t.Cleanup(func() {
+		deadline := time.Now().Add(2 * time.Second)
+		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n := runtime.NumGoroutine(); n > before {
+			buf := make([]byte, 1<<16)
+			t.Errorf("%d goroutines leaked:\n%s", n-before, buf[:runtime.Stack(buf, true)])
+		}
+	})
+}
+
+func wait(t *testing.T, done <-chan relayResult, within time.Duration) relayResult {
+	t.Helper()
+	select {
+	case r := <-done:
+		return r
+	case <-time.After(within):
+		t.Fatalf("relay still running after %v", within)
+		return relayResult{}
+	}
+}
+
+func randomBytes(n int, seed uint64) []byte {
+	b := make([]byte, n)
+	r := rand.NewChaCha8([32]byte{byte(seed)})
+	r.Read(b)
+	return b
+}
+
+func TestRelayBothWaysByteExact(t *testing.T) {
+	client, server, done := startRelay(t, time.Minute)
+	upData, downData := randomBytes(8<<20, 1), randomBytes(8<<20, 2)
+
+	got := make(chan [32]byte, 2)
+	read := func(c *net.TCPConn) {
+		h := sha256.New()
+		io.Copy(h, c)
+		var sum [32]byte
+		copy(sum[:], h.Sum(nil))
+		got <- sum
+	}
+	go read(server)
+	go read(client)
+	for _, w := range []struct {
+		c    *net.TCPConn
+		data []byte
+	}{{client, upData}, {server, downData}} {
+		go func() {
+			w.c.Write(w.data)
+			w.c.CloseWrite()
+		}()
+	}
+	a, b := <-got, <-got
+	want := map[[32]byte]bool{sha256.Sum256(upData): true, sha256.Sum256(downData): true}
+	if !want[a] || !want[b] || a == b {
+		t.Fatal("data arrived corrupted")
+	}
+	res := wait(t, done, 5*time.Second)
+	if res.err != nil || res.up != int64(len(upData)) || res.down != int64(len(downData)) {
+		t.Fatalf("relay = up %d down %d err %v; want %d %d nil", res.up, res.down, res.err, len(upData), len(downData))
+	}
+}
+
+// The regression test every relay needs (tcpproxy's TestBufferedClose): the
+// client half-closes after its request; the reply still arrives whole.
+func TestRelayHalfClose(t *testing.T) {
+	client, server, done := startRelay(t, time.Minute)
+	reply := randomBytes(1<<20, 3)
+	client.Write([]byte("request"))
+	client.CloseWrite()
+
+	req, err := io.ReadAll(server) // ends only if the FIN was passed on
+	if err != nil || string(req) != "request" {
+		t.Fatalf("server read %q, %v", req, err)
+	}
+	server.Write(reply)
+	server.Close()
+
+	got, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(got, reply) {
+		t.Fatalf("client got %d bytes (%v), want %d", len(got), err, len(reply))
+	}
+	if res := wait(t, done, 5*time.Second); res.err != nil {
+		t.Fatalf("relay error: %v", res.err)
+	}
+}
+
+func TestRelayPassesResets(t *testing.T) {
+	for _, from := range []string{"server", "client"} {
+		t.Run("from "+from, func(t *testing.T) {
+			client, server, done := startRelay(t, time.Minute)
+			resetter, victim := server, client
+			if from == "client" {
+				resetter, victim = client, server
+			}
+			// Make sure the relay is connected end to end first.
+			client.Write([]byte("x"))
+			if _, err := io.ReadFull(server, make([]byte, 1)); err != nil {
+				t.Fatal(err)
+			}
+			resetter.SetLinger(0)
+			resetter.Close()
+			victim.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, err := victim.Read(make([]byte, 1))
+			if !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("%s side read error = %v, want connection reset", map[bool]string{true: "client", false: "server"}[victim == client], err)
+			}
+			if res := wait(t, done, 5*time.Second); !isReset(res.err) {
+				t.Fatalf("relay error = %v, want a reset", res.err)
+			}
+		})
+	}
+}
+
+func TestRelayIdleTimeout(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	client, _, done := startRelay(t, idle)
+	start := time.Now()
+	res := wait(t, done, 10*idle)
+	if !errors.Is(res.err, errIdle) {
+		t.Fatalf("relay error = %v, want idle timeout", res.err)
+	}
+	if d := time.Since(start); d < idle {
+		t.Fatalf("idle connection closed after %v, before the idle timeout %v", d, idle)
+	}
+	client.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := client.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client read after idle close = %v, want EOF", err)
+	}
+}
+
+// A peer that half-closed and then went silent must not hold the relay
+// forever.
+func TestRelayIdleHalfClosed(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	client, server, done := startRelay(t, idle)
+	client.CloseWrite()
+	if _, err := io.ReadAll(server); err != nil { // FIN passed on
+		t.Fatal(err)
+	}
+	if res := wait(t, done, 10*idle); !errors.Is(res.err, errIdle) {
+		t.Fatalf("relay error = %v, want idle timeout", res.err)
+	}
+}
+
+// Traffic in one direction keeps the connection alive even when the other
+// direction is closed: a slow download after a half-close completes even
+// though it lasts many idle timeouts.
+func TestRelaySlowDownloadOutlivesIdle(t *testing.T) {
+	const idle = 150 * time.Millisecond
+	client, server, done := startRelay(t, idle)
+	client.CloseWrite()
+	io.ReadAll(server)
+	go func() {
+		for i := range 20 { // 20 × 50 ms = 1 s ≈ 6.7 idle timeouts
+			server.Write([]byte{byte(i)})
+			time.Sleep(idle / 3)
+		}
+		server.Close()
+	}()
+	got, err := io.ReadAll(client)
+	if err != nil || len(got) != 20 {
+		t.Fatalf("client got %d bytes (%v), want 20", len(got), err)
+	}
+	if res := wait(t, done, 5*time.Second); res.err != nil || res.down != 20 {
+		t.Fatalf("relay = down %d err %v; want 20 nil", res.down, res.err)
+	}
+}
+
+func TestRelayAbortWhileRunning(t *testing.T) {
+	client, proxyClient := pair(t)
+	proxyServer, _ := pair(t)
+	r := newRelay(context.Background(), proxyClient)
+	r.setServer(proxyServer)
+	done := make(chan error, 1)
+	go func() { _, _, err := r.run(time.Minute); done <- err }()
+	time.Sleep(20 * time.Millisecond)
+	r.abort(errShutdown)
+	select {
+	case err := <-done:
+		if !errors.Is(err, errShutdown) {
+			t.Fatalf("err = %v, want shutdown", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("relay did not stop after abort")
+	}
+	client.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read = %v, want reset after a forced shutdown", err)
+	}
+}
+
+func BenchmarkRelayLoopback(b *testing.B) {
+	client, proxyClient := benchPair(b)
+	proxyServer, server := benchPair(b)
+	r := newRelay(context.Background(), proxyClient)
+	r.setServer(proxyServer)
+	go r.run(time.Minute)
+	buf := make([]byte, 256<<10)
+	go io.Copy(io.Discard, server)
+	b.SetBytes(int64(len(buf)))
+	b.ResetTimer()
+	for b.Loop() {
+		client.Write(buf)
+	}
+	b.StopTimer()
+	client.Close()
+}
+
+func benchPair(b *testing.B) (*net.TCPConn, *net.TCPConn) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	d, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		b.Fatal(err)
+	}
+	a, err := ln.AcceptTCP()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { d.Close(); a.Close() })
+	return d, a
+}
