@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# capture-first-flight.sh records the first bytes ("first flight") that real
+# clients send on a new connection — TLS ClientHellos, HTTP/1.x request heads,
+# h2c prefaces — into sniff/testdata/flights/, and lists each file with the
+# host, protocol, ALPN and ECH flag it must sniff to in sniff/testdata/corpus.txt.
+#
+# Loopback only. Each client is pointed at a listener of
+# sniff/internal/capture on 127.0.0.1 or ::1 that records the first
+# connection and closes without answering; host names reach the listener by
+# client flags (curl --resolve, chromium --host-resolver-rules), never by DNS.
+# Run as root where unshare(1) works, the whole run happens in a fresh network
+# namespace whose only interface is lo, so nothing can leave the machine.
+#
+# Every client is bounded by timeout(1). A client that is missing or fails is
+# reported and its previous capture, if any, is kept. Exits 1 if any failed.
+#
+# Usage: scripts/capture-first-flight.sh          (from anywhere in the repo)
+# Clients: curl, openssl, gnutls-cli, python3, chromium, and Go's own clients.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+testdata=$repo/sniff/testdata
+
+if [[ -z ${CAPTURE_BIN:-} ]]; then
+	work=$(mktemp -d)
+	trap 'rm -rf "$work"' EXIT
+	(cd "$repo" && go build -o "$work/capture" ./sniff/internal/capture)
+	export CAPTURE_BIN=$work/capture CAPTURE_WORK=$work
+	if [[ $(id -u) == 0 ]] && unshare --net true 2>/dev/null; then
+		echo "capturing inside a new network namespace (loopback only)"
+		unshare --net "$0" "$@" && exit 0 || exit $?
+	fi
+fi
+if [[ -n ${CAPTURE_WORK:-} && $(id -u) == 0 ]] && command -v ip >/dev/null; then
+	ip link set lo up 2>/dev/null || true
+fi
+
+stage=$CAPTURE_WORK/flights
+rm -rf "$stage" && mkdir -p "$stage"
+manifest=$CAPTURE_WORK/corpus.new
+: >"$manifest"
+failed=()
+
+# capture NAME PROTO HOST ALPN ECH [capture flags] -- CLIENT...
+# HOST, ALPN and ECH ("ech" or "-") are what sniff must report for it.
+capture() {
+	local name=$1 proto=$2 host=$3 alpn=$4 ech=$5
+	shift 5
+	local flags=(-out "$stage/$name" -manifest "$manifest" -proto "$proto" -timeout 60s)
+	[[ $host != - ]] && flags+=(-host "$host")
+	[[ $alpn != - ]] && flags+=(-alpn "$alpn")
+	[[ $ech == ech ]] && flags+=(-ech)
+	if ! timeout 90 "$CAPTURE_BIN" "${flags[@]}" "$@"; then
+		echo "FAILED: $name" >&2
+		failed+=("$name")
+	fi
+}
+
+have() { command -v "$1" >/dev/null || { echo "missing: $1" >&2; return 1; }; }
+
+if have curl; then
+	res=(--resolve "curl.example.test:{port}:127.0.0.1")
+	capture curl-https.bin tls curl.example.test h2,http/1.1 - \
+		-- timeout 20 curl -sk --max-time 15 "${res[@]}" "https://curl.example.test:{port}/"
+	capture curl-http.bin http curl.example.test - - \
+		-- timeout 20 curl -s --max-time 15 "${res[@]}" "http://curl.example.test:{port}/index.html?q=1"
+	capture curl-http10.bin http curl.example.test - - \
+		-- timeout 20 curl -s --http1.0 --max-time 15 "${res[@]}" "http://curl.example.test:{port}/"
+	capture curl-h2c.bin h2c h2c.example.test - - \
+		-- timeout 20 curl -s --http2-prior-knowledge --max-time 15 \
+		--resolve "h2c.example.test:{port}:127.0.0.1" "http://h2c.example.test:{port}/"
+	capture curl-proxy-absolute.bin http proxied.example.test - - \
+		-- timeout 20 curl -s --max-time 15 -x "http://{addr}" "http://proxied.example.test/path"
+	capture curl-proxy-connect.bin http connect.example.test - - \
+		-- timeout 20 curl -s --max-time 15 -x "http://{addr}" "https://connect.example.test/"
+	capture curl-https-ipv6.bin tls - h2,http/1.1 - -listen "[::1]:0" \
+		-- timeout 20 curl -sk --max-time 15 "https://[::1]:{port}/"
+	capture curl-http-ipv6.bin http - - - -listen "[::1]:0" \
+		-- timeout 20 curl -s -g --max-time 15 "http://[::1]:{port}/"
+else
+	failed+=(curl)
+fi
+
+if have openssl; then
+	capture openssl-tls12.bin tls openssl12.example.test - - \
+		-- timeout 20 openssl s_client -connect "127.0.0.1:{port}" -tls1_2 \
+		-servername openssl12.example.test -ign_eof </dev/null
+	capture openssl-tls13.bin tls openssl13.example.test h2,http/1.1 - \
+		-- timeout 20 openssl s_client -connect "127.0.0.1:{port}" -tls1_3 \
+		-servername OpenSSL13.Example.Test -alpn h2,http/1.1 -ign_eof </dev/null
+	capture openssl-nosni.bin tls - - - \
+		-- timeout 20 openssl s_client -connect "127.0.0.1:{port}" -noservername -ign_eof </dev/null
+else
+	failed+=(openssl)
+fi
+
+if have gnutls-cli; then
+	capture gnutls.bin tls gnutls.example.test http/1.1 - \
+		-- timeout 20 gnutls-cli --insecure --sni-hostname=gnutls.example.test \
+		--alpn=http/1.1 -p "{port}" 127.0.0.1 </dev/null
+else
+	failed+=(gnutls-cli)
+fi
+
+capture go-tls.bin tls go.example.test h2,http/1.1 - -client go-tls -name go.example.test
+capture go-http.bin http go.example.test - - -client go-http -name go.example.test
+capture go-h2c.bin h2c go-h2c.example.test - - -client go-h2c -name go-h2c.example.test
+
+if have python3; then
+	capture python-ssl.bin tls python.example.test h2,http/1.1 - \
+		-- timeout 20 python3 -c '
+import socket, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["h2", "http/1.1"])
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+try:
+    ctx.wrap_socket(s, server_hostname="python.example.test")
+except (OSError, ssl.SSLError):
+    pass
+' "{port}"
+else
+	failed+=(python3)
+fi
+
+chromium=$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)
+if [[ -n $chromium ]]; then
+	chrome() {
+		local profile
+		profile=$(mktemp -d)
+		timeout 60 "$chromium" --headless --no-sandbox --disable-gpu --disable-quic \
+			--no-first-run --disable-background-networking --disable-component-update \
+			--disable-sync --disable-features=HttpsUpgrades,HttpsFirstBalancedModeAutoEnable \
+			--user-data-dir="$profile" --host-resolver-rules="MAP * 127.0.0.1" \
+			--dump-dom "$1" >/dev/null 2>&1 || true
+		rm -rf "$profile"
+	}
+	export -f chrome
+	export chromium
+	capture chromium-https.bin tls www.example.test h2,http/1.1 ech \
+		-- bash -c 'chrome "$0"' "https://www.example.test:{port}/"
+	capture chromium-http.bin http www.example.test - - \
+		-- bash -c 'chrome "$0"' "http://www.example.test:{port}/"
+else
+	echo "missing: chromium" >&2
+	failed+=(chromium)
+fi
+
+# Install what was captured; keep earlier captures of clients that failed.
+mkdir -p "$testdata/flights"
+declare -A fresh=()
+while read -r file _; do fresh[$file]=1; done <"$manifest"
+{
+	echo "# Written by scripts/capture-first-flight.sh: first flights of real clients,"
+	echo "# in flights/, and what sniff must report for each."
+	echo "# file proto host alpn ech   (- for none; alpn comma-separated)"
+	cat "$manifest"
+	if [[ -f $testdata/corpus.txt ]]; then
+		grep -v '^#' "$testdata/corpus.txt" | while read -r file rest; do
+			[[ -n $file && -z ${fresh[$file]:-} && -f $testdata/flights/$file ]] && echo "$file $rest"
+		done
+	fi
+} >"$CAPTURE_WORK/corpus.txt"
+for file in "${!fresh[@]}"; do
+	mv "$stage/$file" "$testdata/flights/$file"
+done
+mv "$CAPTURE_WORK/corpus.txt" "$testdata/corpus.txt"
+
+echo "captured ${#fresh[@]} flights into $testdata/flights"
+if ((${#failed[@]})); then
+	echo "failed: ${failed[*]}" >&2
+	exit 1
+fi

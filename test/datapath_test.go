@@ -1,0 +1,215 @@
+package test
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const (
+	listenPort = 7777
+	mark       = "0x2d"
+)
+
+func TestRedirect(t *testing.T) { testDataPath(t, "redirect") }
+func TestTProxy(t *testing.T)   { testDataPath(t, "tproxy") }
+
+// testDataPath is the data path end to end in one mode: a client in its own
+// namespace reaches servers in another through the gateway, whose kernel
+// hands the connections to detour.
+func testDataPath(t *testing.T, mode string) {
+	tp := newTopo(t)
+	tp.rules(t, mode, listenPort, mark)
+	startServers(t, tp)
+	d := startDetour(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--mode", mode, "--mark", mark)
+
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			server := func(port int) string { return net.JoinHostPort(f.server, fmt.Sprint(port)) }
+
+			t.Run("curl by IP", func(t *testing.T) {
+				url := fmt.Sprintf("http://%s/", server(httpPort))
+				out, err := tp.exec(t, tp.C, "curl", "-sS", "-m", "10", url)
+				if err != nil {
+					t.Fatalf("curl %s: %v\n%s", url, err, out)
+				}
+				// The server sees the gateway (detour), not the client: the
+				// connection really crossed the proxy.
+				if !strings.HasPrefix(out, "hello from the server namespace") || strings.Contains(out, f.client) {
+					t.Fatalf("curl %s = %q; want the server's greeting to the gateway", url, out)
+				}
+				rec := d.waitLog(t, 5*time.Second, "conn", map[string]string{"dst": server(httpPort), "mode": mode})
+				if c := fmt.Sprint(rec["client"]); !strings.Contains(c, f.client) {
+					t.Errorf("access line client = %s, want the client %s", c, f.client)
+				}
+				if rec["error"] != "" || toInt(rec["down"]) == 0 || toInt(rec["up"]) == 0 {
+					t.Errorf("access line = %v; want bytes both ways and no error", rec)
+				}
+			})
+
+			t.Run("100MB up byte-exact", func(t *testing.T) {
+				const n = 100 << 20
+				c := dial(t, tp, server(bulkPort))
+				go func() {
+					c.Write([]byte{'U'})
+					io.CopyN(c, stream(n), n)
+					c.CloseWrite()
+				}()
+				got, err := io.ReadAll(c)
+				if err != nil || string(got) != streamSum(n) {
+					t.Fatalf("server's SHA-256 of the upload = %q (%v), want %s", got, err, streamSum(n))
+				}
+			})
+
+			t.Run("100MB down byte-exact", func(t *testing.T) {
+				const n = 100 << 20
+				c := dial(t, tp, server(bulkPort))
+				var req [9]byte
+				req[0] = 'D'
+				binary.BigEndian.PutUint64(req[1:], n)
+				c.Write(req[:])
+				h := sha256.New()
+				got, err := io.Copy(h, c)
+				if err != nil || got != n || hex.EncodeToString(h.Sum(nil)) != streamSum(n) {
+					t.Fatalf("download: %d bytes (%v), checksum match %v", got, err, hex.EncodeToString(h.Sum(nil)) == streamSum(n))
+				}
+			})
+
+			t.Run("half-close", func(t *testing.T) {
+				c := dial(t, tp, server(bulkPort))
+				c.Write([]byte("Hrequest"))
+				c.CloseWrite() // the server replies only after this FIN reaches it
+				got, err := io.ReadAll(c)
+				if err != nil || len(got) != 1<<20 {
+					t.Fatalf("reply after half-close: %d bytes (%v), want %d", len(got), err, 1<<20)
+				}
+				if want, _ := io.ReadAll(io.LimitReader(stream(1<<20), 1<<20)); !bytes.Equal(got, want) {
+					t.Fatal("reply after half-close arrived corrupted")
+				}
+			})
+
+			t.Run("server reset reaches client", func(t *testing.T) {
+				c := dial(t, tp, server(bulkPort))
+				c.Write([]byte("Rx"))
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				_, err := c.Read(make([]byte, 1))
+				if !errors.Is(err, syscall.ECONNRESET) {
+					t.Fatalf("client read = %v, want connection reset", err)
+				}
+			})
+
+			t.Run("not redirected is refused", func(t *testing.T) {
+				before := tp.markedPackets(t)
+				self := net.JoinHostPort(f.gateway, fmt.Sprint(listenPort))
+				c := dial(t, tp, self)
+				c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				n, err := c.Read(make([]byte, 1))
+				if n != 0 || err == nil || errors.Is(err, syscall.EAGAIN) || isTimeout(err) {
+					t.Fatalf("connection to detour's own address: read %d, %v; want it closed", n, err)
+				}
+				d.waitLog(t, 5*time.Second, "refused", map[string]string{"dst": self})
+				if after := tp.markedPackets(t); after != before {
+					t.Fatalf("detour sent %d marked packets for a refused connection; it must not dial", after-before)
+				}
+			})
+
+			t.Run("outbound carries the mark", func(t *testing.T) {
+				before := tp.markedPackets(t)
+				c := dial(t, tp, server(bulkPort))
+				c.Write([]byte("Eping"))
+				c.CloseWrite()
+				if got, _ := io.ReadAll(c); string(got) != "ping" {
+					t.Fatalf("echo = %q", got)
+				}
+				if after := tp.markedPackets(t); after <= before {
+					t.Fatalf("marked packet counter %d → %d: detour's connection to the server was not marked", before, after)
+				}
+				if mode != "redirect" {
+					return
+				}
+				// The gateway's own connections are redirected too (nat
+				// OUTPUT); only the mark keeps detour's dial from looping.
+				url := fmt.Sprintf("http://%s/", server(httpPort))
+				out, err := tp.exec(t, tp.G, "curl", "-sS", "-m", "10", url)
+				if err != nil || !strings.HasPrefix(out, "hello from the server namespace") {
+					t.Fatalf("curl from the gateway itself: %v\n%s", err, out)
+				}
+				d.waitLog(t, 5*time.Second, "conn", map[string]string{"dst": server(httpPort), "error": ""})
+			})
+
+			t.Run("200 concurrent then nothing left", func(t *testing.T) {
+				_, goroutines0, fds0 := d.stats(t)
+				const conns = 200
+				var wg sync.WaitGroup
+				errs := make(chan error, conns)
+				payload := bytes.Repeat([]byte("0123456789abcdef"), 1024)
+				for i := range conns {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						c, err := dialIn(t, tp.C, server(bulkPort))
+						if err != nil {
+							errs <- err
+							return
+						}
+						defer c.Close()
+						c.SetDeadline(time.Now().Add(30 * time.Second))
+						c.Write([]byte{'E'})
+						c.Write(payload)
+						c.CloseWrite()
+						got, err := io.ReadAll(c)
+						if err != nil || !bytes.Equal(got, payload) {
+							errs <- fmt.Errorf("connection %d: echoed %d bytes (%v)", i, len(got), err)
+						}
+					}()
+				}
+				wg.Wait()
+				close(errs)
+				for err := range errs {
+					t.Error(err)
+				}
+				var active, goroutines, fds int
+				deadline := time.Now().Add(10 * time.Second)
+				for {
+					active, goroutines, fds = d.stats(t)
+					if (active == 0 && goroutines <= goroutines0 && fds <= fds0) || time.Now().After(deadline) {
+						break
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+				t.Logf("idle: goroutines %d, fds %d; after 200 connections: active %d, goroutines %d, fds %d", goroutines0, fds0, active, goroutines, fds)
+				if active != 0 || goroutines > goroutines0 || fds > fds0 {
+					t.Fatalf("after 200 connections closed: active %d, goroutines %d (idle %d), fds %d (idle %d)",
+						active, goroutines, goroutines0, fds, fds0)
+				}
+			})
+		})
+	}
+}
+
+func dial(t *testing.T, tp *topo, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := dialIn(t, tp.C, addr)
+	if err != nil {
+		t.Fatalf("client dial %s: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	return c
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
