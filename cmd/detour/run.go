@@ -76,11 +76,11 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 			return cfg, err
 		}
 		// The flag package writes "-name"; the documented spelling is "--name".
-		msg := err.Error()
-		if name, ok := strings.CutPrefix(msg, "flag provided but not defined: -"); ok {
+		msg := strings.Replace(err.Error(), "flag -", "flag --", 1)
+		if name, ok := strings.CutPrefix(err.Error(), "flag provided but not defined: -"); ok {
 			msg = "unknown flag --" + name
 		}
-		return cfg, usageError{strings.Replace(msg, "flag -", "flag --", 1)}
+		return cfg, usageError{msg}
 	}
 	if fs.NArg() > 0 {
 		return cfg, usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}

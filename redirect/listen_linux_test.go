@@ -1,0 +1,69 @@
+//go:build linux
+
+package redirect
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+)
+
+// A connection made straight to the listener (no redirection rule) is
+// recognised in both modes; without root only REDIRECT mode can listen.
+func TestOriginalDstRefusesDirectConnection(t *testing.T) {
+	for _, mode := range []Mode{Redirect, TProxy} {
+		t.Run(mode.String(), func(t *testing.T) {
+			if mode == TProxy && os.Geteuid() != 0 {
+				t.Skip("TPROXY listener needs CAP_NET_ADMIN; run as root")
+			}
+			ln, err := Listen(context.Background(), mode, "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			ac, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ac.Close()
+			dst, err := ln.OriginalDst(ac)
+			// REDIRECT: no conntrack NAT entry, or one whose original
+			// destination is the listener; TPROXY: the local address.
+			if err == nil {
+				t.Fatalf("OriginalDst of a direct connection = %v, nil; want an error", dst)
+			}
+			if mode == TProxy && !errors.Is(err, ErrNotRedirected) {
+				t.Fatalf("OriginalDst error = %v, want ErrNotRedirected", err)
+			}
+		})
+	}
+}
+
+func TestIsSelf(t *testing.T) {
+	wild := &Listener{addr: netip.MustParseAddrPort("[::]:7777")}
+	bound := &Listener{addr: netip.MustParseAddrPort("127.0.0.1:7777")}
+	for _, tc := range []struct {
+		l    *Listener
+		dst  string
+		self bool
+	}{
+		{wild, "127.0.0.1:7777", true},
+		{wild, "[::1]:7777", true},
+		{wild, "127.0.0.1:80", false},
+		{wild, "198.18.2.2:7777", false}, // a redirected connection that happens to use the port
+		{bound, "127.0.0.1:7777", true},
+		{bound, "198.18.2.2:7777", false},
+	} {
+		if got := tc.l.isSelf(netip.MustParseAddrPort(tc.dst)); got != tc.self {
+			t.Errorf("listener %v: isSelf(%s) = %v, want %v", tc.l.addr, tc.dst, got, tc.self)
+		}
+	}
+}
