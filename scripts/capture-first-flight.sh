@@ -157,9 +157,11 @@ while read -r file _; do fresh[$file]=1; done <"$manifest"
 	echo "# file proto host alpn ech   (- for none; alpn comma-separated)"
 	cat "$manifest"
 	if [[ -f $testdata/corpus.txt ]]; then
-		grep -v '^#' "$testdata/corpus.txt" | while read -r file rest; do
-			[[ -n $file && -z ${fresh[$file]:-} && -f $testdata/flights/$file ]] && echo "$file $rest"
-		done
+		while read -r file rest; do
+			if [[ -n $file && $file != \#* && -z ${fresh[$file]:-} && -f $testdata/flights/$file ]]; then
+				echo "$file $rest"
+			fi
+		done <"$testdata/corpus.txt"
 	fi
 } >"$CAPTURE_WORK/corpus.txt"
 for file in "${!fresh[@]}"; do

@@ -17,14 +17,15 @@ const maxMethodLen = 32
 // method is accepted. Lines may end in CRLF or a bare LF (RFC 9112 §2.2).
 // ParseHTTP answers NoMatch at the first byte that cannot belong to such a
 // request line, and Match once the empty line ending the head has arrived
-// (so that a second Host line is not missed). The host is taken from an
-// absolute-form target if there is one (RFC 9112 §3.2.2; userinfo is
-// dropped), from the authority-form target of CONNECT, and otherwise from the
-// single Host field. There is no host when Host is missing (as HTTP/1.0
-// allows), repeated, empty, folded onto a continuation line, or not
-// host [":" port]; when the name is an IP literal ("[2001:db8::1]:8080",
-// "192.0.2.1"); or when a header line is malformed (then ParseHTTP answers
-// as soon as it sees the bad line). Ports are stripped.
+// (so that a second Host line is not missed). The host is taken from the
+// authority-form target of CONNECT, from an absolute-form target (RFC 9112
+// §3.2.2: it wins over Host), and otherwise from the single Host field.
+// There is no host when Host is missing (as HTTP/1.0 allows), repeated,
+// empty, folded onto a continuation line, or not host [":" port]; when the
+// target's authority has userinfo (an error per RFC 9110 §4.2.4); when the
+// name is an IP literal ("[2001:db8::1]:8080", "192.0.2.1"); or when a
+// header line is malformed (then ParseHTTP answers as soon as it sees the
+// bad line). Ports are stripped.
 //
 // Note that absolute-form and CONNECT requests are meant for a forward proxy:
 // the host they name is the final target, which is not the host of the
@@ -36,7 +37,9 @@ const maxMethodLen = 32
 // frames before it are skipped. ParseHTTP answers Match with an empty Host if
 // the frames or the header block are malformed.
 //
-// ParseHTTP does not allocate, except once for the host name it reports.
+// ParseHTTP allocates once, for the host name it reports, and once more for
+// an h2c header block over 4 KiB split into CONTINUATION frames. Otherwise it
+// does not allocate.
 func ParseHTTP(b []byte) (Result, Status) {
 	if len(b) > 0 && b[0] == 'P' {
 		if len(b) < len(h2Preface) {
@@ -151,7 +154,7 @@ func requestLine(line []byte) (method, target []byte, ok bool) {
 func requestLinePrefixOK(b []byte) bool {
 	sp := bytes.IndexByte(b, ' ')
 	if sp < 0 {
-		return len(b) <= maxMethodLen && isToken(b)
+		return len(b) == 0 || len(b) <= maxMethodLen && isToken(b)
 	}
 	if sp == 0 || sp > maxMethodLen || !isToken(b[:sp]) {
 		return false
@@ -209,8 +212,10 @@ func isAbsoluteForm(target []byte) bool {
 	return false
 }
 
-// absoluteAuthority returns the authority of an absolute URI without its
-// userinfo; ok is false if the URI has no authority.
+// absoluteAuthority returns the authority of an absolute URI (RFC 3986
+// §3.2, which ends it at "/", "?" or "#"; an absolute-URI has no fragment,
+// so a "#" stays in and makes the host invalid). ok is false if the URI has
+// no authority.
 func absoluteAuthority(uri []byte) ([]byte, bool) {
 	i := bytes.IndexByte(uri, ':')
 	rest := uri[i+1:]
@@ -218,11 +223,8 @@ func absoluteAuthority(uri []byte) ([]byte, bool) {
 		return nil, false
 	}
 	rest = rest[2:]
-	if end := bytes.IndexAny(rest, "/?#"); end >= 0 {
+	if end := bytes.IndexAny(rest, "/?"); end >= 0 {
 		rest = rest[:end]
-	}
-	if at := bytes.LastIndexByte(rest, '@'); at >= 0 {
-		rest = rest[at+1:]
 	}
 	return rest, true
 }

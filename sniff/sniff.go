@@ -14,10 +14,11 @@
 // speak first (SSH, SMTP, …) so later connections need not wait for the
 // deadline.
 //
-// Sniffing is advisory. Nothing here drops, delays beyond the deadline, or
-// alters a connection: whatever the outcome, the caller forwards the kept
-// bytes and carries on by the original destination IP. Routing, dialing,
-// metrics and the choice of ports worth sniffing are left to the caller.
+// Sniffing is advisory: nothing here drops, consumes or alters a connection,
+// or holds it past the deadline. Whatever the outcome, the caller sends the
+// kept bytes on first, and without a host name it carries on by the original
+// destination IP. Routing, dialing, metrics and the choice of ports worth
+// sniffing (or not: server-first ports) are left to the caller.
 //
 // Host names are reported normalised: lower case, one trailing dot removed.
 // A name is reported only if it is a plausible DNS host name: labels of

@@ -29,8 +29,9 @@ const (
 // a valid host name, or if the hello is malformed (the ALPN list is then
 // empty too).
 //
-// ParseTLS does not allocate, except once for the Result's strings when it
-// finds a host name or an ALPN list.
+// ParseTLS allocates once, for the Result's strings, when it finds a host
+// name or an ALPN list, and once more for a hello over 4 KiB that is split
+// into several records (it reassembles it). Otherwise it does not allocate.
 func ParseTLS(b []byte) (Result, Status) {
 	r, st, _ := parseTLS(b)
 	return r, st
