@@ -1,7 +1,10 @@
 // Package redirect is the kernel side of detour: listeners that receive
 // connections redirected by netfilter (REDIRECT or TPROXY), recovery of each
-// connection's original destination, and the socket mark that keeps detour's
-// own outbound traffic out of the redirection rules.
+// connection's original destination, the socket mark that keeps detour's
+// own outbound traffic out of the redirection rules, and those rules
+// themselves: detour's own iptables chains (go-iptables), TPROXY's policy
+// routing (netlink) and the sysctl and extension checks that tell whether
+// they can work. It never changes a rule, chain or route it did not make.
 //
 // It does not read or write connection payload, choose routes or dial
 // anything: that is package tunnel's job. The socket mark is handed to tunnel

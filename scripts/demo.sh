@@ -27,8 +27,6 @@ client() { ip netns exec "$id-c" "$@"; }
 
 say "topology: client $id-c ── gateway $id-g (detour) ── server $id-s"
 "$here/netns.sh" up "$id"
-"$here/netns.sh" rules "$id" redirect 7777 0x2d
-ip netns exec "$id-g" iptables -t nat -S DETOUR_DEMO | sed 's/^/   /'
 
 say "server: python3 http.server on port 80 (IPv4 and IPv6)"
 www=$(mktemp -d)
@@ -36,13 +34,19 @@ echo "hello from the server namespace" >"$www/index.html"
 head -c 50000000 /dev/urandom >"$www/big.bin"
 (cd "$www" && exec ip netns exec "$id-s" python3 -m http.server 80 --bind :: >/dev/null 2>&1) &
 
-say "gateway: detour run --listen :7777 --mode redirect"
-ip netns exec "$id-g" "$bin" run --listen :7777 --mode redirect >"$log" 2>&1 &
+# The demo's addresses (198.18.0.0/15, fd00::/8) are in detour's default
+# bypass list of private and reserved ranges: --bypass none captures them.
+say "gateway: detour run --listen :7777 --mode redirect --install-rules --bypass none"
+ip netns exec "$id-g" "$bin" run --listen :7777 --mode redirect --install-rules --bypass none >"$log" 2>&1 &
+detour_pid=$!
 for _ in $(seq 50); do
-	ip netns exec "$id-g" ss -Hltn 'sport = :7777' | grep -q . &&
+	# detour logs "listening" once its rules are in.
+	grep -q 'msg=listening' "$log" &&
 		ip netns exec "$id-s" ss -Hltn 'sport = :80' | grep -q . && break
 	sleep 0.1
 done
+say "the kernel rules detour installed (detour rules show)"
+ip netns exec "$id-g" "$bin" rules show | sed 's/^/   /'
 
 say "client: curl http://198.18.2.2/   (by IP, IPv4)"
 client curl -sS -m 10 http://198.18.2.2/
@@ -58,3 +62,9 @@ client curl -sS -m 5 http://198.18.1.1:7777/ || true
 sleep 0.2
 say "detour's log (one access line per connection)"
 sed 's/^/   /' "$log"
+
+say "SIGTERM: detour drains, removes its rules and exits"
+kill -TERM "$detour_pid" 2>/dev/null || true
+wait "$detour_pid" 2>/dev/null || true
+tail -n 3 "$log" | sed 's/^/   /'
+ip netns exec "$id-g" "$bin" rules show | sed 's/^/   /'

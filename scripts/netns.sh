@@ -5,9 +5,11 @@
 #
 #   netns.sh up ID          create ID-c (client), ID-g (gateway), ID-s (server), ID-u (upstream)
 #   netns.sh down ID        kill every process in them and delete them
-#   netns.sh rules ID redirect|tproxy PORT MARK
-#                           hand-written capture rules in the gateway (until
-#                           detour installs its own); tproxy adds policy routing
+#   netns.sh markcount ID MARK
+#                           a rule in the gateway's mangle OUTPUT (IPv4 and
+#                           IPv6) that counts packets carrying MARK, so tests
+#                           can see detour's socket mark; the capture rules
+#                           are detour's own (detour run --install-rules)
 #
 #   client ID-c  198.18.1.2/24  fd00:1::2/64 ─┐
 #                                             ID-g  198.18.1.1 fd00:1::1 | 198.18.2.1 fd00:2::1 | 198.18.3.1 fd00:3::1
@@ -21,7 +23,7 @@ set -euo pipefail
 die() { echo "netns.sh: $*" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || die "must run as root (creates network namespaces)"
 cmd=${1:-}; id=${2:-}
-[ -n "$cmd" ] && [ -n "$id" ] || die "usage: netns.sh up|down|rules ID ..."
+[ -n "$cmd" ] && [ -n "$id" ] || die "usage: netns.sh up|down|markcount ID ..."
 case "$id" in *[!a-z0-9]*) die "ID must be lower-case letters and digits, got '$id'";; esac
 [ ${#id} -le 10 ] || die "ID must be at most 10 characters, got '$id'"
 
@@ -68,43 +70,17 @@ down() {
 	done
 }
 
-rules() {
-	local mode=${3:-} port=${4:-} mark=${5:-}
-	[ -n "$port" ] && [ -n "$mark" ] || die "usage: netns.sh rules ID redirect|tproxy PORT MARK"
+markcount() {
+	local mark=${3:-}
+	[ -n "$mark" ] || die "usage: netns.sh markcount ID MARK"
 	for ipt in iptables ip6tables; do
-		case "$mode" in
-		redirect)
-			inns "$G" $ipt -w -t nat -N DETOUR_DEMO
-			inns "$G" $ipt -w -t nat -A DETOUR_DEMO -m mark --mark "$mark" -j RETURN
-			inns "$G" $ipt -w -t nat -A DETOUR_DEMO -m addrtype --dst-type LOCAL -j RETURN
-			inns "$G" $ipt -w -t nat -A DETOUR_DEMO -p tcp -j REDIRECT --to-ports "$port"
-			inns "$G" $ipt -w -t nat -A PREROUTING -p tcp -j DETOUR_DEMO
-			# The gateway's own connections too: only the mark keeps
-			# detour's outbound connections from looping back to it.
-			inns "$G" $ipt -w -t nat -A OUTPUT -p tcp -j DETOUR_DEMO
-			;;
-		tproxy)
-			inns "$G" $ipt -w -t mangle -N DETOUR_DEMO
-			inns "$G" $ipt -w -t mangle -A DETOUR_DEMO -m addrtype --dst-type LOCAL -j RETURN
-			inns "$G" $ipt -w -t mangle -A DETOUR_DEMO -p tcp -j TPROXY --on-port "$port" --tproxy-mark 0x100/0x100
-			inns "$G" $ipt -w -t mangle -A PREROUTING -p tcp -j DETOUR_DEMO
-			;;
-		*) die "mode must be redirect or tproxy, got '$mode'";;
-		esac
-		# Counts detour's marked packets, so tests can see the mark.
 		inns "$G" $ipt -w -t mangle -A OUTPUT -m mark --mark "$mark" -m comment --comment detour-marked
 	done
-	if [ "$mode" = tproxy ]; then
-		inns "$G" ip rule add fwmark 0x100/0x100 lookup 100
-		inns "$G" ip route add local 0.0.0.0/0 dev lo table 100
-		inns "$G" ip -6 rule add fwmark 0x100/0x100 lookup 100
-		inns "$G" ip -6 route add local ::/0 dev lo table 100
-	fi
 }
 
 case "$cmd" in
 up) down; up ;;
 down) down ;;
-rules) rules "$@" ;;
-*) die "unknown command '$cmd' (want up, down or rules)" ;;
+markcount) markcount "$@" ;;
+*) die "unknown command '$cmd' (want up, down or markcount)" ;;
 esac

@@ -29,9 +29,10 @@ func TestTProxy(t *testing.T)   { testDataPath(t, "tproxy") }
 // hands the connections to detour.
 func testDataPath(t *testing.T, mode string) {
 	tp := newTopo(t)
-	tp.rules(t, mode, listenPort, mark)
+	tp.markCount(t, mark)
 	startServers(t, tp)
-	d := startDetour(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--mode", mode, "--mark", mark)
+	// --output: the gateway's own connections are captured too.
+	d := startDetour(t, tp, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--mode", mode, "--mark", mark, "--output"}, capture...)...)
 
 	for _, f := range families {
 		t.Run(f.name, func(t *testing.T) {
@@ -135,11 +136,9 @@ func testDataPath(t *testing.T, mode string) {
 				if after := tp.markedPackets(t); after <= before {
 					t.Fatalf("marked packet counter %d → %d: detour's connection to the server was not marked", before, after)
 				}
-				if mode != "redirect" {
-					return
-				}
-				// The gateway's own connections are redirected too (nat
-				// OUTPUT); only the mark keeps detour's dial from looping.
+				// The gateway's own connections are captured too (nat
+				// OUTPUT, or mangle OUTPUT and a reroute to lo for TPROXY);
+				// only the mark keeps detour's dial from looping.
 				url := fmt.Sprintf("http://%s/", server(httpPort))
 				out, err := tp.exec(t, tp.G, "curl", "-sS", "-m", "10", url)
 				if err != nil || !strings.HasPrefix(out, "hello from the server namespace") {

@@ -140,11 +140,12 @@ func script(args ...string) ([]byte, error) {
 	return exec.CommandContext(ctx, "bash", append([]string{"../scripts/netns.sh"}, args...)...).CombinedOutput()
 }
 
-// rules installs hand-written capture rules in the gateway.
-func (tp *topo) rules(t *testing.T, mode string, port int, mark string) {
+// markCount adds the gateway's counter of packets carrying mark (see
+// markedPackets); detour installs the capture rules itself.
+func (tp *topo) markCount(t *testing.T, mark string) {
 	t.Helper()
-	if out, err := script("rules", tp.id, mode, strconv.Itoa(port), mark); err != nil {
-		t.Fatalf("installing %s rules: %v\n%s", mode, err, out)
+	if out, err := script("markcount", tp.id, mark); err != nil {
+		t.Fatalf("adding the mark counter: %v\n%s", err, out)
 	}
 }
 
@@ -211,6 +212,11 @@ func dialIn(t *testing.T, ns, addr string) (*net.TCPConn, error) {
 	}
 	return c.(*net.TCPConn), nil
 }
+
+// capture are the flags with which detour installs its own capture rules
+// in the tests. The topology's addresses (198.18.0.0/15, fd00::/8) are in
+// detour's default bypass list, so the tests replace that list.
+var capture = []string{"--install-rules", "--bypass", "none"}
 
 // detourProc is a running detour binary in the gateway namespace.
 type detourProc struct {
@@ -340,7 +346,7 @@ func toInt(v any) int {
 }
 
 // markedPackets reads the gateway's counter of packets carrying detour's
-// socket mark (a rule of scripts/netns.sh) for IPv4 plus IPv6.
+// socket mark (markCount's rule) for IPv4 plus IPv6.
 func (tp *topo) markedPackets(t *testing.T) int {
 	t.Helper()
 	total := 0

@@ -38,9 +38,8 @@ func waitExit(t *testing.T, d *detourProc, within time.Duration) {
 
 func TestSIGTERMDrainsLiveConnections(t *testing.T) {
 	tp := newTopo(t)
-	tp.rules(t, "redirect", listenPort, mark)
 	startServers(t, tp)
-	d := startDetour(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--grace", "20s")
+	d := startDetour(t, tp, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--grace", "20s"}, capture...)...)
 	live := echoConn(t, tp)
 
 	d.cmd.Process.Signal(syscall.SIGTERM)
@@ -70,9 +69,8 @@ func TestSIGTERMDrainsLiveConnections(t *testing.T) {
 
 func TestSIGTERMCutsAfterGrace(t *testing.T) {
 	tp := newTopo(t)
-	tp.rules(t, "redirect", listenPort, mark)
 	startServers(t, tp)
-	d := startDetour(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--grace", "500ms")
+	d := startDetour(t, tp, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--grace", "500ms"}, capture...)...)
 	stuck := echoConn(t, tp)
 
 	start := time.Now()
@@ -89,9 +87,8 @@ func TestSIGTERMCutsAfterGrace(t *testing.T) {
 
 func TestIdleTimeoutClosesSilentConnection(t *testing.T) {
 	tp := newTopo(t)
-	tp.rules(t, "redirect", listenPort, mark)
 	startServers(t, tp)
-	d := startDetour(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--idle-timeout", "1s")
+	d := startDetour(t, tp, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--idle-timeout", "1s"}, capture...)...)
 	c := echoConn(t, tp) // then silence
 	start := time.Now()
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))

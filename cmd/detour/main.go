@@ -33,6 +33,8 @@ func detour(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "run":
 		return runCommand(args[1:], stdout, stderr)
+	case "rules":
+		return rulesCommand(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "detour", versionString())
 		return exitOK
@@ -40,7 +42,7 @@ func detour(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, usage)
 		return exitOK
 	}
-	fmt.Fprintf(stderr, "detour: unknown command %q (want run or version; see detour help)\n", args[0])
+	fmt.Fprintf(stderr, "detour: unknown command %q (want run, rules or version; see detour help)\n", args[0])
 	return exitUsage
 }
 
@@ -48,6 +50,8 @@ const usage = `detour: a transparent TCP proxy for Linux gateways
 
 usage:
   detour run [flags]    serve redirected connections (detour run --help for flags)
+  detour rules install|remove|show|check [flags]
+                        manage the kernel rules that redirect connections (detour rules --help)
   detour version        print the version
 `
 

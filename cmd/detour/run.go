@@ -30,6 +30,7 @@ type runConfig struct {
 	idleTimeout time.Duration
 	grace       time.Duration
 	logFormat   string
+	capture     captureFlags // --install-rules and the rule flags (rules.go)
 }
 
 // usageError is a bad flag or value: exit status 2 and one line.
@@ -68,6 +69,7 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", cfg.idleTimeout, "close a connection after this long without traffic either way")
 	fs.DurationVar(&cfg.grace, "grace", cfg.grace, "on SIGINT/SIGTERM, how long live connections may take to finish")
 	fs.StringVar(&cfg.logFormat, "log-format", cfg.logFormat, "log format: text or json")
+	cfg.capture.registerRun(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(stdout, "usage: detour run [flags]")
@@ -94,6 +96,9 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		return cfg, usageError{fmt.Sprintf("--grace %s: must not be negative", cfg.grace)}
 	case cfg.logFormat != "text" && cfg.logFormat != "json":
 		return cfg, usageError{fmt.Sprintf("--log-format %q: want text or json", cfg.logFormat)}
+	}
+	if err := cfg.capture.finish(fs, cfg.mode, cfg.listen, cfg.mark); err != nil {
+		return cfg, err
 	}
 	return cfg, nil
 }
@@ -140,6 +145,14 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		log.Error("cannot start", "error", err.Error())
 		return exitFailure
 	}
+	// Rules go in once the listener is there and out on every return below.
+	keeper, err := startRuleKeeper(log, cfg.capture)
+	if err != nil {
+		ln.Close()
+		log.Error("cannot install rules", "error", err.Error())
+		return exitFailure
+	}
+	defer keeper.stop()
 	t := &tunnel.Tunnel{
 		Control:     redirect.MarkControl(cfg.mark),
 		DialTimeout: cfg.dialTimeout,

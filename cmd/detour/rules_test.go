@@ -1,0 +1,134 @@
+package main
+
+import (
+	"bytes"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/detour-proxy/detour/redirect"
+)
+
+func TestRunRuleFlags(t *testing.T) {
+	cfg, err := parseRunFlags([]string{"--install-rules", "--mode", "tproxy", "--listen", "0.0.0.0:8080",
+		"--interface", "lan0", "--interface", "wg0,wg1", "--source", "192.168.1.0/24", "--bypass", "198.18.3.0/24",
+		"--bypass", "default", "--ports", "80,443", "--ports", "8000-9000", "--table", "200", "--tproxy-mark", "0x4000",
+		"--output", "--rules-recheck", "1s"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := cfg.capture.opts
+	if !cfg.capture.install || cfg.capture.recheck != time.Second {
+		t.Errorf("install %v recheck %v", cfg.capture.install, cfg.capture.recheck)
+	}
+	if o.Mode != redirect.TProxy || o.Port != 8080 || o.ListenIP != netip.IPv4Unspecified() || o.Mark != 0x2d ||
+		o.TProxyMark != 0x4000 || o.Table != 200 || !o.Output || o.NoIPv6 {
+		t.Errorf("options = %+v", o)
+	}
+	if !slices.Equal(o.Interfaces, []string{"lan0", "wg0", "wg1"}) {
+		t.Errorf("interfaces = %v", o.Interfaces)
+	}
+	if !slices.Equal(o.Ports, []redirect.PortRange{{Lo: 80, Hi: 80}, {Lo: 443, Hi: 443}, {Lo: 8000, Hi: 9000}}) {
+		t.Errorf("ports = %v", o.Ports)
+	}
+	// The default list plus one, once each (198.18.3.0/24 is inside the
+	// default 198.18.0.0/15 but listed on its own).
+	if len(o.Bypass) != len(redirect.DefaultBypass())+1 || !slices.Contains(o.Bypass, netip.MustParsePrefix("198.18.3.0/24")) {
+		t.Errorf("bypass = %v", o.Bypass)
+	}
+}
+
+func TestRuleFlagDefaults(t *testing.T) {
+	cfg, err := parseRunFlags([]string{"--install-rules"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := cfg.capture.opts
+	if o.Bypass != nil || o.NoIPv6 || o.Port != 7777 || o.ListenIP.IsValid() || cfg.capture.recheck != 10*time.Second {
+		t.Errorf("defaults = %+v", o)
+	}
+	cfg, err = parseRunFlags([]string{"--install-rules", "--bypass", "none", "--ipv6=false"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o := cfg.capture.opts; o.Bypass == nil || len(o.Bypass) != 0 || !o.NoIPv6 {
+		t.Errorf("--bypass none --ipv6=false = %+v", o)
+	}
+	// Without --install-rules the rules are someone else's: a TPROXY mark
+	// that would clash with detour's is not detour's business.
+	if _, err := parseRunFlags([]string{"--mode", "tproxy", "--mark", "0x100"}, &bytes.Buffer{}); err != nil {
+		t.Errorf("run --mode tproxy --mark 0x100: %v", err)
+	}
+}
+
+func TestRulesDryRun(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := detour([]string{"rules", "install", "--dry-run", "--mode", "tproxy", "--listen", ":9000",
+		"--bypass", "none", "--ipv6=false", "--table", "7"}, &stdout, &stderr)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr.String())
+	}
+	out := stdout.String()
+	for _, want := range []string{
+		"iptables -t mangle -N DETOUR_TPROXY\n",
+		"-j TPROXY --on-port 9000 --tproxy-mark 0x100/0x100\n",
+		"ip rule add fwmark 0x100/0x100 lookup 7 proto 45\n",
+		"ip route add local 0.0.0.0/0 dev lo table 7 proto 45\n",
+		"iptables -t mangle -I PREROUTING 1 -p tcp -m comment --comment detour:jump -j DETOUR_TPROXY\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dry run lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "ip6tables") || strings.Contains(out, "-d ") {
+		t.Errorf("dry run with --ipv6=false --bypass none:\n%s", out)
+	}
+}
+
+func TestRuleFlagErrorsExit2(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"run", "--interface", "lan0"}, "--interface: only with --install-rules"},
+		{[]string{"run", "--rules-recheck", "1s"}, "--rules-recheck: only with --install-rules"},
+		{[]string{"run", "--install-rules", "--rules-recheck", "-1s"}, "--rules-recheck"},
+		{[]string{"run", "--install-rules", "--mode", "tproxy", "--mark", "0x100"}, "--tproxy-mark"},
+		{[]string{"run", "--install-rules", "--mode", "tproxy", "--tproxy-mark", "0x2d"}, "--tproxy-mark"},
+		{[]string{"run", "--install-rules", "--table", "5"}, "--table: only with --mode tproxy"},
+		{[]string{"run", "--install-rules", "--mode", "tproxy", "--table", "254"}, "--table"},
+		{[]string{"run", "--install-rules", "--mode", "tproxy", "--table", "x"}, "--table"},
+		{[]string{"run", "--install-rules", "--ports", "0"}, "--ports"},
+		{[]string{"run", "--install-rules", "--ports", "90-80"}, "--ports"},
+		{[]string{"run", "--install-rules", "--bypass", "10.0.0.0/33"}, "--bypass"},
+		{[]string{"run", "--install-rules", "--bypass", "none", "--bypass", "10.0.0.0/8"}, "--bypass none"},
+		{[]string{"run", "--install-rules", "--source", "lan"}, "--source"},
+		{[]string{"run", "--install-rules", "--interface", "a-very-long-interface"}, "--interface"},
+		{[]string{"run", "--install-rules", "--ipv6=false", "--listen", "[fd00::1]:7777"}, "--ipv6"},
+		{[]string{"run", "--install-rules", "--ipv6=false", "--source", "fd00::/8"}, "--source"},
+		{[]string{"rules", "install", "--listen", "127.0.0.1:7777"}, "--listen"},
+		{[]string{"rules"}, "usage"},
+		{[]string{"rules", "frobnicate"}, "unknown command \"frobnicate\""},
+		{[]string{"rules", "install", "extra"}, "unexpected argument"},
+		{[]string{"rules", "remove", "--dry-run"}, "--dry-run: only with install"},
+		{[]string{"rules", "install", "--mode", "nat"}, "--mode"},
+		{[]string{"rules", "install", "--listen", "nohost"}, "--listen"},
+		{[]string{"rules", "install", "--install-rules"}, "unknown flag --install-rules"},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := detour(tc.args, &stdout, &stderr)
+		msg := strings.TrimSpace(stderr.String())
+		if code != exitUsage {
+			t.Errorf("detour %q = %d, want 2 (stderr %q)", tc.args, code, msg)
+			continue
+		}
+		if !strings.Contains(msg, tc.want) {
+			t.Errorf("detour %q: stderr %q does not mention %q", tc.args, msg, tc.want)
+		}
+		if tc.args[len(tc.args)-1] != "rules" && strings.Contains(msg, "\n") {
+			t.Errorf("detour %q: want one line, got %q", tc.args, msg)
+		}
+	}
+}

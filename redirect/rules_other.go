@@ -1,0 +1,31 @@
+//go:build !linux
+
+package redirect
+
+import "io"
+
+// Installer manages kernel rules; only Linux has them.
+type Installer struct{}
+
+// NewInstaller fails on this OS.
+func NewInstaller() (*Installer, error) { return nil, errNotLinux }
+
+// Close does nothing on this OS.
+func (in *Installer) Close() {}
+
+// Check reports that this OS has no netfilter.
+func (in *Installer) Check(o RuleOptions) []Problem {
+	return []Problem{{Fatal: true, Msg: errNotLinux.Error()}}
+}
+
+// Install fails on this OS.
+func (in *Installer) Install(o RuleOptions) (bool, []Problem, error) { return false, nil, errNotLinux }
+
+// Ensure fails on this OS.
+func (in *Installer) Ensure(o RuleOptions) (bool, string, error) { return false, "", errNotLinux }
+
+// Remove fails on this OS.
+func (in *Installer) Remove() error { return errNotLinux }
+
+// Show fails on this OS.
+func (in *Installer) Show(w io.Writer) error { return errNotLinux }
