@@ -212,14 +212,16 @@ func TestRelayIdleHalfClosed(t *testing.T) {
 // direction is closed: a slow download after a half-close completes even
 // though it lasts many idle timeouts.
 func TestRelaySlowDownloadOutlivesIdle(t *testing.T) {
-	const idle = 150 * time.Millisecond
+	// Generous margins: the gap between writes is a fifth of the idle
+	// timeout, so a loaded machine cannot make it look idle.
+	const idle = 400 * time.Millisecond
 	client, server, done := startRelay(t, idle)
 	client.CloseWrite()
 	io.ReadAll(server)
 	go func() {
-		for i := range 20 { // 20 × 50 ms = 1 s ≈ 6.7 idle timeouts
+		for i := range 20 { // 20 × 80 ms = 1.6 s = 4 idle timeouts
 			server.Write([]byte{byte(i)})
-			time.Sleep(idle / 3)
+			time.Sleep(idle / 5)
 		}
 		server.Close()
 	}()

@@ -1,7 +1,9 @@
 // Package tunnel carries each redirected connection from accept to close:
-// it learns the original destination from the listener, dials it, and
-// splices both directions until both sides are done, writing one access-log
-// line per connection.
+// it learns the original destination from the listener, peeks at the
+// client's first bytes for a host name (package sniff), picks a route
+// (direct, an upstream proxy group, or reject), dials, writes the peeked
+// bytes on and splices both directions until both sides are done, writing
+// one access-log line per connection.
 //
 // It does not touch the kernel's redirection rules or socket options: the
 // listener (package redirect) and the socket-mark Control function for
@@ -9,14 +11,20 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/detour-proxy/detour/sniff"
 )
 
 // Listener is where Serve takes connections from; *redirect.Listener is one.
@@ -29,23 +37,35 @@ type Listener interface {
 	Addr() net.Addr
 }
 
-// Tunnel serves redirected connections. The zero value is ready to use;
-// Serve may be called for several listeners at once.
+// Tunnel serves redirected connections. The zero value is ready to use: it
+// sniffs with the defaults and sends everything direct. Serve may be called
+// for several listeners at once.
 type Tunnel struct {
-	// Control is set on every outbound socket before it connects; detour
-	// uses it to set the socket mark the redirection rules exempt. Nil sets
-	// nothing.
+	// Control is set on every outbound socket before it connects (direct
+	// and to upstream proxies); detour uses it to set the socket mark the
+	// redirection rules exempt. Nil sets nothing.
 	Control func(network, address string, c syscall.RawConn) error
-	// DialTimeout bounds connecting to the destination. Zero means 10s.
+	// DialTimeout bounds connecting to the destination or an upstream
+	// (including its handshake). Zero means 10s.
 	DialTimeout time.Duration
 	// IdleTimeout ends a connection on which no byte moved either way for
 	// this long, open or half-closed. Zero means 5 minutes.
 	IdleTimeout time.Duration
+	// Sniff says how to read the host name from the client's first bytes.
+	Sniff SniffOptions
 	// Log receives one access line per connection and the listener's
 	// errors. Nil means slog.Default().
 	Log *slog.Logger
 	// Mode names the listener's mode in access lines ("redirect", "tproxy").
 	Mode string
+	// Resolver resolves sniffed names for routes in Verify mode. Nil means
+	// net.DefaultResolver.
+	Resolver *net.Resolver
+
+	router atomic.Pointer[Router]
+	silent sniff.SilentCache
+	verify verifyCache
+	once   sync.Once
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
@@ -54,8 +74,42 @@ type Tunnel struct {
 	wg        sync.WaitGroup
 }
 
+// SniffOptions configure sniffing. The zero value sniffs every connection
+// with the sniff package's defaults and skips DefaultSkipPorts.
+type SniffOptions struct {
+	// Disabled routes every connection by IP without reading first.
+	Disabled bool
+	// Timeout bounds the wait for the client's first bytes. Zero means
+	// sniff.DefaultTimeout (300ms).
+	Timeout time.Duration
+	// MaxBytes caps what is read while looking. Zero means
+	// sniff.DefaultMaxBytes (64 KiB).
+	MaxBytes int
+	// SkipPorts are destination ports whose server speaks first: no sniffing
+	// is tried, so their clients wait for nothing. Nil means
+	// DefaultSkipPorts; an empty, non-nil list skips none.
+	SkipPorts []PortRange
+	// SilentTTL and SilentEntries size the memory of destinations whose
+	// client stayed silent until the timeout: their next connections skip
+	// sniffing. Zero means the sniff package's defaults (10m, 4096).
+	SilentTTL     time.Duration
+	SilentEntries int
+}
+
+// DefaultSkipPorts are the usual server-first ports: SSH, SMTP, POP3, IMAP,
+// submission, MySQL, PostgreSQL.
+var DefaultSkipPorts = []PortRange{{22, 22}, {25, 25}, {110, 110}, {143, 143}, {587, 587}, {3306, 3306}, {5432, 5432}}
+
+// errRejected ends a connection whose route is reject.
+var errRejected = errors.New("rejected by route")
+
 // ErrServerClosed is returned by Serve after Shutdown.
 var ErrServerClosed = errors.New("tunnel: server closed")
+
+// SetRouter installs the routing table used by connections accepted from
+// now on; connections in flight keep the route they got. Nil sends
+// everything direct.
+func (t *Tunnel) SetRouter(r *Router) { t.router.Store(r) }
 
 // Serve accepts connections from ln until ln is closed or Shutdown is called,
 // serving each in its own goroutine. It always returns a non-nil error.
@@ -64,6 +118,9 @@ func (t *Tunnel) Serve(ln Listener) error {
 		return ErrServerClosed
 	}
 	defer t.untrack(ln)
+	t.once.Do(func() {
+		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
+	})
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
@@ -110,42 +167,157 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		return
 	}
 
-	// 2. Connect to it.
-	var up, down int64
-	server, err := t.dial(r.ctx, dst)
-	if err == nil && r.setServer(server) {
-		// 3. Splice until both sides are done.
-		up, down, err = r.run(t.idleTimeout())
-	} else if err != nil {
-		// The client sees the failure as a reset, the closest a proxy
-		// that already accepted can come to "connection refused".
-		r.abort(syscall.ECONNRESET)
-		if r.ctx.Err() != nil && errors.Is(err, context.Canceled) {
-			err = errShutdown
+	// 2. Which name is it asking for? Peek at its first bytes; they are
+	// kept and written on before relaying.
+	var first []byte
+	var found sniff.Result
+	outcome := "off"
+	var sniffTook time.Duration
+	if t.shouldSniff(dst) {
+		var serr error
+		var o sniff.Outcome
+		first, found, o, serr = sniff.Peek(client, sniff.Options{Timeout: t.Sniff.Timeout, MaxBytes: t.Sniff.MaxBytes})
+		sniffTook = time.Since(start)
+		outcome = o.String()
+		if o == sniff.Timeout && len(first) == 0 {
+			t.silent.Add(dst) // a server-first protocol: don't wait next time
 		}
-	} else {
-		err = r.close() // aborted (shutdown) while dialling
+		if o == sniff.Closed && isReset(serr) {
+			err = fmt.Errorf("client: %w", serr)
+		}
+	} else if !t.Sniff.Disabled {
+		outcome = "skipped"
 	}
 
-	// 4. One access line.
-	log.LogAttrs(context.Background(), slog.LevelInfo, "conn",
+	// 3. Route: the first matching rule, else the default.
+	var up, down int64
+	var route Action
+	var upstream *Upstream
+	target := dst.String()
+	if err == nil {
+		route, _ = t.router.Load().Route(found.Host, found.Proto, dst)
+		if route.Kind == ActionReject {
+			err = errRejected
+		}
+	}
+
+	// 4. Connect: to the original destination, or through an upstream asked
+	// for the sniffed name when the route trusts it.
+	var server *net.TCPConn
+	if err == nil {
+		ctx, cancel := context.WithTimeout(withOriginalDst(r.ctx, dst), t.dialTimeout())
+		var c net.Conn
+		if route.Kind == ActionProxy && route.Group != nil {
+			target = t.proxyTarget(ctx, route.Name, dst, found, first)
+			key := route.Group.Key.Key(addrPort(client.RemoteAddr()), dst, found.Host)
+			c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key)
+		} else {
+			c, err = t.direct().DialContext(ctx, "tcp", target)
+		}
+		cancel()
+		if err == nil {
+			server = c.(*net.TCPConn)
+			if upstream != nil {
+				defer upstream.Release()
+			}
+		} else if r.ctx.Err() != nil && errors.Is(err, context.Canceled) {
+			err = errShutdown
+		}
+	}
+
+	// 5. Replay what was peeked, then splice until both sides are done.
+	switch {
+	case err != nil:
+		// Rejected, or the destination cannot be reached: the client
+		// sees a reset, the closest a proxy that already accepted can
+		// come to "connection refused".
+		r.abort(syscall.ECONNRESET)
+	case !r.setServer(server):
+		err = r.close() // aborted (shutdown) while dialling
+	default:
+		if len(first) > 0 {
+			if _, werr := server.Write(first); werr != nil {
+				err = fmt.Errorf("client->server: replaying %d sniffed bytes: %w", len(first), werr)
+				r.abort(werr)
+				break
+			}
+		}
+		up, down, err = r.run(t.idleTimeout())
+		up += int64(len(first))
+	}
+
+	// 6. One access line.
+	attrs := []slog.Attr{
 		slog.String("client", client.RemoteAddr().String()),
 		slog.String("dst", dst.String()),
 		slog.String("mode", t.Mode),
+		slog.String("host", found.Host),
+		slog.String("proto", found.Proto.String()),
+		slog.String("sniff", outcome),
+		slog.Duration("sniff_time", sniffTook),
+		slog.String("route", route.String()),
+	}
+	if alpn := found.ALPN(); alpn != nil {
+		attrs = append(attrs, slog.String("alpn", strings.Join(alpn, ",")))
+	}
+	if found.ECH {
+		attrs = append(attrs, slog.Bool("ech", true))
+	}
+	if route.Kind == ActionProxy {
+		attrs = append(attrs, slog.String("upstream", upstreamName(upstream)), slog.String("target", target))
+	}
+	attrs = append(attrs,
 		slog.Int64("up", up),
 		slog.Int64("down", down),
 		slog.Duration("duration", time.Since(start)),
 		slog.String("error", errString(err)))
+	log.LogAttrs(context.Background(), slog.LevelInfo, "conn", attrs...)
 }
 
-// dial connects to dst directly, with the socket mark set.
-func (t *Tunnel) dial(ctx context.Context, dst netip.AddrPort) (*net.TCPConn, error) {
-	d := net.Dialer{Timeout: t.dialTimeout(), Control: t.Control}
-	c, err := d.DialContext(ctx, "tcp", dst.String())
-	if err != nil {
-		return nil, err
+// shouldSniff decides before any byte is read: not when sniffing is off,
+// not for server-first ports, not for a destination whose clients were
+// silent lately.
+func (t *Tunnel) shouldSniff(dst netip.AddrPort) bool {
+	if t.Sniff.Disabled {
+		return false
 	}
-	return c.(*net.TCPConn), nil
+	skip := t.Sniff.SkipPorts
+	if skip == nil {
+		skip = DefaultSkipPorts
+	}
+	port := dst.Port()
+	for _, p := range skip {
+		if p.Lo <= port && port <= p.Hi {
+			return false
+		}
+	}
+	return !t.silent.Silent(dst)
+}
+
+// proxyTarget is what an upstream is asked to connect to: the sniffed name
+// with the original port when the route's name mode allows it, else the
+// original IP and port. An ECH outer name is never sent: it names the
+// client-facing server, not the site.
+//
+// A request meant for an explicit proxy (CONNECT, or an absolute-form
+// target) names the proxy's next hop, not dst: such a name routes but is not
+// sent.
+func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, dst netip.AddrPort, found sniff.Result, first []byte) string {
+	if found.Host == "" || found.ECH || mode == RouteOnly || explicitProxyRequest(found.Proto, first) {
+		return dst.String()
+	}
+	named := net.JoinHostPort(found.Host, fmt.Sprint(dst.Port()))
+	if mode == Verify && !t.verify.resolvesTo(ctx, t.resolver(), found.Host, dst.Addr()) {
+		t.log().LogAttrs(ctx, slog.LevelWarn, "sniffed name does not resolve to the destination; sending the IP",
+			slog.String("host", found.Host), slog.String("dst", dst.String()))
+		return dst.String()
+	}
+	return named
+}
+
+// direct dials the original destination with the socket mark.
+func (t *Tunnel) direct() *Direct {
+	return &Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control}}
 }
 
 // Shutdown stops accepting on every listener Serve was given, waits for the
@@ -235,6 +407,13 @@ func (t *Tunnel) log() *slog.Logger {
 	return slog.Default()
 }
 
+func (t *Tunnel) resolver() *net.Resolver {
+	if t.Resolver != nil {
+		return t.Resolver
+	}
+	return net.DefaultResolver
+}
+
 func (t *Tunnel) dialTimeout() time.Duration {
 	if t.DialTimeout > 0 {
 		return t.DialTimeout
@@ -261,4 +440,36 @@ func addrOrEmpty(a netip.AddrPort) string {
 		return ""
 	}
 	return a.String()
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return netip.AddrPort{}
+}
+
+func upstreamName(u *Upstream) string {
+	if u == nil {
+		return ""
+	}
+	return u.Name
+}
+
+// explicitProxyRequest reports whether an HTTP/1.x request head is addressed
+// to a proxy: method CONNECT, or a request target that is not origin-form
+// ("/…") or "*".
+func explicitProxyRequest(p sniff.Proto, head []byte) bool {
+	if p != sniff.HTTP {
+		return false
+	}
+	sp := bytes.IndexByte(head, ' ')
+	if sp < 0 || sp+1 >= len(head) {
+		return false
+	}
+	if string(head[:sp]) == "CONNECT" {
+		return true
+	}
+	return head[sp+1] != '/' && head[sp+1] != '*'
 }

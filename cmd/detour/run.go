@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/detour-proxy/detour/redirect"
+	"github.com/detour-proxy/detour/sniff"
 	"github.com/detour-proxy/detour/tunnel"
 )
 
@@ -31,6 +32,14 @@ type runConfig struct {
 	grace       time.Duration
 	logFormat   string
 	capture     captureFlags // --install-rules and the rule flags (rules.go)
+
+	configPath string
+	check      bool        // --check: validate and exit
+	file       *fileConfig // the --config file, nil without one
+	upstreams  []string    // --upstream, repeatable
+	strategy   string      // --strategy
+	sniff      tunnel.SniffOptions
+	routing    routing
 }
 
 // usageError is a bad flag or value: exit status 2 and one line.
@@ -69,6 +78,20 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", cfg.idleTimeout, "close a connection after this long without traffic either way")
 	fs.DurationVar(&cfg.grace, "grace", cfg.grace, "on SIGINT/SIGTERM, how long live connections may take to finish")
 	fs.StringVar(&cfg.logFormat, "log-format", cfg.logFormat, "log format: text or json")
+	fs.StringVar(&cfg.configPath, "config", "", "YAML configuration `file` (flags override it)")
+	fs.BoolVar(&cfg.check, "check", false, "check the configuration and flags, then exit")
+	fs.Func("upstream", "send all traffic through this upstream `URL`: direct, socks5://[user:pass@]host:port or http://[user:pass@]host:port, ?weight=N (repeatable: one group)", func(s string) error {
+		cfg.upstreams = append(cfg.upstreams, s)
+		return nil
+	})
+	fs.StringVar(&cfg.strategy, "strategy", "", "how the --upstream group picks: round-robin, weighted, least-conn or consistent-hash (default round-robin)")
+	sniffOn := true
+	fs.BoolVar(&sniffOn, "sniff", true, "read the host name from the client's first bytes (TLS SNI, HTTP Host)")
+	fs.DurationVar(&cfg.sniff.Timeout, "sniff-timeout", sniff.DefaultTimeout, "how long to wait for the client's first bytes")
+	fs.Func("sniff-skip-ports", "server-first destination `ports` never sniffed, e.g. 22,25,3306 (none: sniff all; default 22,25,110,143,587,3306,5432)", func(s string) (err error) {
+		cfg.sniff.SkipPorts, err = parseSkipPorts(s)
+		return err
+	})
 	cfg.capture.registerRun(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -96,11 +119,105 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		return cfg, usageError{fmt.Sprintf("--grace %s: must not be negative", cfg.grace)}
 	case cfg.logFormat != "text" && cfg.logFormat != "json":
 		return cfg, usageError{fmt.Sprintf("--log-format %q: want text or json", cfg.logFormat)}
+	case cfg.sniff.Timeout <= 0:
+		return cfg, usageError{fmt.Sprintf("--sniff-timeout %s: must be positive (use --sniff=false to turn sniffing off)", cfg.sniff.Timeout)}
+	}
+	cfg.sniff.Disabled = !sniffOn
+	if cfg.configPath != "" {
+		fc, err := loadConfig(cfg.configPath)
+		if err != nil {
+			return cfg, usageError{err.Error()}
+		}
+		if err := cfg.applyFile(fc, flagsSet(fs)); err != nil {
+			return cfg, usageError{fmt.Sprintf("config %s: %v", cfg.configPath, err)}
+		}
 	}
 	if err := cfg.capture.finish(fs, cfg.mode, cfg.listen, cfg.mark); err != nil {
 		return cfg, err
 	}
 	return cfg, nil
+}
+
+// applyFile takes from the config file every setting whose flag was not
+// given: flags override the file.
+func (cfg *runConfig) applyFile(fc *fileConfig, set map[string]bool) error {
+	cfg.file = fc
+	field := func(name string) string { return fmt.Sprintf("%s (line %d)", name, fc.line[name]) }
+	var err error
+	if fc.Listen != "" && !set["listen"] {
+		if err := checkListen(fc.Listen); err != nil {
+			return fmt.Errorf("%s: %v", field("listen"), err)
+		}
+		cfg.listen = fc.Listen
+	}
+	if fc.Mode != "" && !set["mode"] {
+		if cfg.mode, err = redirect.ParseMode(fc.Mode); err != nil {
+			return fmt.Errorf("%s: %v", field("mode"), err)
+		}
+	}
+	if fc.Mark != "" && !set["mark"] {
+		if cfg.mark, err = redirect.ParseMark(fc.Mark); err != nil {
+			return fmt.Errorf("%s: %v", field("mark"), err)
+		}
+	}
+	for name, d := range map[string]struct {
+		v   duration
+		dst *time.Duration
+	}{"dial_timeout": {fc.DialTimeout, &cfg.dialTimeout}, "idle_timeout": {fc.IdleTimeout, &cfg.idleTimeout}, "grace": {fc.Grace, &cfg.grace}} {
+		flagName := strings.ReplaceAll(name, "_", "-")
+		if d.v.set && !set[flagName] {
+			if d.v.Duration <= 0 && name != "grace" {
+				return fmt.Errorf("%s: must be positive", field(name))
+			}
+			*d.dst = d.v.Duration
+		}
+	}
+	if fc.LogFormat != "" && !set["log-format"] {
+		if fc.LogFormat != "text" && fc.LogFormat != "json" {
+			return fmt.Errorf("%s: %q: want text or json", field("log_format"), fc.LogFormat)
+		}
+		cfg.logFormat = fc.LogFormat
+	}
+	if sc := fc.Sniff; sc != nil {
+		where := fmt.Sprintf("sniff (line %d)", sc.line)
+		if sc.Enabled != nil && !set["sniff"] {
+			cfg.sniff.Disabled = !*sc.Enabled
+		}
+		if sc.Timeout.set && !set["sniff-timeout"] {
+			if sc.Timeout.Duration <= 0 {
+				return fmt.Errorf("%s: timeout must be positive", where)
+			}
+			cfg.sniff.Timeout = sc.Timeout.Duration
+		}
+		if sc.MaxBytes < 0 || sc.MaxBytes > 1<<20 {
+			return fmt.Errorf("%s: max_bytes %d is not from 1 to 1048576", where, sc.MaxBytes)
+		}
+		cfg.sniff.MaxBytes = sc.MaxBytes
+		if sc.SkipPorts != nil && !set["sniff-skip-ports"] {
+			if cfg.sniff.SkipPorts, err = parseSkipPorts(strings.Join(*sc.SkipPorts, ",")); err != nil {
+				return fmt.Errorf("%s: skip_ports: %v", where, err)
+			}
+		}
+		if sc.SilentEntries < 0 {
+			return fmt.Errorf("%s: silent_entries must not be negative", where)
+		}
+		cfg.sniff.SilentTTL, cfg.sniff.SilentEntries = sc.SilentTTL.Duration, sc.SilentEntries
+	}
+	return nil
+}
+
+// parseSkipPorts parses --sniff-skip-ports: a port list, or none.
+func parseSkipPorts(s string) ([]tunnel.PortRange, error) {
+	if s == "none" || s == "" {
+		return []tunnel.PortRange{}, nil
+	}
+	return tunnel.ParsePorts(s)
+}
+
+func flagsSet(fs *flag.FlagSet) map[string]bool {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	return set
 }
 
 // checkListen accepts host:port where host is empty or an IP literal and
@@ -137,6 +254,23 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	log := slog.New(handler)
 
+	forward := &net.Dialer{Timeout: cfg.dialTimeout, Control: redirect.MarkControl(cfg.mark)}
+	cfg.routing, err = buildRouting(cfg.upstreams, cfg.strategy, cfg.file, forward, log)
+	if err != nil {
+		if cfg.file != nil && len(cfg.upstreams) == 0 {
+			err = fmt.Errorf("config %s: %w", cfg.configPath, err)
+		}
+		fmt.Fprintf(stderr, "detour run: %v\n", err)
+		return exitUsage
+	}
+	if cfg.check {
+		fmt.Fprintf(stdout, "configuration OK: %d upstream groups, %d routing rules\n", len(cfg.routing.groups), ruleCount(cfg.routing.router))
+		return exitOK
+	}
+	if len(cfg.upstreams) > 0 && cfg.file != nil && (len(cfg.file.Groups) > 0 || len(cfg.file.Rules) > 0) {
+		log.Warn("--upstream given: the config file's groups and rules are not used")
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -159,6 +293,13 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		IdleTimeout: cfg.idleTimeout,
 		Log:         log,
 		Mode:        cfg.mode.String(),
+		Sniff:       cfg.sniff,
+	}
+	t.SetRouter(cfg.routing.router)
+	for _, g := range cfg.routing.groups {
+		if g.Probe.Interval > 0 {
+			g.StartProbe(ctx)
+		}
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "mode", cfg.mode.String(),
 		"mark", fmt.Sprintf("%#x", cfg.mark), "version", versionString())
@@ -180,10 +321,21 @@ wait:
 			break wait
 		}
 	}
-	stop() // a second signal kills the process the default way
 	log.Info("shutting down", "active", t.Active(), "grace", cfg.grace)
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.grace)
 	defer cancel()
+	// A second signal ends the grace period at once; the rules still go.
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(again)
+	go func() {
+		select {
+		case <-again:
+			log.Warn("second signal: cutting the connections left now")
+			cancel()
+		case <-sctx.Done():
+		}
+	}()
 	if err := t.Shutdown(sctx); err != nil {
 		log.Warn("grace period over; reset the connections left", "grace", cfg.grace)
 	}
@@ -207,4 +359,11 @@ func logStats(log *slog.Logger, t *tunnel.Tunnel) {
 		fds = len(ents)
 	}
 	log.Info("stats", "active", t.Active(), "goroutines", runtime.NumGoroutine(), "fds", fds)
+}
+
+func ruleCount(r *tunnel.Router) int {
+	if r == nil {
+		return 0
+	}
+	return len(r.Rules)
 }

@@ -1,0 +1,267 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+)
+
+// Dialer is the one dial signature every route shares: direct and each
+// proxy kind. network is "tcp", "tcp4" or "tcp6"; address is "host:port"
+// where host is a sniffed hostname or an IP literal. Every Dialer in this
+// package returns a bare *net.TCPConn, after any proxy handshake and with no
+// deadline left set, so the relay can splice it.
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+var (
+	_ Dialer = (*Direct)(nil)
+	_ Dialer = (*HTTPConnect)(nil)
+	_ Dialer = (*SOCKS5)(nil)
+)
+
+// Direct connects to the address itself.
+type Direct struct {
+	// Forward is the template for the outbound socket: it carries the
+	// timeout and the socket-mark Control function. Nil means a zero
+	// net.Dialer.
+	Forward *net.Dialer
+}
+
+// DialContext connects to address. When ctx carries the connection's
+// original destination (see withOriginalDst), that IP and port are dialled
+// instead: a direct member of a group asked for a sniffed name goes where
+// the client was going, not where the gateway's resolver says. Otherwise a
+// hostname is resolved by the system resolver.
+//
+// Its errors are failures of the destination, not of a route: a group never
+// marks a direct upstream down.
+func (d *Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	if dst, ok := ctx.Value(originalDstKey{}).(netip.AddrPort); ok && dst.IsValid() {
+		address = dst.String()
+	}
+	if err := checkNetwork(network); err != nil {
+		return nil, &net.OpError{Op: "dial", Net: network, Addr: hostPort(address), Err: err}
+	}
+	fd := template(d.Forward)
+	c, err := fd.DialContext(ctx, network, address)
+	if err != nil {
+		return nil, targetError{err}
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, &net.OpError{Op: "dial", Net: network, Addr: hostPort(address), Err: fmt.Errorf("got a %T, want a *net.TCPConn", c)}
+	}
+	return tc, nil
+}
+
+// dialProxy connects to proxy with forward and runs handshake on the
+// connection. The whole of it is bounded by ctx and by forward's Timeout
+// and Deadline: the earliest of them is the connection's deadline during
+// the handshake, and cancelling ctx interrupts it. The deadline is cleared
+// before the connection is returned. Errors are *net.OpError{Op: op,
+// Source: proxy, Addr: target}.
+func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, network, target string, handshake func(*net.TCPConn) error) (net.Conn, error) {
+	fail := func(err error) error {
+		return &net.OpError{Op: op, Net: network, Source: hostPort(proxy), Addr: hostPort(target), Err: err}
+	}
+	if err := checkNetwork(network); err != nil {
+		return nil, fail(err)
+	}
+	if proxy == "" {
+		return nil, fail(errors.New("no proxy address"))
+	}
+	fd := template(forward)
+	deadline := handshakeDeadline(ctx, fd, time.Now())
+	c, err := fd.DialContext(ctx, "tcp", proxy)
+	if err != nil {
+		return nil, fail(err)
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, fail(fmt.Errorf("got a %T, want a *net.TCPConn", c))
+	}
+	if !deadline.IsZero() {
+		if err := tc.SetDeadline(deadline); err != nil {
+			tc.Close()
+			return nil, fail(err)
+		}
+	}
+	// Cancelling ctx puts the deadline in the past, which wakes a blocked
+	// read or write.
+	stop := context.AfterFunc(ctx, func() { tc.SetDeadline(time.Unix(1, 0)) })
+	err = handshake(tc)
+	if !stop() {
+		// ctx is done and the deadline is being (or was) moved: the
+		// connection can't be handed out whatever the handshake said.
+		err = ctx.Err()
+	} else if err != nil {
+		if cerr := ctxErr(ctx); cerr != nil {
+			err = cerr // ctx's deadline, set on the conn, fired first
+		}
+	}
+	if err == nil {
+		err = tc.SetDeadline(time.Time{})
+	}
+	if err != nil {
+		tc.Close()
+		return nil, fail(err)
+	}
+	return tc, nil
+}
+
+// handshakeDeadline is the earliest of ctx's deadline, d.Deadline and
+// start+d.Timeout; zero if none is set.
+func handshakeDeadline(ctx context.Context, d *net.Dialer, start time.Time) time.Time {
+	var dl time.Time
+	earliest := func(t time.Time) {
+		if !t.IsZero() && (dl.IsZero() || t.Before(dl)) {
+			dl = t
+		}
+	}
+	if t, ok := ctx.Deadline(); ok {
+		earliest(t)
+	}
+	earliest(d.Deadline)
+	if d.Timeout > 0 {
+		earliest(start.Add(d.Timeout))
+	}
+	return dl
+}
+
+// ctxErr is ctx.Err(), or DeadlineExceeded once ctx's deadline has passed
+// even if ctx has not noticed yet: a connection deadline set from it can
+// fire a little before ctx's own timer.
+func ctxErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
+// template returns a copy of d (a zero Dialer for nil) that the caller may
+// use without touching d.
+func template(d *net.Dialer) *net.Dialer {
+	if d == nil {
+		return &net.Dialer{}
+	}
+	c := *d
+	return &c
+}
+
+func checkNetwork(network string) error {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		return nil
+	}
+	return fmt.Errorf("network %q not supported (want tcp, tcp4 or tcp6)", network)
+}
+
+// target is a parsed "host:port" a proxy is asked to connect to.
+type target struct {
+	ip   netip.Addr // valid when host is an IP literal (unmapped, no zone)
+	host string     // the hostname, or the IP's text
+	port uint16
+}
+
+// authority is host:port, with an IPv6 host in brackets.
+func (t target) authority() string {
+	return net.JoinHostPort(t.host, strconv.Itoa(int(t.port)))
+}
+
+// parseTarget splits and checks address. A hostname may hold letters,
+// digits and "-._~" only: it is written into a CONNECT request or a SOCKS
+// request, and a sniffed name comes from the client.
+func parseTarget(address string) (target, error) {
+	host, port, err := net.SplitHostPort(address)
+	if err != nil {
+		return target{}, err
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || p == 0 {
+		return target{}, fmt.Errorf("invalid port %q", port)
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		// A zone means nothing to a proxy on another host.
+		ip = ip.Unmap().WithZone("")
+		return target{ip: ip, host: ip.String(), port: uint16(p)}, nil
+	}
+	if host == "" {
+		return target{}, errors.New("missing host")
+	}
+	for i := 0; i < len(host); i++ {
+		switch c := host[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9',
+			c == '-', c == '.', c == '_', c == '~':
+		default:
+			return target{}, fmt.Errorf("invalid host %q", host)
+		}
+	}
+	return target{host: host, port: uint16(p)}, nil
+}
+
+// hostPort is a net.Addr for an address known as a string, which may hold a
+// name (a proxy's or a target's).
+type hostPort string
+
+func (a hostPort) Network() string { return "tcp" }
+func (a hostPort) String() string  { return string(a) }
+
+// targetError marks an error about the destination rather than the route
+// to it: a direct dial that failed, or a proxy that answered that it could
+// not reach the target. The upstream itself works, so a group neither
+// marks it down nor tries another one.
+type targetError struct{ err error }
+
+func (e targetError) Error() string       { return e.err.Error() }
+func (e targetError) Unwrap() error       { return e.err }
+func (e targetError) targetFailure() bool { return true }
+
+// isTargetFailure reports whether err says the destination failed while
+// the upstream worked.
+func isTargetFailure(err error) bool {
+	var tf interface{ targetFailure() bool }
+	return errors.As(err, &tf) && tf.targetFailure()
+}
+
+// readError says which read of a handshake failed. An EOF there is
+// unexpected. It keeps Timeout, so (*net.OpError).Timeout still answers
+// for a handshake that timed out.
+func readError(what string, err error) error {
+	if errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return &stepError{step: "reading " + what, err: err}
+}
+
+type stepError struct {
+	step string
+	err  error
+}
+
+func (e *stepError) Error() string { return e.step + ": " + e.err.Error() }
+func (e *stepError) Unwrap() error { return e.err }
+
+func (e *stepError) Timeout() bool {
+	var ne net.Error
+	return errors.As(e.err, &ne) && ne.Timeout()
+}
+
+type originalDstKey struct{}
+
+// withOriginalDst records the connection's original destination in ctx for
+// the Direct dialer.
+func withOriginalDst(ctx context.Context, dst netip.AddrPort) context.Context {
+	return context.WithValue(ctx, originalDstKey{}, dst)
+}

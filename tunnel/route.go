@@ -1,0 +1,212 @@
+package tunnel
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/detour-proxy/detour/sniff"
+)
+
+// ActionKind is what a route does with a connection.
+type ActionKind uint8
+
+const (
+	ActionDirect ActionKind = iota // connect to the original destination
+	ActionProxy                    // connect through an upstream group
+	ActionReject                   // close the client at once
+)
+
+// NameMode says what a proxied connection asks its upstream for when a host
+// name was sniffed. The name comes from the client, which can put any name in
+// front of any IP, so the operator chooses how far to trust it.
+type NameMode uint8
+
+const (
+	// Override asks the upstream for sniffed-name:port (it resolves the name).
+	Override NameMode = iota
+	// RouteOnly uses the name for matching rules but asks for the original IP.
+	RouteOnly
+	// Verify asks for the name only if it resolves to the original IP, else
+	// for the IP (and logs it).
+	Verify
+)
+
+// ParseNameMode parses "override", "route-only" or "verify".
+func ParseNameMode(s string) (NameMode, error) {
+	switch s {
+	case "override", "":
+		return Override, nil
+	case "route-only":
+		return RouteOnly, nil
+	case "verify":
+		return Verify, nil
+	}
+	return 0, fmt.Errorf("%q is not a name mode (want override, route-only or verify)", s)
+}
+
+func (m NameMode) String() string {
+	switch m {
+	case RouteOnly:
+		return "route-only"
+	case Verify:
+		return "verify"
+	}
+	return "override"
+}
+
+// Action is what a matching rule (or the default) does.
+type Action struct {
+	Kind  ActionKind
+	Group *Group   // for Proxy
+	Name  NameMode // for Proxy
+}
+
+// String names the action in logs: direct, reject, or the group's name.
+func (a Action) String() string {
+	switch a.Kind {
+	case ActionReject:
+		return "reject"
+	case ActionProxy:
+		if a.Group != nil {
+			return a.Group.Name
+		}
+		return "proxy"
+	}
+	return "direct"
+}
+
+// PortRange is an inclusive range of TCP ports.
+type PortRange struct{ Lo, Hi uint16 }
+
+// ParsePorts parses a list such as "80,443,8000-9000".
+func ParsePorts(s string) ([]PortRange, error) {
+	var out []PortRange
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		lo, hi, isRange := strings.Cut(f, "-")
+		a, err1 := strconv.ParseUint(lo, 10, 16)
+		b := a
+		var err2 error
+		if isRange {
+			b, err2 = strconv.ParseUint(hi, 10, 16)
+		}
+		if err1 != nil || err2 != nil || a == 0 || b < a {
+			return nil, fmt.Errorf("%q is not a port or port range (like 443 or 8000-9000)", f)
+		}
+		out = append(out, PortRange{uint16(a), uint16(b)})
+	}
+	return out, nil
+}
+
+// Rule is one routing rule. It matches when every condition it sets holds;
+// a condition with several entries holds when any entry does. Domain
+// conditions never hold for a connection whose host is unknown.
+type Rule struct {
+	Domains  []string // exact host names
+	Suffixes []string // "example.com" matches example.com and every name under it
+	Keywords []string // substrings of the host name
+	CIDRs    []netip.Prefix
+	Ports    []PortRange
+	Protos   []sniff.Proto
+	Action   Action
+}
+
+// Router is an ordered rule list: the first matching rule wins, and Default
+// applies when none does. It is not changed after it is built; a reload
+// builds a new one.
+type Router struct {
+	Rules   []Rule
+	Default Action
+}
+
+// Route picks the action for a connection to dst whose first bytes said
+// proto and host ("" when unknown). It returns the index of the matching rule,
+// or -1 for the default.
+func (r *Router) Route(host string, proto sniff.Proto, dst netip.AddrPort) (Action, int) {
+	if r == nil {
+		return Action{}, -1
+	}
+	for i := range r.Rules {
+		if r.Rules[i].match(host, proto, dst) {
+			return r.Rules[i].Action, i
+		}
+	}
+	return r.Default, -1
+}
+
+func (ru *Rule) match(host string, proto sniff.Proto, dst netip.AddrPort) bool {
+	if len(ru.Domains)+len(ru.Suffixes)+len(ru.Keywords) > 0 {
+		if host == "" || !ru.matchHost(host) {
+			return false
+		}
+	}
+	if len(ru.CIDRs) > 0 {
+		ip, ok := dst.Addr().Unmap(), false
+		for _, p := range ru.CIDRs {
+			if p.Contains(ip) {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	if len(ru.Ports) > 0 {
+		port, ok := dst.Port(), false
+		for _, p := range ru.Ports {
+			if p.Lo <= port && port <= p.Hi {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	if len(ru.Protos) > 0 {
+		ok := false
+		for _, p := range ru.Protos {
+			if p == proto {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// matchHost: the domain conditions together hold when any of them does
+// (exact, suffix or keyword), as in the rule files of other proxies.
+func (ru *Rule) matchHost(host string) bool {
+	for _, d := range ru.Domains {
+		if host == d {
+			return true
+		}
+	}
+	for _, s := range ru.Suffixes {
+		if host == s || (len(host) > len(s) && strings.HasSuffix(host, s) && host[len(host)-len(s)-1] == '.') {
+			return true
+		}
+	}
+	for _, k := range ru.Keywords {
+		if strings.Contains(host, k) {
+			return true
+		}
+	}
+	return false
+}
+
+// NormalizeDomain lower-cases a domain given in a rule and drops a trailing
+// dot and a leading "*." or ".", so "*.Example.COM." becomes "example.com".
+func NormalizeDomain(s string) string {
+	s = strings.ToLower(strings.TrimSpace(s))
+	s = strings.TrimSuffix(s, ".")
+	s = strings.TrimPrefix(s, "*.")
+	return strings.TrimPrefix(s, ".")
+}

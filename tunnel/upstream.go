@@ -1,0 +1,208 @@
+package tunnel
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// MaxWeight is the largest weight ParseUpstream accepts.
+const MaxWeight = 1000
+
+// Upstream is one way out of a group: direct, or a proxy. Its health and
+// active-connection count are kept by the Group that dials it; an Upstream
+// may be shared by several groups. Use it by pointer only.
+type Upstream struct {
+	// Name identifies the upstream in logs and on a consistent-hash ring:
+	// its URL without the password (and without the weight).
+	Name string
+	// Weight is its share for the weighted strategies. Zero or negative
+	// means 1.
+	Weight int
+	// Dialer reaches destinations through this upstream.
+	Dialer Dialer
+
+	active  atomic.Int64 // connections handed out and not yet released
+	benched atomic.Bool  // in back-off: strategies skip it
+	down    atomic.Bool  // failed, and not yet worked again (the logged state)
+
+	mu       sync.Mutex // guards the fields below, and changes to benched and down
+	failures int        // failed retries since it went down, the first included
+	since    time.Time  // when it went down
+	lastFail time.Time  // when it last failed
+	retryAt  time.Time  // when its back-off ends
+}
+
+// Active is the number of connections dialled through u and not yet
+// released.
+func (u *Upstream) Active() int64 { return u.active.Load() }
+
+// Release gives back one connection a Group's DialContext counted against
+// u. Call it exactly once for each, when the connection closes.
+func (u *Upstream) Release() { u.active.Add(-1) }
+
+// Up reports whether strategies may pick u: it never failed, worked again
+// since, or its back-off ran out (the group then tries it again). A Group
+// notices the end of a back-off when it next dials or probes.
+func (u *Upstream) Up() bool { return !u.benched.Load() }
+
+func (u *Upstream) String() string { return u.Name }
+
+func (u *Upstream) weight() int64 {
+	if u.Weight < 1 {
+		return 1
+	}
+	return int64(u.Weight)
+}
+
+// lastFailure is when u last failed; zero if never.
+func (u *Upstream) lastFailure() time.Time {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.lastFail
+}
+
+// ParseUpstream parses one --upstream value:
+//
+//	direct
+//	socks5://[user:pass@]host:port
+//	http://[user:pass@]host:port
+//
+// each with an optional ?weight=N (1..1000, default 1). User and password
+// are percent-decoded. forward is the template for every socket the
+// upstream opens (timeout, socket mark); nil means a zero net.Dialer. Errors
+// quote the value with its password masked.
+func ParseUpstream(raw string, forward *net.Dialer) (*Upstream, error) {
+	fail := func(format string, args ...any) error {
+		return fmt.Errorf("upstream %q: %s", redactURL(raw), fmt.Sprintf(format, args...))
+	}
+	if raw == "direct" || strings.HasPrefix(raw, "direct?") {
+		_, query, _ := strings.Cut(raw, "?")
+		q, err := url.ParseQuery(query)
+		if err != nil {
+			return nil, fail("%v", err)
+		}
+		w, err := parseWeight(q)
+		if err != nil {
+			return nil, fail("%v", err)
+		}
+		return &Upstream{Name: "direct", Weight: w, Dialer: &Direct{Forward: forward}}, nil
+	}
+
+	u, err := url.Parse(raw)
+	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // its message quotes the whole URL, password included
+		}
+		return nil, fail("%v", err)
+	}
+	switch u.Scheme {
+	case "socks5", "http":
+	case "":
+		return nil, fail("missing scheme (want socks5://, http:// or direct)")
+	default:
+		return nil, fail("unsupported scheme %q (want socks5, http or direct)", u.Scheme)
+	}
+	if u.Opaque != "" || u.Host == "" {
+		return nil, fail("missing host:port")
+	}
+	host, port := u.Hostname(), u.Port()
+	if host == "" {
+		return nil, fail("missing host")
+	}
+	if port == "" {
+		return nil, fail("missing port")
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return nil, fail("invalid port %q", port)
+	}
+	if u.Path != "" && u.Path != "/" {
+		return nil, fail("unexpected path %q", u.Path)
+	}
+	if u.Fragment != "" {
+		return nil, fail("unexpected fragment %q", u.Fragment)
+	}
+	q, err := url.ParseQuery(u.RawQuery)
+	if err != nil {
+		return nil, fail("%v", err)
+	}
+	w, err := parseWeight(q)
+	if err != nil {
+		return nil, fail("%v", err)
+	}
+
+	proxy := net.JoinHostPort(host, port)
+	var user, pass string
+	name := u.Scheme + "://" + proxy
+	if u.User != nil {
+		user = u.User.Username()
+		pass, _ = u.User.Password()
+		if user == "" {
+			return nil, fail("empty user name")
+		}
+		name = u.Scheme + "://" + url.User(user).String() + "@" + proxy
+	}
+	up := &Upstream{Name: name, Weight: w}
+	switch u.Scheme {
+	case "socks5":
+		if len(user) > 255 || len(pass) > 255 {
+			return nil, fail("user name and password must be at most 255 bytes each")
+		}
+		up.Dialer = &SOCKS5{Proxy: proxy, User: user, Password: pass, Forward: forward}
+	case "http":
+		if strings.IndexByte(user, ':') >= 0 {
+			return nil, fail("user name contains ':', which Basic credentials cannot carry")
+		}
+		up.Dialer = &HTTPConnect{Proxy: proxy, User: user, Password: pass, Forward: forward}
+	}
+	return up, nil
+}
+
+// parseWeight reads the weight from q, the only parameter allowed.
+func parseWeight(q url.Values) (int, error) {
+	for k := range q {
+		if k != "weight" {
+			return 0, fmt.Errorf("unknown parameter %q (want weight)", k)
+		}
+	}
+	vs, ok := q["weight"]
+	if !ok {
+		return 1, nil
+	}
+	if len(vs) != 1 {
+		return 0, errors.New("weight given more than once")
+	}
+	w, err := strconv.Atoi(vs[0])
+	if err != nil || w < 1 || w > MaxWeight {
+		return 0, fmt.Errorf("invalid weight %q (want 1..%d)", vs[0], MaxWeight)
+	}
+	return w, nil
+}
+
+// redactURL masks the password in raw, which may not parse as a URL.
+func redactURL(raw string) string {
+	scheme, rest, ok := strings.Cut(raw, "://")
+	if !ok {
+		return raw
+	}
+	authEnd := strings.IndexAny(rest, "/?#")
+	if authEnd < 0 {
+		authEnd = len(rest)
+	}
+	at := strings.LastIndexByte(rest[:authEnd], '@')
+	if at < 0 {
+		return raw
+	}
+	user, _, hasPass := strings.Cut(rest[:at], ":")
+	if !hasPass {
+		return raw
+	}
+	return scheme + "://" + user + ":xxxxx" + rest[at:]
+}
