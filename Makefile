@@ -4,7 +4,7 @@ BIN     := bin/detour
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 FUZZTIME ?= 20s
 
-.PHONY: all build deps demo test unit e2e fuzz lint clean
+.PHONY: all build deps demo test unit e2e fuzz clean
 
 all: build
 
@@ -19,12 +19,20 @@ demo: deps build
 
 # Unit tests, then the end-to-end tests in network namespaces (root only;
 # they skip with a message otherwise).
-test: deps unit e2e
+test: deps unit fuzz e2e
 
 unit:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./cmd/... ./redirect/... ./sniff/... ./tunnel/...
+
+# Each fuzz target for FUZZTIME; the seed corpus (sniff/testdata) already
+# ran as unit tests.
+fuzz:
+	@for f in FuzzTLS FuzzHTTP FuzzParse; do \
+		echo "go test -run '^$$' -fuzz '^$$f$$' -fuzztime $(FUZZTIME) ./sniff"; \
+		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./sniff || exit 1; \
+	done
 
 e2e:
 	$(GO) test -count=1 -timeout 15m ./test/...

@@ -13,6 +13,7 @@ packages=(
 	python3     # http.server in the demo
 	procps      # ps, pkill
 	kmod        # modprobe, for the kernel checks
+	chromium    # a real browser client in the sniff tests
 )
 
 missing=()

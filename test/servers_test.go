@@ -1,25 +1,37 @@
 package test
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	cryptorand "crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"io"
+	"math/big"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"testing"
+	"time"
 )
 
 // Ports of the servers in the server namespace.
 const (
-	httpPort = 80
-	bulkPort = 9000
+	httpPort  = 80
+	httpsPort = 443
+	sshPort   = 2222 // a server-first service (banner, then echo)
+	bulkPort  = 9000
 )
 
-// startServers runs, in the server namespace, an HTTP server on port 80 that
-// tells each client the address it sees, and a bulk server on port 9000
+// startServers runs, in the server namespace, HTTP on port 80 and HTTPS
+// (self-signed, any *.test name) on 443 that tell each client the address
+// they see, a server-first banner service on ports 22 and 2222, and a bulk
+// server on port 9000
 // whose first byte from the client picks a behaviour:
 //
 //	'U' data… EOF  → replies with the hex SHA-256 of data, closes
@@ -27,14 +39,20 @@ const (
 //	'H' data… EOF  → then sends 1 MiB of stream(1 MiB), closes (half-close)
 //	'R' x          → resets the connection after reading one more byte
 //	'E' data… EOF  → echoes, closes
-//	'B'            → sends a banner first, then echoes (server-first protocols)
 func startServers(t *testing.T, tp *topo) {
 	t.Helper()
-	hln := listenIn(t, tp.S, fmt.Sprintf("[::]:%d", httpPort))
-	go http.Serve(hln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	greet := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		host, _, _ := net.SplitHostPort(r.RemoteAddr)
 		fmt.Fprintf(w, "hello from the server namespace; you are %s\n", host)
-	}))
+	})
+	go http.Serve(listenIn(t, tp.S, fmt.Sprintf("[::]:%d", httpPort)), greet)
+	tln := listenIn(t, tp.S, fmt.Sprintf("[::]:%d", httpsPort))
+	srv := &http.Server{Handler: greet, TLSConfig: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}
+	go srv.ServeTLS(tln, "", "")
+	t.Cleanup(func() { srv.Close() })
+	for _, port := range []int{sshPort, 22} {
+		banner(t, listenIn(t, tp.S, fmt.Sprintf("[::]:%d", port)))
+	}
 	bln := listenIn(t, tp.S, fmt.Sprintf("[::]:%d", bulkPort))
 	go func() {
 		for {
@@ -72,9 +90,6 @@ func bulk(c *net.TCPConn) {
 		c.SetLinger(0)
 	case 'E':
 		io.Copy(c, c)
-	case 'B':
-		io.WriteString(c, "SSH-2.0-detour-test\r\n")
-		io.Copy(c, c)
 	}
 }
 
@@ -90,4 +105,43 @@ func streamSum(n int64) string {
 	h := sha256.New()
 	io.CopyN(h, stream(n), n)
 	return hex.EncodeToString(h.Sum(nil))
+}
+
+// selfSigned makes a throwaway certificate for any name.
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), cryptorand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "detour test server"},
+		DNSNames:     []string{"*.test", "site.test"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+	}
+	der, err := x509.CreateCertificate(cryptorand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// banner serves a server-first protocol on ln, like SSH: a banner line as
+// soon as the client connects, then an echo.
+func banner(t *testing.T, ln *net.TCPListener) {
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.WriteString(c, "SSH-2.0-detour-test\r\n")
+				io.Copy(c, c)
+			}()
+		}
+	}()
 }

@@ -118,7 +118,10 @@ func (r *relay) run(idle time.Duration) (up, down int64, err error) {
 func (r *relay) direction(dst, src *net.TCPConn, idle time.Duration, name string) int64 {
 	n, err := r.copy(dst, src, idle)
 	if err == nil {
-		if err = dst.CloseWrite(); err == nil {
+		// ENOTCONN: dst is gone already (it closed and answered our last
+		// bytes with a reset); there is no one left to tell, and its own
+		// direction reports whatever happened to it.
+		if err = dst.CloseWrite(); err == nil || errors.Is(err, syscall.ENOTCONN) {
 			return n
 		}
 	}
