@@ -6,15 +6,19 @@ import "bytes"
 const h2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 // maxMethodLen bounds the request method, so that a stream of token bytes
-// that never reaches a space is not taken for a request line for long.
-const maxMethodLen = 32
+// that never reaches a space is not taken for a request line for long. The
+// longest registered method, UPDATEREDIRECTREF, has 17 bytes.
+const maxMethodLen = 24
 
 // ParseHTTP reads an HTTP/1.x request head (RFC 9112) from the start of b, or
 // the HTTP/2 prior-knowledge preface (RFC 9113 §3.4) and the first HEADERS
 // frame after it.
 //
-// The request line must be token SP request-target SP "HTTP/1." DIGIT; any
-// method is accepted. Lines may end in CRLF or a bare LF (RFC 9112 §2.2).
+// The request line must be method SP request-target SP "HTTP/1." DIGIT. The
+// method may be any token of upper-case letters, digits, '-' and '_' (every
+// method in the IANA registry is upper case): a client whose first bytes are
+// a lower-case word is some other protocol, and is told apart at once instead
+// of after the sniff timeout. Lines may end in CRLF or a bare LF (RFC 9112 §2.2).
 // ParseHTTP answers NoMatch at the first byte that cannot belong to such a
 // request line, and Match once the empty line ending the head has arrived
 // (so that a second Host line is not missed). The host is taken from the
@@ -129,7 +133,7 @@ func ParseHTTP(b []byte) (Result, Status) {
 // requestLine splits an HTTP/1.x request line (RFC 9112 §3).
 func requestLine(line []byte) (method, target []byte, ok bool) {
 	sp := bytes.IndexByte(line, ' ')
-	if sp <= 0 || sp > maxMethodLen || !isToken(line[:sp]) {
+	if sp <= 0 || sp > maxMethodLen || !isMethod(line[:sp]) {
 		return nil, nil, false
 	}
 	method, line = line[:sp], line[sp+1:]
@@ -154,9 +158,9 @@ func requestLine(line []byte) (method, target []byte, ok bool) {
 func requestLinePrefixOK(b []byte) bool {
 	sp := bytes.IndexByte(b, ' ')
 	if sp < 0 {
-		return len(b) == 0 || len(b) <= maxMethodLen && isToken(b)
+		return len(b) == 0 || len(b) <= maxMethodLen && isMethod(b)
 	}
-	if sp == 0 || sp > maxMethodLen || !isToken(b[:sp]) {
+	if sp == 0 || sp > maxMethodLen || !isMethod(b[:sp]) {
 		return false
 	}
 	b = b[sp+1:]
@@ -249,6 +253,20 @@ func authorityHost(a []byte) (host []byte, ok bool) {
 		}
 	}
 	return host, len(host) > 0
+}
+
+// isMethod reports whether b is a plausible request method: a non-empty run
+// of upper-case letters, digits, '-' and '_'.
+func isMethod(b []byte) bool {
+	if len(b) == 0 {
+		return false
+	}
+	for _, c := range b {
+		if !('A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 // isToken reports whether b is a non-empty token (RFC 9110 §5.6.2).

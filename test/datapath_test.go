@@ -147,6 +147,26 @@ func testDataPath(t *testing.T, mode string) {
 				d.waitLog(t, 5*time.Second, "conn", map[string]string{"dst": server(httpPort), "error": ""})
 			})
 
+			t.Run("idle connections hold two fds each", func(t *testing.T) {
+				_, _, fds0 := d.stats(t)
+				const conns = 200
+				for range conns {
+					c := dial(t, tp, server(bulkPort))
+					c.Write([]byte("Eping")) // a burst of traffic, then silence
+					if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				active, _, fds := d.stats(t)
+				if active < conns {
+					t.Fatalf("detour holds %d connections, want %d", active, conns)
+				}
+				// Two sockets per connection; no splice pipes held while idle.
+				if per := float64(fds-fds0) / conns; per > 2.1 {
+					t.Fatalf("%.2f fds per idle connection (%d → %d), want 2", per, fds0, fds)
+				}
+			})
+
 			t.Run("200 concurrent then nothing left", func(t *testing.T) {
 				_, goroutines0, fds0 := d.stats(t)
 				const conns = 200

@@ -154,16 +154,25 @@ func (r *relay) copy(dst, src *net.TCPConn, idle time.Duration) (int64, error) {
 		if err := dst.SetWriteDeadline(start.Add(idle)); err != nil {
 			return total, err
 		}
-		lr.N = spliceChunk
-		n, err := dst.ReadFrom(&lr)
+		// Wait for bytes (or EOF) before taking a splice pipe, then move
+		// exactly what is queued: no pipe is held while the source is idle.
+		avail, err := readable(src)
+		if err == nil && avail == 0 {
+			return total, nil // EOF
+		}
+		var n int64
+		if err == nil {
+			lr.N = int64(min(avail, spliceChunk))
+			n, err = dst.ReadFrom(&lr)
+		}
 		total += n
 		now := time.Now()
 		if n > 0 {
 			r.last.Store(now.UnixNano())
 		}
 		switch {
-		case err == nil && lr.N > 0:
-			return total, nil // EOF
+		case err == nil && lr.N > 0 && n == 0:
+			return total, nil // EOF after all
 		case err == nil:
 			continue
 		case errors.Is(err, os.ErrDeadlineExceeded):
