@@ -61,11 +61,24 @@ type Tunnel struct {
 	// Resolver resolves sniffed names for routes in Verify mode. Nil means
 	// net.DefaultResolver.
 	Resolver *net.Resolver
+	// MaxConns caps the connections served at once; one accepted beyond it
+	// is reset at once and reported as refused ("limit"). Zero means no cap.
+	MaxConns int
+	// MaxSniffing caps the connections in the sniffing stage at once; one
+	// beyond it is routed by IP without waiting for its first bytes (sniff
+	// outcome "busy"), so silent clients cannot hold up others. Zero means
+	// 1024; negative means no cap.
+	MaxSniffing int
+	// Observer hears about every connection (detour's metrics). Nil means
+	// nobody.
+	Observer Observer
 
-	router atomic.Pointer[Router]
-	silent sniff.SilentCache
-	verify verifyCache
-	once   sync.Once
+	router   atomic.Pointer[Router]
+	sniffing atomic.Int64 // connections in the sniffing stage
+	limitLog atomic.Int64 // UnixNano of the last "limit reached" warning
+	silent   sniff.SilentCache
+	verify   verifyCache
+	once     sync.Once
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
@@ -99,6 +112,24 @@ type SniffOptions struct {
 // DefaultSkipPorts are the usual server-first ports: SSH, SMTP, POP3, IMAP,
 // submission, MySQL, PostgreSQL.
 var DefaultSkipPorts = []PortRange{{22, 22}, {25, 25}, {110, 110}, {143, 143}, {587, 587}, {3306, 3306}, {5432, 5432}}
+
+// Observer hears what happens to connections, for metrics. Its methods are
+// called from the connections' goroutines, concurrently; they must be quick.
+type Observer interface {
+	// Accepted: a connection was accepted (and not refused for the limit).
+	Accepted()
+	// Refused: a connection was closed before routing; reason is
+	// "not_redirected" or "limit".
+	Refused(reason string)
+	// Sniffed: what peeking found; outcome is a sniff.Outcome's name, or
+	// "skipped" (server-first port or silent destination), "busy" (too many
+	// sniffing) or "off".
+	Sniffed(proto sniff.Proto, outcome string, took time.Duration)
+	// Dialed: a connection to the destination or an upstream was tried.
+	Dialed(route string, took time.Duration, err error)
+	// Closed: a served connection ended, with the bytes moved each way.
+	Closed(route string, up, down int64)
+}
 
 // errRejected ends a connection whose route is reject.
 var errRejected = errors.New("rejected by route")
@@ -140,9 +171,18 @@ func (t *Tunnel) Serve(ln Listener) error {
 		}
 		backoff = 0
 		r := newRelay(context.Background(), c)
-		if !t.add(r) {
+		switch t.add(r) {
+		case addShutdown:
 			c.Close()
 			return ErrServerClosed
+		case addFull:
+			c.SetLinger(0)
+			c.Close()
+			t.refusedForLimit(c)
+			continue
+		}
+		if t.Observer != nil {
+			t.Observer.Accepted()
 		}
 		go t.serveConn(ln, r)
 	}
@@ -159,6 +199,9 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	dst, err := ln.OriginalDst(client)
 	if err != nil {
 		r.abort(err)
+		if t.Observer != nil {
+			t.Observer.Refused("not_redirected")
+		}
 		log.LogAttrs(r.ctx, slog.LevelWarn, "refused",
 			slog.String("client", client.RemoteAddr().String()),
 			slog.String("dst", addrOrEmpty(dst)),
@@ -173,10 +216,17 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	var found sniff.Result
 	outcome := "off"
 	var sniffTook time.Duration
-	if t.shouldSniff(dst) {
+	switch {
+	case t.Sniff.Disabled:
+	case !t.shouldSniff(dst):
+		outcome = "skipped"
+	case !t.enterSniffing():
+		outcome = "busy"
+	default:
 		var serr error
 		var o sniff.Outcome
 		first, found, o, serr = sniff.Peek(client, sniff.Options{Timeout: t.Sniff.Timeout, MaxBytes: t.Sniff.MaxBytes})
+		t.sniffing.Add(-1)
 		sniffTook = time.Since(start)
 		outcome = o.String()
 		if o == sniff.Timeout && len(first) == 0 {
@@ -185,8 +235,9 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		if o == sniff.Closed && isReset(serr) {
 			err = fmt.Errorf("client: %w", serr)
 		}
-	} else if !t.Sniff.Disabled {
-		outcome = "skipped"
+	}
+	if t.Observer != nil {
+		t.Observer.Sniffed(found.Proto, outcome, sniffTook)
 	}
 
 	// 3. Route: the first matching rule, else the default.
@@ -205,6 +256,7 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	// for the sniffed name when the route trusts it.
 	var server *net.TCPConn
 	if err == nil {
+		dialStart := time.Now()
 		ctx, cancel := context.WithTimeout(withOriginalDst(r.ctx, dst), t.dialTimeout())
 		var c net.Conn
 		if route.Kind == ActionProxy && route.Group != nil {
@@ -215,6 +267,9 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 			c, err = t.direct().DialContext(ctx, "tcp", target)
 		}
 		cancel()
+		if t.Observer != nil {
+			t.Observer.Dialed(route.String(), time.Since(dialStart), err)
+		}
 		if err == nil {
 			server = c.(*net.TCPConn)
 			if upstream != nil {
@@ -247,6 +302,9 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	}
 
 	// 6. One access line.
+	if t.Observer != nil {
+		t.Observer.Closed(route.String(), up, down)
+	}
 	attrs := []slog.Attr{
 		slog.String("client", client.RemoteAddr().String()),
 		slog.String("dst", dst.String()),
@@ -274,13 +332,35 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	log.LogAttrs(context.Background(), slog.LevelInfo, "conn", attrs...)
 }
 
-// shouldSniff decides before any byte is read: not when sniffing is off,
-// not for server-first ports, not for a destination whose clients were
-// silent lately.
-func (t *Tunnel) shouldSniff(dst netip.AddrPort) bool {
-	if t.Sniff.Disabled {
+// enterSniffing takes one of MaxSniffing slots; the caller gives it back.
+func (t *Tunnel) enterSniffing() bool {
+	limit := int64(t.MaxSniffing)
+	if limit == 0 {
+		limit = 1024
+	}
+	if n := t.sniffing.Add(1); limit > 0 && n > limit {
+		t.sniffing.Add(-1)
 		return false
 	}
+	return true
+}
+
+// refusedForLimit reports a connection reset because MaxConns were being
+// served, logging at most one warning a second (the counter has them all).
+func (t *Tunnel) refusedForLimit(c *net.TCPConn) {
+	if t.Observer != nil {
+		t.Observer.Refused("limit")
+	}
+	now := time.Now().UnixNano()
+	if last := t.limitLog.Load(); now-last >= int64(time.Second) && t.limitLog.CompareAndSwap(last, now) {
+		t.log().Warn("connection limit reached; resetting new connections", "max_conns", t.MaxConns,
+			"client", c.RemoteAddr().String())
+	}
+}
+
+// shouldSniff decides before any byte is read: not for server-first ports,
+// not for a destination whose clients were silent lately.
+func (t *Tunnel) shouldSniff(dst netip.AddrPort) bool {
 	skip := t.Sniff.SkipPorts
 	if skip == nil {
 		skip = DefaultSkipPorts
@@ -379,18 +459,27 @@ func (t *Tunnel) isShutdown() bool {
 	return t.shutdown
 }
 
-func (t *Tunnel) add(r *relay) bool {
+const (
+	added = iota
+	addShutdown
+	addFull
+)
+
+func (t *Tunnel) add(r *relay) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.shutdown {
-		return false
+		return addShutdown
+	}
+	if t.MaxConns > 0 && len(t.active) >= t.MaxConns {
+		return addFull
 	}
 	if t.active == nil {
 		t.active = make(map[*relay]struct{})
 	}
 	t.active[r] = struct{}{}
 	t.wg.Add(1)
-	return true
+	return added
 }
 
 func (t *Tunnel) remove(r *relay) {

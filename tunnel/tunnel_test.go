@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/detour-proxy/detour/sniff"
 )
 
 // fakeListener is a loopback listener whose every connection "was going" to
@@ -233,5 +235,111 @@ func TestShutdownWaitsThenCuts(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "closed by shutdown") {
 		t.Errorf("cut connection not logged as such: %s", logs.String())
+	}
+}
+
+// countingObserver records what the tunnel reports.
+type countingObserver struct {
+	mu                     sync.Mutex
+	accepted, closed       int
+	refused, sniffOutcomes map[string]int
+}
+
+func newCountingObserver() *countingObserver {
+	return &countingObserver{refused: map[string]int{}, sniffOutcomes: map[string]int{}}
+}
+func (o *countingObserver) Accepted() { o.mu.Lock(); o.accepted++; o.mu.Unlock() }
+func (o *countingObserver) Refused(reason string) {
+	o.mu.Lock()
+	o.refused[reason]++
+	o.mu.Unlock()
+}
+func (o *countingObserver) Sniffed(_ sniff.Proto, outcome string, _ time.Duration) {
+	o.mu.Lock()
+	o.sniffOutcomes[outcome]++
+	o.mu.Unlock()
+}
+func (o *countingObserver) Dialed(string, time.Duration, error) {}
+func (o *countingObserver) Closed(string, int64, int64)         { o.mu.Lock(); o.closed++; o.mu.Unlock() }
+func (o *countingObserver) get(f func(*countingObserver) int) int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return f(o)
+}
+
+func TestMaxConnsResetsBeyondLimit(t *testing.T) {
+	dst, _ := echoServer(t)
+	ln := newFakeListener(t, dst, nil)
+	obs := newCountingObserver()
+	logs := startTunnel(t, ln, &Tunnel{MaxConns: 2, Observer: obs})
+	var held []*net.TCPConn
+	for range 2 {
+		c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte("x"))
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	extra, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err == nil {
+		defer extra.Close()
+		extra.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = extra.Read(make([]byte, 1))
+	}
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("third connection over a limit of 2: %v, want a reset", err)
+	}
+	logs.waitFor(t, "connection limit reached")
+	if n := obs.get(func(o *countingObserver) int { return o.refused["limit"] }); n != 1 {
+		t.Errorf("refused for limit = %d, want 1", n)
+	}
+	held[0].Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for obs.get(func(o *countingObserver) int { return o.closed }) < 1 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	// A slot is free again.
+	c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("y"))
+	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+		t.Fatalf("connection after one closed: %v", err)
+	}
+}
+
+func TestMaxSniffingRoutesBusyByIP(t *testing.T) {
+	dst, _ := echoServer(t)
+	ln := newFakeListener(t, dst, nil)
+	obs := newCountingObserver()
+	startTunnel(t, ln, &Tunnel{MaxSniffing: 1, Observer: obs, Sniff: SniffOptions{Timeout: 3 * time.Second}})
+	silent, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr)) // holds the one slot
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	time.Sleep(50 * time.Millisecond)
+	c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	c.Write([]byte("GET / HTTP/1.1\r\n"))
+	if _, err := io.ReadFull(c, make([]byte, 16)); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("second connection waited %v behind a silent one", took)
+	}
+	if n := obs.get(func(o *countingObserver) int { return o.sniffOutcomes["busy"] }); n != 1 {
+		t.Errorf("busy sniff outcomes = %d, want 1", n)
 	}
 }

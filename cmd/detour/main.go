@@ -35,6 +35,8 @@ func detour(args []string, stdout, stderr io.Writer) int {
 		return runCommand(args[1:], stdout, stderr)
 	case "rules":
 		return rulesCommand(args[1:], stdout, stderr)
+	case "doctor":
+		return doctorCommand(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "detour", versionString())
 		return exitOK
@@ -42,7 +44,7 @@ func detour(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, usage)
 		return exitOK
 	}
-	fmt.Fprintf(stderr, "detour: unknown command %q (want run, rules or version; see detour help)\n", args[0])
+	fmt.Fprintf(stderr, "detour: unknown command %q (want run, rules, doctor or version; see detour help)\n", args[0])
 	return exitUsage
 }
 
@@ -52,6 +54,7 @@ usage:
   detour run [flags]    serve redirected connections (detour run --help for flags)
   detour rules install|remove|show|check [flags]
                         manage the kernel rules that redirect connections (detour rules --help)
+  detour doctor         check this machine: kernel features, sysctls, iptables, detour's rules
   detour version        print the version
 `
 

@@ -40,6 +40,10 @@ type runConfig struct {
 	strategy   string      // --strategy
 	sniff      tunnel.SniffOptions
 	routing    routing
+
+	metricsAddr string // --metrics
+	maxConns    int    // --max-conns; 0: from the open-file limit
+	maxSniffing int    // --max-sniffing
 }
 
 // usageError is a bad flag or value: exit status 2 and one line.
@@ -92,6 +96,9 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		cfg.sniff.SkipPorts, err = parseSkipPorts(s)
 		return err
 	})
+	fs.StringVar(&cfg.metricsAddr, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics (off by default)")
+	fs.IntVar(&cfg.maxConns, "max-conns", 0, "connections served at once; beyond it new ones are reset (0: as many as the open-file limit allows)")
+	fs.IntVar(&cfg.maxSniffing, "max-sniffing", 1024, "connections waiting for their first bytes at once; beyond it new ones are routed by IP")
 	cfg.capture.registerRun(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -119,6 +126,12 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		return cfg, usageError{fmt.Sprintf("--grace %s: must not be negative", cfg.grace)}
 	case cfg.logFormat != "text" && cfg.logFormat != "json":
 		return cfg, usageError{fmt.Sprintf("--log-format %q: want text or json", cfg.logFormat)}
+	case cfg.maxConns < 0:
+		return cfg, usageError{fmt.Sprintf("--max-conns %d: must not be negative", cfg.maxConns)}
+	case cfg.maxSniffing < 1:
+		return cfg, usageError{fmt.Sprintf("--max-sniffing %d: must be at least 1", cfg.maxSniffing)}
+	case cfg.metricsAddr != "" && checkMetricsAddr(cfg.metricsAddr) != nil:
+		return cfg, usageError{fmt.Sprintf("--metrics: %v", checkMetricsAddr(cfg.metricsAddr))}
 	case cfg.sniff.Timeout <= 0:
 		return cfg, usageError{fmt.Sprintf("--sniff-timeout %s: must be positive (use --sniff=false to turn sniffing off)", cfg.sniff.Timeout)}
 	}
@@ -287,6 +300,11 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	defer keeper.stop()
+	nofile := raiseFileLimit(log)
+	if cfg.maxConns == 0 {
+		// Two descriptors per connection, and some to spare.
+		cfg.maxConns = max(int(nofile)-256, 64) / 2
+	}
 	t := &tunnel.Tunnel{
 		Control:     redirect.MarkControl(cfg.mark),
 		DialTimeout: cfg.dialTimeout,
@@ -294,12 +312,30 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		Log:         log,
 		Mode:        cfg.mode.String(),
 		Sniff:       cfg.sniff,
+		MaxConns:    cfg.maxConns,
+		MaxSniffing: cfg.maxSniffing,
 	}
-	t.SetRouter(cfg.routing.router)
-	for _, g := range cfg.routing.groups {
-		if g.Probe.Interval > 0 {
-			g.StartProbe(ctx)
+	var groups groupsBox
+	probes := &probeRunner{parent: ctx}
+	defer probes.stop()
+	use := func(rt routing) {
+		t.SetRouter(rt.router)
+		groups.set(rt.groups)
+		probes.start(rt.groups)
+	}
+	use(cfg.routing)
+	var m *metrics
+	if cfg.metricsAddr != "" {
+		m = newMetrics(t.Active, groups.get)
+		t.Observer = m
+		srv, err := serveMetrics(cfg.metricsAddr, m, log)
+		if err != nil {
+			ln.Close()
+			log.Error("cannot serve metrics", "addr", cfg.metricsAddr, "error", err.Error())
+			return exitFailure
 		}
+		defer srv.Close()
+		log.Info("serving metrics", "addr", cfg.metricsAddr)
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "mode", cfg.mode.String(),
 		"mark", fmt.Sprintf("%#x", cfg.mark), "version", versionString())
@@ -309,6 +345,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
 	defer signal.Stop(usr1)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 wait:
 	for {
 		select {
@@ -317,10 +356,27 @@ wait:
 			return exitFailure
 		case <-usr1:
 			logStats(log, t)
+		case <-hup:
+			rt, err := reloadRouting(cfg, forward, log)
+			if err != nil {
+				log.Error("reload failed; keeping the running configuration", "error", err.Error())
+				if m != nil {
+					m.reloads.WithLabelValues("error").Inc()
+				}
+				continue
+			}
+			// New connections take the new routes; those in flight keep
+			// theirs, and the old groups' upstreams drain as they close.
+			use(rt)
+			if m != nil {
+				m.reloads.WithLabelValues("ok").Inc()
+			}
+			log.Info("reloaded", "config", cfg.configPath, "groups", len(rt.groups), "rules", ruleCount(rt.router))
 		case <-ctx.Done():
 			break wait
 		}
 	}
+	probes.stop()
 	log.Info("shutting down", "active", t.Active(), "grace", cfg.grace)
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.grace)
 	defer cancel()
@@ -366,4 +422,79 @@ func ruleCount(r *tunnel.Router) int {
 		return 0
 	}
 	return len(r.Rules)
+}
+
+// reloadRouting re-reads --config and builds new routes (SIGHUP). Only the
+// routing part (groups, rules, default) changes; listener, mode, mark and
+// sniff settings need a restart.
+func reloadRouting(cfg runConfig, forward *net.Dialer, log *slog.Logger) (routing, error) {
+	if cfg.configPath == "" {
+		return routing{}, errors.New("no --config file to reload")
+	}
+	if len(cfg.upstreams) > 0 {
+		return routing{}, errors.New("--upstream given: routes come from the command line, not the file")
+	}
+	fc, err := loadConfig(cfg.configPath)
+	if err != nil {
+		return routing{}, err
+	}
+	rt, err := buildRouting(nil, "", fc, forward, log)
+	if err != nil {
+		return routing{}, fmt.Errorf("config %s: %w", cfg.configPath, err)
+	}
+	return rt, nil
+}
+
+// raiseFileLimit raises the soft open-file limit to the hard one and
+// returns it; each connection takes two descriptors.
+func raiseFileLimit(log *slog.Logger) uint64 {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		log.Warn("cannot read the open-file limit", "error", err.Error())
+		return 1024
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			log.Warn("cannot raise the open-file limit", "error", err.Error())
+		}
+	}
+	if lim.Cur < 4096 {
+		log.Warn("open-file limit is low: each connection takes two descriptors", "limit", lim.Cur)
+	}
+	return lim.Cur
+}
+
+// checkMetricsAddr accepts host:port with a numeric port.
+func checkMetricsAddr(s string) error {
+	_, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", s)
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return fmt.Errorf("port %q in %q is not a number from 1 to 65535", port, s)
+	}
+	return nil
+}
+
+// probeRunner runs the active health probes of the groups in use, and stops
+// the previous groups' probes when they are replaced.
+type probeRunner struct {
+	parent context.Context
+	cancel context.CancelFunc
+}
+
+func (p *probeRunner) start(groups []*tunnel.Group) {
+	p.stop()
+	ctx, cancel := context.WithCancel(p.parent)
+	p.cancel = cancel
+	for _, g := range groups {
+		g.StartProbe(ctx)
+	}
+}
+
+func (p *probeRunner) stop() {
+	if p.cancel != nil {
+		p.cancel()
+	}
 }

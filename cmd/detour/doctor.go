@@ -1,0 +1,104 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os/exec"
+	"strings"
+	"syscall"
+
+	"github.com/detour-proxy/detour/redirect"
+)
+
+// doctorCommand is `detour doctor`: one line per check of what detour needs
+// on this machine, each failure with what to do about it. Exit status 1 if
+// anything would stop detour from working.
+func doctorCommand(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 {
+		if args[0] == "-h" || args[0] == "--help" {
+			fmt.Fprintln(stdout, "usage: detour doctor\n\nChecks the kernel features, sysctls, iptables and detour's rules on this machine.")
+			return exitOK
+		}
+		fmt.Fprintf(stderr, "detour doctor: unexpected argument %q (doctor takes none)\n", args[0])
+		return exitUsage
+	}
+	failed := false
+	line := func(status, msg string) {
+		if status == "FAIL" {
+			failed = true
+		}
+		fmt.Fprintf(stdout, "%-4s  %s\n", status, msg)
+	}
+
+	// iptables and its backend.
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		out, err := exec.Command(bin, "-V").CombinedOutput()
+		switch v := strings.TrimSpace(string(out)); {
+		case err != nil:
+			line("FAIL", fmt.Sprintf("%s: not usable (%v): install the iptables package (apt-get install iptables)", bin, err))
+		case strings.Contains(v, "nf_tables"):
+			line("ok", fmt.Sprintf("%s: %s", bin, v))
+		default:
+			line("warn", fmt.Sprintf("%s: %s: the legacy backend works, but mixing it with nftables rules confuses both; prefer iptables-nft", bin, v))
+		}
+	}
+
+	in, err := redirect.NewInstaller()
+	if err != nil {
+		line("FAIL", fmt.Sprintf("iptables: %v", err))
+		return exitFailure
+	}
+	defer in.Close()
+
+	// Kernel features and sysctls, for each mode: the installer tries
+	// every match and target it would use in a scratch chain.
+	seen := map[string]bool{} // sysctl findings are the same for both modes
+	for _, mode := range []redirect.Mode{redirect.Redirect, redirect.TProxy} {
+		o := redirect.RuleOptions{Mode: mode, Port: 7777} // zero fields: the defaults
+		problems := in.Check(o)
+		fatal := false
+		for _, p := range problems {
+			fatal = fatal || p.Fatal
+		}
+		if !fatal {
+			line("ok", fmt.Sprintf("%s mode: the kernel has every match and target detour uses", mode))
+		}
+		for _, p := range problems {
+			if seen[p.Msg] {
+				continue
+			}
+			seen[p.Msg] = true
+			status := "warn"
+			if p.Fatal {
+				status = "FAIL"
+			}
+			line(status, p.Msg)
+		}
+	}
+
+	// detour's own rules.
+	var buf bytes.Buffer
+	if err := in.Show(&buf); err != nil {
+		line("FAIL", fmt.Sprintf("reading detour's rules: %v", err))
+	} else if strings.Contains(buf.String(), "none of detour's rules is installed") {
+		line("warn", "detour's rules are not installed: run `detour run --install-rules` (or `detour rules install`) so traffic reaches detour")
+	} else {
+		n := strings.Count(strings.TrimSpace(buf.String()), "\n") + 1
+		line("ok", fmt.Sprintf("detour's rules are installed (%d lines; `detour rules show` lists them)", n))
+	}
+
+	// Descriptors: two per connection.
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil {
+		if lim.Max < 4096 {
+			line("warn", fmt.Sprintf("open-file hard limit %d: about %d connections at once; raise LimitNOFILE", lim.Max, lim.Max/2))
+		} else {
+			line("ok", fmt.Sprintf("open-file hard limit %d: about %d connections at once", lim.Max, (lim.Max-256)/2))
+		}
+	}
+	if failed {
+		return exitFailure
+	}
+	return exitOK
+}

@@ -1,0 +1,134 @@
+package main
+
+import (
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/detour-proxy/detour/sniff"
+	"github.com/detour-proxy/detour/tunnel"
+)
+
+// metrics is detour's Prometheus registry; it implements tunnel.Observer.
+// All names start with detour_.
+type metrics struct {
+	reg      *prometheus.Registry
+	accepted prometheus.Counter
+	refused  *prometheus.CounterVec
+	closed   *prometheus.CounterVec
+	bytes    *prometheus.CounterVec
+	sniffs   *prometheus.CounterVec
+	sniffDur prometheus.Histogram
+	dialDur  *prometheus.HistogramVec
+	dialFail *prometheus.CounterVec
+	reloads  *prometheus.CounterVec
+}
+
+var _ tunnel.Observer = (*metrics)(nil)
+
+// newMetrics registers detour's metrics. active reports the connections
+// being served; groups the upstream groups in use now (they change on
+// reload).
+func newMetrics(active func() int, groups func() []*tunnel.Group) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	f := func(c prometheus.Collector) { m.reg.MustRegister(c) }
+	m.accepted = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_connections_accepted_total", Help: "Connections accepted and served."})
+	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_connections_refused_total", Help: "Connections closed before routing: not redirected, or over --max-conns."}, []string{"reason"})
+	m.closed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_connections_closed_total", Help: "Served connections that ended, by route (direct, reject or a group)."}, []string{"route"})
+	m.bytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_bytes_total", Help: "Bytes relayed: up is client to destination, down the reverse."}, []string{"direction"})
+	m.sniffs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_sniff_total", Help: "Sniffing outcomes by protocol found."}, []string{"proto", "outcome"})
+	m.sniffDur = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "detour_sniff_duration_seconds", Help: "Time from accept to the end of sniffing.",
+		Buckets: []float64{.0001, .0005, .001, .005, .01, .05, .1, .3, 1}})
+	m.dialDur = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "detour_dial_duration_seconds", Help: "Time to connect to the destination or through an upstream, by route.",
+		Buckets: []float64{.0005, .001, .005, .01, .05, .1, .5, 1, 5}}, []string{"route"})
+	m.dialFail = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_dial_failures_total", Help: "Failed dials, by route."}, []string{"route"})
+	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reloads_total", Help: "Configuration reloads on SIGHUP, by result."}, []string{"result"})
+	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffDur, m.dialDur, m.dialFail, m.reloads} {
+		f(c)
+	}
+	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_connections_active", Help: "Connections being served."},
+		func() float64 { return float64(active()) }))
+	f(&upstreamCollector{groups: groups})
+	f(collectors.NewGoCollector())
+	f(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) Accepted()             { m.accepted.Inc() }
+func (m *metrics) Refused(reason string) { m.refused.WithLabelValues(reason).Inc() }
+func (m *metrics) Sniffed(p sniff.Proto, outcome string, took time.Duration) {
+	m.sniffs.WithLabelValues(p.String(), outcome).Inc()
+	if took > 0 {
+		m.sniffDur.Observe(took.Seconds())
+	}
+}
+func (m *metrics) Dialed(route string, took time.Duration, err error) {
+	m.dialDur.WithLabelValues(route).Observe(took.Seconds())
+	if err != nil {
+		m.dialFail.WithLabelValues(route).Inc()
+	}
+}
+func (m *metrics) Closed(route string, up, down int64) {
+	m.closed.WithLabelValues(route).Inc()
+	m.bytes.WithLabelValues("up").Add(float64(up))
+	m.bytes.WithLabelValues("down").Add(float64(down))
+}
+
+// upstreamCollector reports each upstream's state at scrape time.
+type upstreamCollector struct{ groups func() []*tunnel.Group }
+
+var (
+	upDesc     = prometheus.NewDesc("detour_upstream_up", "1 if the upstream is usable, 0 while it is in back-off after a failure.", []string{"group", "upstream"}, nil)
+	activeDesc = prometheus.NewDesc("detour_upstream_active", "Connections carried by the upstream now.", []string{"group", "upstream"}, nil)
+)
+
+func (c *upstreamCollector) Describe(ch chan<- *prometheus.Desc) { ch <- upDesc; ch <- activeDesc }
+func (c *upstreamCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, g := range c.groups() {
+		for _, u := range g.Upstreams {
+			up := 0.0
+			if u.Up() {
+				up = 1
+			}
+			ch <- prometheus.MustNewConstMetric(upDesc, prometheus.GaugeValue, up, g.Name, u.Name)
+			ch <- prometheus.MustNewConstMetric(activeDesc, prometheus.GaugeValue, float64(u.Active()), g.Name, u.Name)
+		}
+	}
+}
+
+// serveMetrics serves /metrics on addr until the returned server is closed.
+func serveMetrics(addr string, m *metrics, log *slog.Logger) (*http.Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server failed", "addr", addr, "error", err.Error())
+		}
+	}()
+	return srv, nil
+}
+
+// groupsBox holds the groups in use, swapped on reload.
+type groupsBox struct {
+	p atomic.Pointer[[]*tunnel.Group]
+}
+
+func (b *groupsBox) set(g []*tunnel.Group) { b.p.Store(&g) }
+func (b *groupsBox) get() []*tunnel.Group {
+	if g := b.p.Load(); g != nil {
+		return *g
+	}
+	return nil
+}
