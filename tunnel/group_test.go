@@ -235,7 +235,7 @@ func TestGroupRecovers(t *testing.T) {
 	}
 	clock.advance(time.Millisecond)
 	// Back-off over: round-robin comes back to it, and it works.
-	if dial(nil) != a && dial(nil) != a {
+	if first, second := dial(nil), dial(nil); first != a && second != a {
 		t.Fatal("round-robin did not come back to flaky after its back-off")
 	}
 	if !a.Up() {
