@@ -2,6 +2,9 @@
 # install-deps.sh: installs the Debian packages that `make demo`, `make test`
 # and `make bench` use, and the Go modules. Does nothing for what is already
 # there, so it is cheap to run before every target.
+#
+#   install-deps.sh           what the demo and the tests need
+#   install-deps.sh --bench   also what only `make bench` needs (test/bench)
 set -euo pipefail
 
 packages=(
@@ -14,7 +17,25 @@ packages=(
 	procps      # ps, pkill
 	kmod        # modprobe, for the kernel checks
 	chromium    # a real browser client in the sniff tests
+	squid          # HTTP CONNECT upstream (with Basic auth) in the upstream tests
+	dante-server   # danted, SOCKS5 upstream in the upstream tests
+	microsocks     # SOCKS5 upstream with user/password in the upstream tests
+	apache2-utils  # htpasswd, squid's password file in the upstream tests
 )
+
+# Only `make bench` (test/bench) uses these; `make test` stays lean.
+bench_packages=(
+	iperf3      # bulk throughput
+	nginx-light # the HTTP server for connections per second
+	wrk         # the HTTP client, a new connection per request
+	redsocks    # the peer detour is compared with
+	util-linux  # prlimit, the open-file limit of the proxies under test
+)
+case "${1:-}" in
+--bench) packages+=("${bench_packages[@]}") ;;
+"") ;;
+*) echo "install-deps.sh: unknown option '$1' (want --bench or nothing)" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${packages[@]}"; do
@@ -25,6 +46,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 	echo "install-deps.sh: installing ${missing[*]}"
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq
+	# nginx and redsocks are daemons: installing them must not start them
+	# on the host (the bench runs its own, inside namespaces).
+	policy=/usr/sbin/policy-rc.d
+	if [ ! -e "$policy" ]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy"
+		chmod 755 "$policy"
+		trap 'rm -f "$policy"' EXIT
+	fi
 	apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if ! command -v go >/dev/null; then
