@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -98,6 +99,8 @@ func leftoverNamespaces() []string {
 type topo struct {
 	id         string
 	C, G, S, U string
+
+	lastPort atomic.Int32 // the client's last source port from clientPort
 }
 
 // Addresses of scripts/netns.sh.

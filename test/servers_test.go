@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"log"
 	"math/big"
 	"math/rand/v2"
 	"net"
@@ -39,15 +40,20 @@ const (
 //	'H' data… EOF  → then sends 1 MiB of stream(1 MiB), closes (half-close)
 //	'R' x          → resets the connection after reading one more byte
 //	'E' data… EOF  → echoes, closes
+//	'I' data… EOF  → replies "I", then reads until EOF with plain reads (no
+//	                 splice pipe: an idle connection costs one socket), closes
 func startServers(t *testing.T, tp *topo) {
 	t.Helper()
 	greet := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		host, _, _ := net.SplitHostPort(r.RemoteAddr)
 		fmt.Fprintf(w, "hello from the server namespace; you are %s\n", host)
 	})
-	go http.Serve(listenIn(t, tp.S, fmt.Sprintf("[::]:%d", httpPort)), greet)
+	// Clients that send garbage or give up mid-handshake are part of the
+	// tests: the servers need not log them.
+	quiet := log.New(io.Discard, "", 0)
+	go (&http.Server{Handler: greet, ErrorLog: quiet}).Serve(listenIn(t, tp.S, fmt.Sprintf("[::]:%d", httpPort)))
 	tln := listenIn(t, tp.S, fmt.Sprintf("[::]:%d", httpsPort))
-	srv := &http.Server{Handler: greet, TLSConfig: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}
+	srv := &http.Server{Handler: greet, ErrorLog: quiet, TLSConfig: &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}}
 	go srv.ServeTLS(tln, "", "")
 	t.Cleanup(func() { srv.Close() })
 	for _, port := range []int{sshPort, 22} {
@@ -90,6 +96,14 @@ func bulk(c *net.TCPConn) {
 		c.SetLinger(0)
 	case 'E':
 		io.Copy(c, c)
+	case 'I':
+		c.Write([]byte{'I'})
+		buf := make([]byte, 512)
+		for {
+			if _, err := c.Read(buf); err != nil {
+				return
+			}
+		}
 	}
 }
 

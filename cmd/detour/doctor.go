@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -32,10 +33,12 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 	}
 
 	// iptables and its backend.
+	missing := false
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		out, err := exec.Command(bin, "-V").CombinedOutput()
 		switch v := strings.TrimSpace(string(out)); {
 		case err != nil:
+			missing = true
 			line("FAIL", fmt.Sprintf("%s: not usable (%v): install the iptables package (apt-get install iptables)", bin, err))
 		case strings.Contains(v, "nf_tables"):
 			line("ok", fmt.Sprintf("%s: %s", bin, v))
@@ -44,6 +47,9 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
+	if missing {
+		return exitFailure // nothing below can be checked without it
+	}
 	in, err := redirect.NewInstaller()
 	if err != nil {
 		line("FAIL", fmt.Sprintf("iptables: %v", err))
@@ -75,6 +81,23 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 			}
 			line(status, p.Msg)
 		}
+	}
+
+	// Sysctls that are fine get a line too (the problems are above).
+	for _, sc := range []struct{ path, name, what string }{
+		{"/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward", "IPv4"},
+		{"/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding", "IPv6"},
+	} {
+		if v, err := os.ReadFile(sc.path); err == nil && strings.TrimSpace(string(v)) == "1" {
+			line("ok", fmt.Sprintf("%s is 1: this host forwards %s", sc.name, sc.what))
+		}
+	}
+	rpOK := true
+	for msg := range seen {
+		rpOK = rpOK && !strings.Contains(msg, "rp_filter")
+	}
+	if rpOK {
+		line("ok", "rp_filter: no interface would drop TPROXY traffic")
 	}
 
 	// detour's own rules.

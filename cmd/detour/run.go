@@ -359,7 +359,7 @@ wait:
 		case <-hup:
 			rt, err := reloadRouting(cfg, forward, log)
 			if err != nil {
-				log.Error("reload failed; keeping the running configuration", "error", err.Error())
+				log.Error("reload failed", "error", err.Error(), "kept", "the running configuration")
 				if m != nil {
 					m.reloads.WithLabelValues("error").Inc()
 				}
