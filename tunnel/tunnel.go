@@ -73,12 +73,15 @@ type Tunnel struct {
 	// nobody.
 	Observer Observer
 
-	router   atomic.Pointer[Router]
-	sniffing atomic.Int64 // connections in the sniffing stage
-	limitLog atomic.Int64 // UnixNano of the last "limit reached" warning
-	silent   sniff.SilentCache
-	verify   verifyCache
-	once     sync.Once
+	router    atomic.Pointer[Router]
+	sniffing  atomic.Int64 // connections in the sniffing stage
+	limitLog  atomic.Int64 // UnixNano of the last "limit reached" warning
+	silent    sniff.SilentCache
+	refusals  warnLimiter // "refused" lines
+	acceptLog warnLimiter // "accept failed" lines
+	nameWarns warnLimiter // "sniffed name does not resolve" lines
+	verify    verifyCache
+	once      sync.Once
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
@@ -165,7 +168,10 @@ func (t *Tunnel) Serve(ln Listener) error {
 			// Out of file descriptors, or a connection aborted before
 			// accept: wait a little and go on, as net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			t.log().Warn("accept failed; retrying", "listener", ln.Addr().String(), "error", err.Error(), "retry_in", backoff)
+			if ok, held := t.acceptLog.allow(time.Now()); ok {
+				t.log().Warn("accept failed; retrying", "listener", ln.Addr().String(), "error", err.Error(),
+					"retry_in", backoff, "suppressed", held)
+			}
 			time.Sleep(backoff)
 			continue
 		}
@@ -202,11 +208,14 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		if t.Observer != nil {
 			t.Observer.Refused("not_redirected")
 		}
-		log.LogAttrs(r.ctx, slog.LevelWarn, "refused",
-			slog.String("client", client.RemoteAddr().String()),
-			slog.String("dst", addrOrEmpty(dst)),
-			slog.String("mode", t.Mode),
-			slog.String("error", err.Error()))
+		if ok, held := t.refusals.allow(time.Now()); ok {
+			log.LogAttrs(r.ctx, slog.LevelWarn, "refused",
+				slog.String("client", client.RemoteAddr().String()),
+				slog.String("dst", addrOrEmpty(dst)),
+				slog.String("mode", t.Mode),
+				slog.String("error", err.Error()),
+				slog.Int("suppressed", held))
+		}
 		return
 	}
 
@@ -388,8 +397,10 @@ func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, dst netip.AddrP
 	}
 	named := net.JoinHostPort(found.Host, fmt.Sprint(dst.Port()))
 	if mode == Verify && !t.verify.resolvesTo(ctx, t.resolver(), found.Host, dst.Addr()) {
-		t.log().LogAttrs(ctx, slog.LevelWarn, "sniffed name does not resolve to the destination; sending the IP",
-			slog.String("host", found.Host), slog.String("dst", dst.String()))
+		if ok, held := t.nameWarns.allow(time.Now()); ok {
+			t.log().LogAttrs(ctx, slog.LevelWarn, "sniffed name does not resolve to the destination; sending the IP",
+				slog.String("host", found.Host), slog.String("dst", dst.String()), slog.Int("suppressed", held))
+		}
 		return dst.String()
 	}
 	return named
