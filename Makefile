@@ -1,4 +1,5 @@
-# detour: make demo (a namespace gateway with real clients), make test.
+# detour: make demo (a namespace gateway with real clients), make test,
+# make bench.
 GO      ?= go
 BIN     := bin/detour
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
@@ -37,6 +38,18 @@ fuzz:
 e2e:
 	$(GO) test -count=1 -timeout 15m ./test/...
 	@left=$$(ip netns list 2>/dev/null | grep -E '^dt[0-9a-f]{8}-' || true); \
+	 test -z "$$left" || { echo "namespaces left behind: $$left"; exit 1; }
+
+# Benchmarks (root, ~10 minutes, more when other work disturbs it and
+# repetitions are added; BENCH_QUICK=1 for ~2): detour against
+# kernel forwarding and redsocks in namespaces (test/bench). Prints a table;
+# the raw numbers go to test/bench/out/. BENCH_FLAGS passes options, e.g.
+# BENCH_FLAGS='-candidates kernel,detour-redirect -reps 5'.
+bench: build
+	@bash scripts/install-deps.sh --bench
+	$(GO) build -o bin/bench ./test/bench
+	./bin/bench -detour $(BIN) $(BENCH_FLAGS)
+	@left=$$(ip netns list 2>/dev/null | grep -E '^db[0-9a-f]{8}-' || true); \
 	 test -z "$$left" || { echo "namespaces left behind: $$left"; exit 1; }
 
 clean:
