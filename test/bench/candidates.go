@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // The candidates: what carries the client's connections across the gateway.

@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // The small programs the bench runs inside its namespaces, as subcommands of

@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command bench measures detour against kernel forwarding, a minimal Go
 // proxy and redsocks in a throwaway namespace topology (scripts/netns.sh): bulk throughput (iperf3,
 // one and eight streams each way), new connections per second and latency

@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // The measurements: bulk throughput (iperf3), new connections per second

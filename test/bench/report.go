@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // The results: raw per repetition (JSON), medians, the table and the

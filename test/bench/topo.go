@@ -1,3 +1,5 @@
+//go:build linux
+
 package main
 
 // The bench's namespaces (scripts/netns.sh), the processes it starts in
