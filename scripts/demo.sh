@@ -52,6 +52,8 @@ say "client: curl http://198.18.2.2/   (by IP, IPv4)"
 client curl -sS -m 10 http://198.18.2.2/
 say "client: curl http://[fd00:2::2]/   (by IP, IPv6)"
 client curl -sS -m 10 'http://[fd00:2::2]/'
+say "client: curl http://www.demo.test/   (by name: detour sniffs the Host header, see host= below)"
+client curl -sS -m 10 --resolve www.demo.test:80:198.18.2.2 http://www.demo.test/
 say "client: 50 MB download, checksum compared with the server's file"
 want=$(sha256sum <"$www/big.bin" | cut -c1-64)
 got=$(client curl -sS -m 60 http://198.18.2.2/big.bin | sha256sum | cut -c1-64)
