@@ -1,13 +1,15 @@
 //go:build linux
 
 // Command bench measures detour against kernel forwarding, a minimal Go
-// proxy and redsocks in a throwaway namespace topology (scripts/netns.sh): bulk throughput (iperf3,
-// one and eight streams each way), new connections per second and latency
-// with a new TCP connection per request (wrk against nginx), CPU seconds
-// per GB, RSS and descriptors per held idle connection, and the cost of
-// sniffing a TLS ClientHello. Candidates run interleaved within each
-// repetition; the table shows medians and ratios to kernel forwarding, and
-// the raw numbers go to test/bench/out/results-TIMESTAMP.json.
+// proxy and redsocks in a throwaway namespace topology (scripts/netns.sh):
+// bulk throughput (iperf3, one and eight streams each way), new connections
+// per second and latency with a new TCP connection per request (wrk against
+// nginx), CPU seconds per GB, RSS and descriptors per held idle connection,
+// and the cost of sniffing a TLS ClientHello. Candidates run interleaved
+// within each repetition (more repetitions run when other work on the
+// machine disturbed some); the table shows medians of the least disturbed
+// and ratios to kernel forwarding, and the raw numbers go to
+// test/bench/out/results-TIMESTAMP.json.
 //
 // It runs as root (`make bench`), creates its own namespaces dbXXXXXXXX-*,
 // sends traffic only inside them, and removes them, its processes and its
