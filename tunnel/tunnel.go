@@ -73,15 +73,18 @@ type Tunnel struct {
 	// nobody.
 	Observer Observer
 
-	router    atomic.Pointer[Router]
-	sniffing  atomic.Int64 // connections in the sniffing stage
-	limitLog  atomic.Int64 // UnixNano of the last "limit reached" warning
-	silent    sniff.SilentCache
-	refusals  warnLimiter // "refused" lines
-	acceptLog warnLimiter // "accept failed" lines
-	nameWarns warnLimiter // "sniffed name does not resolve" lines
-	verify    verifyCache
-	once      sync.Once
+	router   atomic.Pointer[Router]
+	sniffing atomic.Int64 // connections in the sniffing stage
+	limitLog atomic.Int64 // UnixNano of the last "limit reached" warning
+	silent   sniff.SilentCache
+	// directDialer reaches original destinations (timeout, socket mark);
+	// built once, by the first Serve.
+	directDialer *Direct
+	refusals     warnLimiter // "refused" lines
+	acceptLog    warnLimiter // "accept failed" lines
+	nameWarns    warnLimiter // "sniffed name does not resolve" lines
+	verify       verifyCache
+	once         sync.Once
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
@@ -154,6 +157,7 @@ func (t *Tunnel) Serve(ln Listener) error {
 	defer t.untrack(ln)
 	t.once.Do(func() {
 		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
+		t.directDialer = &Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control}}
 	})
 	var backoff time.Duration
 	for {
@@ -273,7 +277,7 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 			key := route.Group.Key.Key(addrPort(client.RemoteAddr()), dst, found.Host)
 			c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key)
 		} else {
-			c, err = t.direct().DialContext(ctx, "tcp", target)
+			c, err = t.directDialer.DialContext(ctx, "tcp", target)
 		}
 		cancel()
 		if t.Observer != nil {
@@ -404,11 +408,6 @@ func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, dst netip.AddrP
 		return dst.String()
 	}
 	return named
-}
-
-// direct dials the original destination with the socket mark.
-func (t *Tunnel) direct() *Direct {
-	return &Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control}}
 }
 
 // Shutdown stops accepting on every listener Serve was given, waits for the

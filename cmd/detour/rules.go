@@ -351,21 +351,7 @@ type rulesArgs struct {
 
 func rulesFlagSet(ra *rulesArgs) *flag.FlagSet {
 	fs := flag.NewFlagSet("detour rules", flag.ContinueOnError)
-	fs.Func("listen", "detour's listening `address` host:port; the rules send connections to its port (default :7777)", func(s string) error {
-		if err := checkListen(s); err != nil {
-			return err
-		}
-		ra.listen = s
-		return nil
-	})
-	fs.Func("mode", "redirect or tproxy (default redirect)", func(s string) (err error) {
-		ra.mode, err = redirect.ParseMode(s)
-		return err
-	})
-	fs.Func("mark", "socket mark on detour's outbound connections, which the rules exempt (default 0x2d)", func(s string) (err error) {
-		ra.mark, err = redirect.ParseMark(s)
-		return err
-	})
+	addTargetFlags(fs, &ra.listen, &ra.mode, &ra.mark)
 	fs.BoolVar(&ra.capture.dryRun, "dry-run", false, "install: print the commands instead of running them")
 	ra.capture.register(fs)
 	return fs

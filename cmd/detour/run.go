@@ -63,21 +63,7 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	}
 	fs := flag.NewFlagSet("detour run", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	fs.Func("listen", "listening `address` host:port; [::]:PORT or :PORT serves IPv4 and IPv6 (default :7777)", func(s string) error {
-		if err := checkListen(s); err != nil {
-			return err
-		}
-		cfg.listen = s
-		return nil
-	})
-	fs.Func("mode", "how the kernel redirects: redirect or tproxy (default redirect)", func(s string) (err error) {
-		cfg.mode, err = redirect.ParseMode(s)
-		return err
-	})
-	fs.Func("mark", "socket mark on detour's outbound connections, exempted by the rules (default 0x2d)", func(s string) (err error) {
-		cfg.mark, err = redirect.ParseMark(s)
-		return err
-	})
+	addTargetFlags(fs, &cfg.listen, &cfg.mode, &cfg.mark)
 	fs.DurationVar(&cfg.dialTimeout, "dial-timeout", cfg.dialTimeout, "timeout for connecting to a destination")
 	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", cfg.idleTimeout, "close a connection after this long without traffic either way")
 	fs.DurationVar(&cfg.grace, "grace", cfg.grace, "on SIGINT/SIGTERM, how long live connections may take to finish")
@@ -231,6 +217,26 @@ func flagsSet(fs *flag.FlagSet) map[string]bool {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	return set
+}
+
+// addTargetFlags registers --listen, --mode and --mark, which `run` and
+// `rules` share.
+func addTargetFlags(fs *flag.FlagSet, listen *string, mode *redirect.Mode, mark *uint32) {
+	fs.Func("listen", "detour's listening `address` host:port; [::]:PORT or :PORT serves IPv4 and IPv6, and the rules send connections to its port (default :7777)", func(s string) error {
+		if err := checkListen(s); err != nil {
+			return err
+		}
+		*listen = s
+		return nil
+	})
+	fs.Func("mode", "how the kernel redirects: redirect or tproxy (default redirect)", func(s string) (err error) {
+		*mode, err = redirect.ParseMode(s)
+		return err
+	})
+	fs.Func("mark", "socket mark on detour's outbound connections, which the rules exempt (default 0x2d)", func(s string) (err error) {
+		*mark, err = redirect.ParseMark(s)
+		return err
+	})
 }
 
 // checkListen accepts host:port where host is empty or an IP literal and
