@@ -106,10 +106,13 @@ func ParseHTTP(b []byte) (Result, Status) {
 	}
 
 	var name []byte
+	viaProxy := false
 	switch {
 	case string(method) == "CONNECT":
+		viaProxy = true
 		name, ok = authorityHost(target)
 	case isAbsoluteForm(target):
+		viaProxy = true
 		name, ok = absoluteAuthority(target)
 		if ok {
 			name, ok = authorityHost(name)
@@ -121,13 +124,15 @@ func ParseHTTP(b []byte) (Result, Status) {
 		}
 	}
 	if !ok {
-		return Result{Proto: HTTP}, Match
+		return Result{Proto: HTTP, ViaProxy: viaProxy}, Match
 	}
 	n := hostLen(name)
 	if n < 0 {
-		return Result{Proto: HTTP}, Match
+		return Result{Proto: HTTP, ViaProxy: viaProxy}, Match
 	}
-	return newResult(HTTP, name, n, nil, false), Match
+	r := newResult(HTTP, name, n, nil, false)
+	r.ViaProxy = viaProxy
+	return r, Match
 }
 
 // requestLine splits an HTTP/1.x request line (RFC 9112 §3).

@@ -365,3 +365,20 @@ func TestHuffman(t *testing.T) {
 		}
 	}
 }
+
+// A request meant for a forward proxy names the proxy's next hop; the
+// caller must not send that name on as the destination's.
+func TestParseHTTPViaProxy(t *testing.T) {
+	for in, via := range map[string]bool{
+		"CONNECT next.example:443 HTTP/1.1\r\nHost: next.example:443\r\n\r\n": true,
+		"GET http://next.example/x HTTP/1.1\r\nHost: next.example\r\n\r\n":    true,
+		"GET http://192.0.2.1/x HTTP/1.1\r\n\r\n":                             true,
+		"GET /x HTTP/1.1\r\nHost: origin.example\r\n\r\n":                     false,
+		"OPTIONS * HTTP/1.1\r\nHost: origin.example\r\n\r\n":                  false,
+	} {
+		r, st := ParseHTTP([]byte(in))
+		if st != Match || r.ViaProxy != via {
+			t.Errorf("ParseHTTP(%q) = %+v, %v; want ViaProxy %v", in, r, st, via)
+		}
+	}
+}

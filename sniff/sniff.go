@@ -96,6 +96,10 @@ type Result struct {
 	// the extension as GREASE too (Chrome does by default), so ECH means "the
 	// real name may be hidden", not "it is".
 	ECH bool
+	// ViaProxy is set for an HTTP request addressed to a forward proxy
+	// (CONNECT, or an absolute-form target): Host is then the proxy's next
+	// hop, not the destination the client connected to.
+	ViaProxy bool
 
 	// alpn holds the ALPN protocol_name_list of a ClientHello as sent on the
 	// wire (each name prefixed by its one-byte length), already validated.

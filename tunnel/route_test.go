@@ -112,3 +112,25 @@ func BenchmarkRoute1000(b *testing.B) {
 		}
 	}
 }
+
+// The name sent upstream: the sniffed name only when the route trusts it
+// and it names the destination itself.
+func TestProxyTarget(t *testing.T) {
+	var tun Tunnel
+	dst := netip.MustParseAddrPort("198.18.2.2:443")
+	for _, tc := range []struct {
+		mode  NameMode
+		found sniff.Result
+		want  string
+	}{
+		{Override, sniff.Result{Proto: sniff.TLS, Host: "site.test"}, "site.test:443"},
+		{RouteOnly, sniff.Result{Proto: sniff.TLS, Host: "site.test"}, "198.18.2.2:443"},
+		{Override, sniff.Result{Proto: sniff.TLS, Host: "public.test", ECH: true}, "198.18.2.2:443"},
+		{Override, sniff.Result{Proto: sniff.HTTP, Host: "next.test", ViaProxy: true}, "198.18.2.2:443"},
+		{Override, sniff.Result{Proto: sniff.Unknown}, "198.18.2.2:443"},
+	} {
+		if got := tun.proxyTarget(t.Context(), tc.mode, dst, tc.found); got != tc.want {
+			t.Errorf("proxyTarget(%v, %+v) = %s, want %s", tc.mode, tc.found, got, tc.want)
+		}
+	}
+}

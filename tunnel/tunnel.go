@@ -11,7 +11,6 @@
 package tunnel
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -273,7 +272,7 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		ctx, cancel := context.WithTimeout(withOriginalDst(r.ctx, dst), t.dialTimeout())
 		var c net.Conn
 		if route.Kind == ActionProxy && route.Group != nil {
-			target = t.proxyTarget(ctx, route.Name, dst, found, first)
+			target = t.proxyTarget(ctx, route.Name, dst, found)
 			key := route.Group.Key.Key(addrPort(client.RemoteAddr()), dst, found.Host)
 			c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key)
 		} else {
@@ -395,8 +394,8 @@ func (t *Tunnel) shouldSniff(dst netip.AddrPort) bool {
 // A request meant for an explicit proxy (CONNECT, or an absolute-form
 // target) names the proxy's next hop, not dst: such a name routes but is not
 // sent.
-func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, dst netip.AddrPort, found sniff.Result, first []byte) string {
-	if found.Host == "" || found.ECH || mode == RouteOnly || explicitProxyRequest(found.Proto, first) {
+func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, dst netip.AddrPort, found sniff.Result) string {
+	if found.Host == "" || found.ECH || found.ViaProxy || mode == RouteOnly {
 		return dst.String()
 	}
 	named := net.JoinHostPort(found.Host, fmt.Sprint(dst.Port()))
@@ -554,21 +553,4 @@ func upstreamName(u *Upstream) string {
 		return ""
 	}
 	return u.Name
-}
-
-// explicitProxyRequest reports whether an HTTP/1.x request head is addressed
-// to a proxy: method CONNECT, or a request target that is not origin-form
-// ("/…") or "*".
-func explicitProxyRequest(p sniff.Proto, head []byte) bool {
-	if p != sniff.HTTP {
-		return false
-	}
-	sp := bytes.IndexByte(head, ' ')
-	if sp < 0 || sp+1 >= len(head) {
-		return false
-	}
-	if string(head[:sp]) == "CONNECT" {
-		return true
-	}
-	return head[sp+1] != '/' && head[sp+1] != '*'
 }
