@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -18,11 +16,6 @@ var errIdle = errors.New("idle timeout")
 
 // errShutdown ends a connection still open when the shutdown grace period ran out.
 var errShutdown = errors.New("closed by shutdown")
-
-// spliceChunk bounds one io.Copy call of a direction. Between calls the
-// direction reports progress and re-arms its deadlines, so the idle timeout
-// restarts on traffic while the copy itself stays on splice(2).
-const spliceChunk = 256 << 10
 
 // relay is one client connection from accept to close. abort may be called
 // from any goroutine (the relay itself on an error, Shutdown at the end of
@@ -130,59 +123,6 @@ func (r *relay) direction(dst, src *net.TCPConn, idle time.Duration, name string
 	}
 	r.abort(err)
 	return n
-}
-
-// copy moves src to dst with splice(2) (both are *net.TCPConn, so
-// TCPConn.ReadFrom splices; an io.LimitedReader around a TCPConn keeps that
-// path) in chunks, re-arming the deadlines between chunks:
-//
-//   - the read deadline is half the idle timeout. When it fires the pipe is
-//     empty (the kernel only waits for readability before moving bytes into
-//     it), so nothing is lost: if anything moved either way within the idle
-//     timeout the copy goes on, otherwise the connection is idle.
-//   - the write deadline is the whole idle timeout and ends the copy: a
-//     write that times out may leave bytes in the splice pipe, so it can
-//     never be resumed. A timeout is a write timeout only after idle.
-func (r *relay) copy(dst, src *net.TCPConn, idle time.Duration) (int64, error) {
-	var total int64
-	lr := io.LimitedReader{R: src}
-	for {
-		start := time.Now()
-		if err := src.SetReadDeadline(start.Add(idle / 2)); err != nil {
-			return total, err
-		}
-		if err := dst.SetWriteDeadline(start.Add(idle)); err != nil {
-			return total, err
-		}
-		// Wait for bytes (or EOF) before taking a splice pipe, then move
-		// exactly what is queued: no pipe is held while the source is idle.
-		avail, err := readable(src)
-		if err == nil && avail == 0 {
-			return total, nil // EOF
-		}
-		var n int64
-		if err == nil {
-			lr.N = int64(min(avail, spliceChunk))
-			n, err = dst.ReadFrom(&lr)
-		}
-		total += n
-		now := time.Now()
-		if n > 0 {
-			r.last.Store(now.UnixNano())
-		}
-		switch {
-		case err == nil && lr.N > 0 && n == 0:
-			return total, nil // EOF after all
-		case err == nil:
-			continue
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			if now.Sub(start) >= idle || now.UnixNano()-r.last.Load() >= int64(idle) {
-				return total, errIdle
-			}
-		default:
-			return total, err
-		}
-	}
 }
 
 // isReset reports whether err means the peer reset the connection (or one
