@@ -43,13 +43,21 @@ type Direct struct {
 // Its errors are failures of the destination, not of a route: a group never
 // marks a direct upstream down.
 func (d *Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	if dst, ok := ctx.Value(originalDstKey{}).(netip.AddrPort); ok && dst.IsValid() {
-		address = dst.String()
-	}
 	if err := checkNetwork(network); err != nil {
 		return nil, &net.OpError{Op: "dial", Net: network, Addr: hostPort(address), Err: err}
 	}
-	fd := template(d.Forward)
+	fd := d.Forward
+	if fd == nil {
+		fd = &net.Dialer{}
+	}
+	if dst, ok := ctx.Value(originalDstKey{}).(netip.AddrPort); ok && dst.IsValid() {
+		// The common case, without formatting and parsing the address.
+		c, err := fd.DialTCP(ctx, network, netip.AddrPort{}, dst)
+		if err != nil {
+			return nil, targetError{err}
+		}
+		return c, nil
+	}
 	c, err := fd.DialContext(ctx, network, address)
 	if err != nil {
 		return nil, targetError{err}

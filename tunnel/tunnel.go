@@ -156,7 +156,7 @@ func (t *Tunnel) Serve(ln Listener) error {
 	defer t.untrack(ln)
 	t.once.Do(func() {
 		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
-		t.directDialer = &Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control}}
+		t.directDialer = &Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control, KeepAlive: -1}}
 	})
 	var backoff time.Duration
 	for {

@@ -42,6 +42,7 @@ type runConfig struct {
 	routing    routing
 
 	metricsAddr string // --metrics
+	pprofAddr   string // --pprof
 	maxConns    int    // --max-conns; 0: from the open-file limit
 	maxSniffing int    // --max-sniffing
 }
@@ -83,6 +84,7 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		return err
 	})
 	fs.StringVar(&cfg.metricsAddr, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics (off by default)")
+	fs.StringVar(&cfg.pprofAddr, "pprof", "", "serve Go's runtime profiles at http://`ADDR`/debug/pprof/ (off by default; bind it to loopback)")
 	fs.IntVar(&cfg.maxConns, "max-conns", 0, "connections served at once; beyond it new ones are reset (0: as many as the open-file limit allows)")
 	fs.IntVar(&cfg.maxSniffing, "max-sniffing", 1024, "connections waiting for their first bytes at once; beyond it new ones are routed by IP")
 	cfg.capture.registerRun(fs)
@@ -118,6 +120,8 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		return cfg, usageError{fmt.Sprintf("--max-sniffing %d: must be at least 1", cfg.maxSniffing)}
 	case cfg.metricsAddr != "" && checkMetricsAddr(cfg.metricsAddr) != nil:
 		return cfg, usageError{fmt.Sprintf("--metrics: %v", checkMetricsAddr(cfg.metricsAddr))}
+	case cfg.pprofAddr != "" && checkMetricsAddr(cfg.pprofAddr) != nil:
+		return cfg, usageError{fmt.Sprintf("--pprof: %v", checkMetricsAddr(cfg.pprofAddr))}
 	case cfg.sniff.Timeout <= 0:
 		return cfg, usageError{fmt.Sprintf("--sniff-timeout %s: must be positive (use --sniff=false to turn sniffing off)", cfg.sniff.Timeout)}
 	}
@@ -267,13 +271,17 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 
-	var handler slog.Handler = slog.NewTextHandler(stderr, nil)
+	logw := newLogWriter(stderr, logFlushEvery)
+	defer logw.Close()
+	var handler slog.Handler = slog.NewTextHandler(logw, nil)
 	if cfg.logFormat == "json" {
-		handler = slog.NewJSONHandler(stderr, nil)
+		handler = slog.NewJSONHandler(logw, nil)
 	}
 	log := slog.New(handler)
 
-	forward := &net.Dialer{Timeout: cfg.dialTimeout, Control: redirect.MarkControl(cfg.mark)}
+	// No keepalive on outbound sockets: the idle timeout ends dead
+	// connections (and upstreams have their probe).
+	forward := &net.Dialer{Timeout: cfg.dialTimeout, Control: redirect.MarkControl(cfg.mark), KeepAlive: -1}
 	cfg.routing, err = buildRouting(cfg.upstreams, cfg.strategy, cfg.file, forward, log)
 	if err != nil {
 		if cfg.file != nil && len(cfg.upstreams) == 0 {
@@ -342,6 +350,16 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		}
 		defer srv.Close()
 		log.Info("serving metrics", "addr", cfg.metricsAddr)
+	}
+	if cfg.pprofAddr != "" {
+		srv, err := servePprof(cfg.pprofAddr, log)
+		if err != nil {
+			ln.Close()
+			log.Error("cannot serve profiles", "addr", cfg.pprofAddr, "error", err.Error())
+			return exitFailure
+		}
+		defer srv.Close()
+		log.Info("serving profiles", "addr", cfg.pprofAddr)
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "mode", cfg.mode.String(),
 		"mark", fmt.Sprintf("%#x", cfg.mark), "version", versionString())

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// lockedBuffer is a bytes.Buffer safe for the writer's goroutine and the test.
+type lockedBuffer struct {
+	mu     sync.Mutex
+	b      bytes.Buffer
+	writes int
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.writes++
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) snapshot() (string, int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String(), b.writes
+}
+
+func TestLogWriterBatchesInOrder(t *testing.T) {
+	var out lockedBuffer
+	l := newLogWriter(&out, logFlushEvery)
+	var want strings.Builder
+	for i := range 1000 {
+		line := fmt.Sprintf("line %d\n", i)
+		want.WriteString(line)
+		if n, err := l.Write([]byte(line)); n != len(line) || err != nil {
+			t.Fatalf("Write = %d, %v", n, err)
+		}
+	}
+	// The lines arrive without Close, in a few writes.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, writes := out.snapshot()
+		if got == want.String() {
+			if writes > 10 {
+				t.Errorf("1000 lines took %d writes, want a few batches", writes)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 5s got %d of %d bytes", len(got), want.Len())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	l.Write([]byte("before close\n"))
+	l.Close()
+	l.Write([]byte("after close\n"))
+	got, _ := out.snapshot()
+	if want := want.String() + "before close\nafter close\n"; got != want {
+		t.Fatalf("after Close the output ends %q, want it to end %q", got[max(0, len(got)-40):], want[len(want)-40:])
+	}
+}
+
+func TestLogWriterFlushesWhenFull(t *testing.T) {
+	var out lockedBuffer
+	l := newLogWriter(&out, time.Hour) // no tick during the test
+	defer l.Close()
+	line := []byte(strings.Repeat("x", 1023) + "\n")
+	for range logFlushAt / len(line) {
+		l.Write(line)
+	}
+	// The write that filled the buffer wrote it, without waiting for the tick.
+	if got, _ := out.snapshot(); len(got) < logFlushAt {
+		t.Fatalf("%d bytes written after filling the buffer, want %d", len(got), logFlushAt)
+	}
+}
