@@ -18,8 +18,14 @@ var errIdle = errors.New("idle timeout")
 var errShutdown = errors.New("closed by shutdown")
 
 // relay is one client connection from accept to close. abort may be called
-// from any goroutine (the relay itself on an error, Shutdown at the end of
-// the grace period) and closes whatever is open.
+// from any goroutine (a direction on an error, the idle timer, Shutdown at
+// the end of the grace period) and closes whatever is open.
+//
+// Once started, a relay runs without a goroutine of its own: each direction
+// runs while its source has bytes and, on Linux, parks in the idle poller
+// (see direction.pump) when it has none, so an idle connection costs its
+// sockets and this struct, not goroutine stacks. The direction that ends
+// last reports the relay done.
 type relay struct {
 	client *net.TCPConn
 	ctx    context.Context // cancelled by abort, so a dial in progress stops
@@ -30,7 +36,12 @@ type relay struct {
 	err    error        // the first error that ended the relay
 	done   bool
 
-	last atomic.Int64 // UnixNano of the last byte moved in either direction
+	last    atomic.Int64 // UnixNano of the last byte moved in either direction
+	dirs    [2]direction // client->server, server->client
+	pending atomic.Int32 // directions not yet ended
+	idle    time.Duration
+	timer   *time.Timer // the idle timeout
+	onDone  func(up, down int64, err error)
 }
 
 func newRelay(parent context.Context, client *net.TCPConn) *relay {
@@ -40,11 +51,14 @@ func newRelay(parent context.Context, client *net.TCPConn) *relay {
 }
 
 // setServer attaches the dialled connection; it reports false (and closes
-// server) when the relay was aborted during the dial.
+// server, as abort would have) when the relay was aborted during the dial.
 func (r *relay) setServer(server *net.TCPConn) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.done {
+		if passesReset(r.err) {
+			server.SetLinger(0)
+		}
 		server.Close()
 		return false
 	}
@@ -55,17 +69,18 @@ func (r *relay) setServer(server *net.TCPConn) bool {
 // abort ends the relay with err. A reset seen on either side is passed on
 // as a reset (SO_LINGER 0) to both; anything else closes both normally. Only
 // the first error is kept: the ones it causes in the other direction are
-// consequences.
+// consequences. A direction parked waiting for bytes ends here (its closed
+// socket will never wake it); a running one ends on its next syscall.
 func (r *relay) abort(err error) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if r.done {
+		r.mu.Unlock()
 		return
 	}
 	r.done = true
 	r.err = err
 	r.cancel()
-	reset := isReset(err) || errors.Is(err, errShutdown)
+	reset := passesReset(err)
 	for _, c := range []*net.TCPConn{r.client, r.server} {
 		if c == nil {
 			continue
@@ -74,6 +89,12 @@ func (r *relay) abort(err error) {
 			c.SetLinger(0)
 		}
 		c.Close()
+	}
+	r.mu.Unlock()
+	for i := range r.dirs {
+		if d := &r.dirs[i]; d.state.CompareAndSwap(parked, ended) {
+			d.finish()
+		}
 	}
 }
 
@@ -92,37 +113,104 @@ func (r *relay) close() error {
 	return r.err
 }
 
-// run copies client→server and server→client at once until both directions
-// have ended, and returns the bytes moved each way. A direction that reaches
-// EOF half-closes its destination (FIN) and the other direction goes on; an
+// start copies client→server and server→client at once until both
+// directions have ended, then calls done with the bytes moved each way and
+// the error that ended the relay, if any. A direction that reaches EOF
+// half-closes its destination (FIN) and the other direction goes on; an
 // error in either direction aborts both. The idle timeout, restarted by
 // traffic in either direction, bounds the open and the half-closed state.
-func (r *relay) run(idle time.Duration) (up, down int64, err error) {
+func (r *relay) start(idle time.Duration, done func(up, down int64, err error)) {
+	r.idle, r.onDone = idle, done
 	r.last.Store(time.Now().UnixNano())
-	upc := make(chan int64, 1)
-	go func() { upc <- r.direction(r.server, r.client, idle, "client->server") }()
-	down = r.direction(r.client, r.server, idle, "server->client")
-	up = <-upc
-	return up, down, r.close()
+	r.dirs[0] = direction{r: r, src: r.client, dst: r.server, name: "client->server"}
+	r.dirs[1] = direction{r: r, src: r.server, dst: r.client, name: "server->client"}
+	r.pending.Store(2)
+	r.mu.Lock() // checkIdle reads r.timer
+	r.timer = time.AfterFunc(idle, r.checkIdle)
+	r.mu.Unlock()
+	go r.dirs[0].pump()
+	go r.dirs[1].pump()
 }
 
-// direction copies src to dst until EOF or an error. On EOF it half-closes
-// dst; on an error it aborts the relay.
-func (r *relay) direction(dst, src *net.TCPConn, idle time.Duration, name string) int64 {
-	n, err := r.copy(dst, src, idle)
+// run is start, waiting for the end.
+func (r *relay) run(idle time.Duration) (up, down int64, err error) {
+	type result struct {
+		up, down int64
+		err      error
+	}
+	ch := make(chan result, 1)
+	r.start(idle, func(up, down int64, err error) { ch <- result{up, down, err} })
+	res := <-ch
+	return res.up, res.down, res.err
+}
+
+// checkIdle runs when the idle timeout may have passed: it aborts the relay
+// if nothing moved for that long, else waits for the rest of it.
+func (r *relay) checkIdle() {
+	quiet := time.Duration(time.Now().UnixNano() - r.last.Load())
+	if quiet >= r.idle {
+		r.abort(errIdle)
+		return
+	}
+	r.mu.Lock()
+	r.timer.Reset(r.idle - quiet)
+	r.mu.Unlock()
+}
+
+// The states of a direction.
+const (
+	running int32 = iota // a goroutine is moving its bytes
+	parked               // waiting for its source, without a goroutine
+	ended
+)
+
+// direction is one way of a relay.
+type direction struct {
+	r        *relay
+	src, dst *net.TCPConn
+	name     string
+	n        int64 // bytes moved; read once the direction ended
+	state    atomic.Int32
+	sys      // what the platform's pump keeps
+}
+
+// end finishes d after its copy stopped with err (nil at EOF): on EOF it
+// half-closes dst; on an error it aborts the relay.
+func (d *direction) end(err error) {
 	if err == nil {
 		// ENOTCONN: dst is gone already (it closed and answered our last
 		// bytes with a reset); there is no one left to tell, and its own
 		// direction reports whatever happened to it.
-		if err = dst.CloseWrite(); err == nil || errors.Is(err, syscall.ENOTCONN) {
-			return n
+		if err = d.dst.CloseWrite(); errors.Is(err, syscall.ENOTCONN) {
+			err = nil
 		}
 	}
-	if !errors.Is(err, errIdle) {
-		err = fmt.Errorf("%s: %w", name, err)
+	if err != nil {
+		if !errors.Is(err, errIdle) {
+			err = fmt.Errorf("%s: %w", d.name, err)
+		}
+		d.r.abort(err)
 	}
-	r.abort(err)
-	return n
+	d.state.Store(ended)
+	d.finish()
+}
+
+// finish counts d as ended; the last direction ends the relay.
+func (d *direction) finish() {
+	d.release()
+	r := d.r
+	if r.pending.Add(-1) > 0 {
+		return
+	}
+	r.timer.Stop()
+	err := r.close()
+	r.onDone(r.dirs[0].n, r.dirs[1].n, err)
+}
+
+// passesReset reports whether a relay ended by err resets both of its ends
+// (SO_LINGER 0) rather than closing them.
+func passesReset(err error) bool {
+	return isReset(err) || errors.Is(err, errShutdown)
 }
 
 // isReset reports whether err means the peer reset the connection (or one

@@ -8,11 +8,19 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
 	"runtime"
 	"syscall"
 	"testing"
 	"time"
 )
+
+func TestMain(m *testing.M) {
+	// The idle poller's goroutine lives as long as the process (Serve
+	// starts it); start it before any test counts goroutines.
+	startIdlePoller()
+	os.Exit(m.Run())
+}
 
 // pair returns the two ends of a fresh loopback TCP connection.
 func pair(t *testing.T) (dialed, accepted *net.TCPConn) {

@@ -136,12 +136,62 @@ func (r *Router) Route(host string, proto sniff.Proto, dst netip.AddrPort) (Acti
 	return r.Default, -1
 }
 
+// RouteByAddr says what Route will pick for dst before the client's first
+// bytes are read, when it can. final is true when the rules decide on dst
+// alone: the first rule whose address conditions hold for dst sets none on
+// the host or protocol (or no rule can hold, and the default applies). A rule
+// whose CIDRs or ports exclude dst cannot match whatever was sniffed and is
+// passed over. When final is false, the route may depend on what the client
+// sends, and the returned Action means nothing.
+func (r *Router) RouteByAddr(dst netip.AddrPort) (a Action, final bool) {
+	if r == nil {
+		return Action{}, true
+	}
+	for i := range r.Rules {
+		ru := &r.Rules[i]
+		if !ru.matchAddr(dst) {
+			continue
+		}
+		if ru.needsSniff() {
+			return Action{}, false
+		}
+		return ru.Action, true
+	}
+	return r.Default, true
+}
+
 func (ru *Rule) match(host string, proto sniff.Proto, dst netip.AddrPort) bool {
 	if len(ru.Domains)+len(ru.Suffixes)+len(ru.Keywords) > 0 {
 		if host == "" || !ru.matchHost(host) {
 			return false
 		}
 	}
+	if !ru.matchAddr(dst) {
+		return false
+	}
+	if len(ru.Protos) > 0 {
+		ok := false
+		for _, p := range ru.Protos {
+			if p == proto {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// needsSniff reports whether the rule sets a condition on what the client
+// sends first (host name or protocol).
+func (ru *Rule) needsSniff() bool {
+	return len(ru.Domains)+len(ru.Suffixes)+len(ru.Keywords)+len(ru.Protos) > 0
+}
+
+// matchAddr: the conditions on the destination (CIDRs and ports) hold.
+func (ru *Rule) matchAddr(dst netip.AddrPort) bool {
 	if len(ru.CIDRs) > 0 {
 		ip, ok := dst.Addr().Unmap(), false
 		for _, p := range ru.CIDRs {
@@ -158,18 +208,6 @@ func (ru *Rule) match(host string, proto sniff.Proto, dst netip.AddrPort) bool {
 		port, ok := dst.Port(), false
 		for _, p := range ru.Ports {
 			if p.Lo <= port && port <= p.Hi {
-				ok = true
-				break
-			}
-		}
-		if !ok {
-			return false
-		}
-	}
-	if len(ru.Protos) > 0 {
-		ok := false
-		for _, p := range ru.Protos {
-			if p == proto {
 				ok = true
 				break
 			}

@@ -66,6 +66,106 @@ func TestRouterFirstMatchWins(t *testing.T) {
 	}
 }
 
+// RouteByAddr is final only when nothing the client could send changes the
+// route, and then it agrees with Route for any host and protocol.
+func TestRouteByAddr(t *testing.T) {
+	proxies := &Group{Name: "proxies"}
+	direct := Action{Kind: ActionDirect}
+	lan := netip.MustParsePrefix("198.18.2.0/24")
+	for _, tc := range []struct {
+		name  string
+		rules []Rule
+		def   Action
+		dst   string
+		want  string // "" when not final
+	}{
+		{"no rules", nil, direct, "1.2.3.4:443", "direct"},
+		{"default proxy", nil, Action{Kind: ActionProxy, Group: proxies}, "1.2.3.4:443", "proxies"},
+		{"domain rule first", []Rule{
+			{Suffixes: []string{"example.com"}, Action: Action{Kind: ActionProxy, Group: proxies}},
+		}, direct, "1.2.3.4:443", ""},
+		{"keyword rule first", []Rule{
+			{Keywords: []string{"ads"}, Action: Action{Kind: ActionReject}},
+		}, direct, "1.2.3.4:443", ""},
+		{"exact domain rule first", []Rule{
+			{Domains: []string{"a.test"}, Action: Action{Kind: ActionReject}},
+		}, direct, "1.2.3.4:443", ""},
+		{"protocol rule first", []Rule{
+			{Protos: []sniff.Proto{sniff.HTTP}, Action: Action{Kind: ActionProxy, Group: proxies}},
+		}, direct, "1.2.3.4:80", ""},
+		{"protocol rule matching nothing sniffed", []Rule{
+			{Protos: []sniff.Proto{sniff.Unknown}, Action: Action{Kind: ActionReject}},
+		}, direct, "1.2.3.4:80", ""},
+		{"address rule before domain rule", []Rule{
+			{CIDRs: []netip.Prefix{lan}, Action: direct},
+			{Suffixes: []string{"example.com"}, Action: Action{Kind: ActionProxy, Group: proxies}},
+		}, Action{Kind: ActionProxy, Group: proxies}, "198.18.2.2:443", "direct"},
+		{"address rule not matching, then domain rule", []Rule{
+			{CIDRs: []netip.Prefix{lan}, Action: direct},
+			{Suffixes: []string{"example.com"}, Action: Action{Kind: ActionProxy, Group: proxies}},
+		}, direct, "9.9.9.9:443", ""},
+		{"port rule decides", []Rule{
+			{Ports: []PortRange{{6000, 7000}}, Action: Action{Kind: ActionReject}},
+			{Protos: []sniff.Proto{sniff.TLS}, Action: Action{Kind: ActionProxy, Group: proxies}},
+		}, direct, "9.9.9.9:6500", "reject"},
+		{"domain rule restricted to other ports is passed over", []Rule{
+			{Suffixes: []string{"example.com"}, Ports: []PortRange{{443, 443}}, Action: Action{Kind: ActionProxy, Group: proxies}},
+			{Keywords: []string{"x"}, CIDRs: []netip.Prefix{lan}, Action: Action{Kind: ActionReject}},
+		}, direct, "9.9.9.9:80", "direct"},
+		{"domain rule restricted to this port", []Rule{
+			{Suffixes: []string{"example.com"}, Ports: []PortRange{{443, 443}}, Action: Action{Kind: ActionProxy, Group: proxies}},
+		}, direct, "9.9.9.9:443", ""},
+		{"CIDR and port both needed", []Rule{
+			{CIDRs: []netip.Prefix{lan}, Ports: []PortRange{{22, 22}}, Action: Action{Kind: ActionReject}},
+		}, direct, "198.18.2.2:23", "direct"},
+		{"v4-mapped destination", []Rule{
+			{CIDRs: []netip.Prefix{lan}, Action: Action{Kind: ActionReject}},
+		}, direct, "[::ffff:198.18.2.2]:443", "reject"},
+		{"empty rule matches everything", []Rule{
+			{Action: Action{Kind: ActionReject}},
+			{Suffixes: []string{"example.com"}, Action: direct},
+		}, direct, "1.2.3.4:443", "reject"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &Router{Rules: tc.rules, Default: tc.def}
+			dst := netip.MustParseAddrPort(tc.dst)
+			a, final := r.RouteByAddr(dst)
+			got := ""
+			if final {
+				got = a.String()
+			}
+			if got != tc.want {
+				t.Fatalf("RouteByAddr(%s) = %q (final %v), want %q", dst, a, final, tc.want)
+			}
+			if !final {
+				return
+			}
+			for _, host := range []string{"", "example.com", "www.example.com", "a.test", "ads.x"} {
+				for _, proto := range []sniff.Proto{sniff.Unknown, sniff.TLS, sniff.HTTP} {
+					if b, _ := r.Route(host, proto, dst); b != a {
+						t.Errorf("final RouteByAddr(%s) = %s, but Route(%q, %v) = %s", dst, a, host, proto, b)
+					}
+				}
+			}
+		})
+	}
+	var none *Router
+	if a, final := none.RouteByAddr(netip.MustParseAddrPort("1.1.1.1:1")); a.Kind != ActionDirect || !final {
+		t.Errorf("nil router = %v %v, want direct, final", a, final)
+	}
+}
+
+func TestRouteByAddrAllocs(t *testing.T) {
+	r := &Router{Rules: []Rule{
+		{CIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, Action: Action{Kind: ActionReject}},
+		{Suffixes: []string{"example.com"}, Ports: []PortRange{{80, 80}}, Action: Action{Kind: ActionReject}},
+	}}
+	dst := netip.MustParseAddrPort("198.18.2.2:443")
+	if n := testing.AllocsPerRun(100, func() { r.RouteByAddr(dst) }); n != 0 {
+		t.Errorf("RouteByAddr allocates %v times", n)
+	}
+}
+
 func TestNormalizeDomain(t *testing.T) {
 	for in, want := range map[string]string{"*.Example.COM.": "example.com", ".foo.test": "foo.test", " bar ": "bar"} {
 		if got := NormalizeDomain(in); got != want {
@@ -108,6 +208,30 @@ func BenchmarkRoute1000(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		if a, _ := r.Route("www.nomatch.test", sniff.TLS, dst); a.Kind != ActionDirect {
+			b.Fatal("matched")
+		}
+	}
+}
+
+// BenchmarkRouteByAddr1000 decides by address against 1,000 address rules
+// none of which matches (the worst case: every rule tried, then the default).
+func BenchmarkRouteByAddr1000(b *testing.B) {
+	r := &Router{Default: Action{Kind: ActionDirect}}
+	for i := range 1000 {
+		var ru Rule
+		switch i % 2 {
+		case 0:
+			ru.CIDRs = []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24)}
+		case 1:
+			ru.Ports = []PortRange{{uint16(10000 + i), uint16(10000 + i)}}
+		}
+		ru.Action = Action{Kind: ActionReject}
+		r.Rules = append(r.Rules, ru)
+	}
+	dst := netip.MustParseAddrPort("198.18.2.2:443")
+	b.ReportAllocs()
+	for b.Loop() {
+		if a, final := r.RouteByAddr(dst); !final || a.Kind != ActionDirect {
 			b.Fatal("matched")
 		}
 	}

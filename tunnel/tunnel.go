@@ -154,6 +154,7 @@ func (t *Tunnel) Serve(ln Listener) error {
 		return ErrServerClosed
 	}
 	defer t.untrack(ln)
+	startIdlePoller()
 	t.once.Do(func() {
 		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
 		t.directDialer = &Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control, KeepAlive: -1}}
@@ -199,20 +200,19 @@ func (t *Tunnel) Serve(ln Listener) error {
 
 // serveConn is the data path of one connection, top to bottom.
 func (t *Tunnel) serveConn(ln Listener, r *relay) {
-	defer t.remove(r)
 	start := time.Now()
 	client := r.client
-	log := t.log()
 
 	// 1. Where was the client going?
 	dst, err := ln.OriginalDst(client)
 	if err != nil {
+		defer t.remove(r)
 		r.abort(err)
 		if t.Observer != nil {
 			t.Observer.Refused("not_redirected")
 		}
 		if ok, held := t.refusals.allow(time.Now()); ok {
-			log.LogAttrs(r.ctx, slog.LevelWarn, "refused",
+			t.log().LogAttrs(r.ctx, slog.LevelWarn, "refused",
 				slog.String("client", client.RemoteAddr().String()),
 				slog.String("dst", addrOrEmpty(dst)),
 				slog.String("mode", t.Mode),
@@ -221,6 +221,16 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		}
 		return
 	}
+	// One routing table for the whole connection, though a reload may
+	// install another while it is sniffed.
+	router := t.router.Load()
+	var (
+		route    Action
+		dialed   bool // connected before the sniff
+		server   *net.TCPConn
+		upstream *Upstream
+		target   string
+	)
 
 	// 2. Which name is it asking for? Peek at its first bytes; they are
 	// kept and written on before relaying.
@@ -235,16 +245,24 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	case !t.enterSniffing():
 		outcome = "busy"
 	default:
+		// When the name cannot change the route and the route is direct,
+		// connect first: the client's first bytes arrive meanwhile, so the
+		// peek finds them queued instead of parking until they come.
+		if a, final := router.RouteByAddr(dst); final && a.Kind == ActionDirect {
+			route, dialed = a, true
+			server, upstream, target, err = t.connect(r, route, dst, found)
+		}
 		var serr error
 		var o sniff.Outcome
+		sniffStart := time.Now()
 		first, found, o, serr = sniff.Peek(client, sniff.Options{Timeout: t.Sniff.Timeout, MaxBytes: t.Sniff.MaxBytes})
 		t.sniffing.Add(-1)
-		sniffTook = time.Since(start)
+		sniffTook = time.Since(sniffStart)
 		outcome = o.String()
 		if o == sniff.Timeout && len(first) == 0 {
 			t.silent.Add(dst) // a server-first protocol: don't wait next time
 		}
-		if o == sniff.Closed && isReset(serr) {
+		if err == nil && o == sniff.Closed && isReset(serr) {
 			err = fmt.Errorf("client: %w", serr)
 		}
 	}
@@ -253,12 +271,8 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	}
 
 	// 3. Route: the first matching rule, else the default.
-	var up, down int64
-	var route Action
-	var upstream *Upstream
-	target := dst.String()
-	if err == nil {
-		route, _ = t.router.Load().Route(found.Host, found.Proto, dst)
+	if err == nil && !dialed {
+		route, _ = router.Route(found.Host, found.Proto, dst)
 		if route.Kind == ActionReject {
 			err = errRejected
 		}
@@ -266,82 +280,120 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 
 	// 4. Connect: to the original destination, or through an upstream asked
 	// for the sniffed name when the route trusts it.
-	var server *net.TCPConn
-	if err == nil {
-		dialStart := time.Now()
-		ctx, cancel := context.WithTimeout(withOriginalDst(r.ctx, dst), t.dialTimeout())
-		var c net.Conn
-		if route.Kind == ActionProxy && route.Group != nil {
-			target = t.proxyTarget(ctx, route.Name, dst, found)
-			key := route.Group.Key.Key(addrPort(client.RemoteAddr()), dst, found.Host)
-			c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key)
-		} else {
-			c, err = t.directDialer.DialContext(ctx, "tcp", target)
-		}
-		cancel()
-		if t.Observer != nil {
-			t.Observer.Dialed(route.String(), time.Since(dialStart), err)
-		}
-		if err == nil {
-			server = c.(*net.TCPConn)
-			if upstream != nil {
-				defer upstream.Release()
-			}
-		} else if r.ctx.Err() != nil && errors.Is(err, context.Canceled) {
-			err = errShutdown
-		}
+	if err == nil && !dialed {
+		server, upstream, target, err = t.connect(r, route, dst, found)
 	}
-
 	// 5. Replay what was peeked, then splice until both sides are done.
+	// The relay runs on without this goroutine and calls back once both
+	// directions have ended; then step 6 writes the access line.
+	info := &connInfo{start: start, client: client, dst: dst, found: found, outcome: outcome,
+		sniffTook: sniffTook, route: route, upstream: upstream, target: target}
 	switch {
 	case err != nil:
 		// Rejected, or the destination cannot be reached: the client
 		// sees a reset, the closest a proxy that already accepted can
-		// come to "connection refused".
+		// come to "connection refused". (Or the client reset while
+		// sniffed after the destination was connected: it gets one too.)
+		if server != nil {
+			r.setServer(server)
+		}
 		r.abort(syscall.ECONNRESET)
+		t.finish(r, info, 0, 0, err)
 	case !r.setServer(server):
-		err = r.close() // aborted (shutdown) while dialling
+		t.finish(r, info, 0, 0, r.close()) // aborted (shutdown) while dialling
 	default:
-		if len(first) > 0 {
+		replayed := int64(len(first))
+		if replayed > 0 {
 			if _, werr := server.Write(first); werr != nil {
-				err = fmt.Errorf("client->server: replaying %d sniffed bytes: %w", len(first), werr)
 				r.abort(werr)
-				break
+				t.finish(r, info, 0, 0, fmt.Errorf("client->server: replaying %d sniffed bytes: %w", replayed, werr))
+				return
 			}
 		}
-		up, down, err = r.run(t.idleTimeout())
-		up += int64(len(first))
+		r.start(t.idleTimeout(), func(up, down int64, err error) {
+			t.finish(r, info, up+replayed, down, err)
+		})
 	}
+}
 
-	// 6. One access line.
+// connInfo is what the access line says about a connection besides how it
+// ended, gathered along the data path.
+type connInfo struct {
+	start     time.Time
+	client    *net.TCPConn
+	dst       netip.AddrPort
+	found     sniff.Result
+	outcome   string
+	sniffTook time.Duration
+	route     Action
+	upstream  *Upstream
+	target    string
+}
+
+// finish is step 6 of the data path: the connection is over; write its
+// access line and forget it.
+func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
+	defer t.remove(r)
+	if c.upstream != nil {
+		c.upstream.Release()
+	}
 	if t.Observer != nil {
-		t.Observer.Closed(route.String(), up, down)
+		t.Observer.Closed(c.route.String(), up, down)
 	}
 	attrs := []slog.Attr{
-		slog.String("client", client.RemoteAddr().String()),
-		slog.String("dst", dst.String()),
+		slog.String("client", c.client.RemoteAddr().String()),
+		slog.String("dst", c.dst.String()),
 		slog.String("mode", t.Mode),
-		slog.String("host", found.Host),
-		slog.String("proto", found.Proto.String()),
-		slog.String("sniff", outcome),
-		slog.Duration("sniff_time", sniffTook),
-		slog.String("route", route.String()),
+		slog.String("host", c.found.Host),
+		slog.String("proto", c.found.Proto.String()),
+		slog.String("sniff", c.outcome),
+		slog.Duration("sniff_time", c.sniffTook),
+		slog.String("route", c.route.String()),
 	}
-	if alpn := found.ALPN(); alpn != nil {
+	if alpn := c.found.ALPN(); alpn != nil {
 		attrs = append(attrs, slog.String("alpn", strings.Join(alpn, ",")))
 	}
-	if found.ECH {
+	if c.found.ECH {
 		attrs = append(attrs, slog.Bool("ech", true))
 	}
-	if route.Kind == ActionProxy {
-		attrs = append(attrs, slog.String("upstream", upstreamName(upstream)), slog.String("target", target))
+	if c.route.Kind == ActionProxy {
+		attrs = append(attrs, slog.String("upstream", upstreamName(c.upstream)), slog.String("target", c.target))
 	}
 	attrs = append(attrs,
 		slog.Int64("up", up),
 		slog.Int64("down", down),
-		slog.Duration("duration", time.Since(start)),
+		slog.Duration("duration", time.Since(c.start)),
 		slog.String("error", errString(err)))
-	log.LogAttrs(context.Background(), slog.LevelInfo, "conn", attrs...)
+	t.log().LogAttrs(context.Background(), slog.LevelInfo, "conn", attrs...)
+}
+
+// connect dials route's next hop for dst: the original destination, or an
+// upstream of the route's group asked for target (the sniffed name when the
+// route trusts it, else dst). A dial cut by the relay's abort is reported
+// as errShutdown.
+func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, upstream *Upstream, target string, err error) {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(withOriginalDst(r.ctx, dst), t.dialTimeout())
+	defer cancel()
+	target = dst.String()
+	var c net.Conn
+	if route.Kind == ActionProxy && route.Group != nil {
+		target = t.proxyTarget(ctx, route.Name, dst, found)
+		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
+		c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key)
+	} else {
+		c, err = t.directDialer.DialContext(ctx, "tcp", target)
+	}
+	if t.Observer != nil {
+		t.Observer.Dialed(route.String(), time.Since(start), err)
+	}
+	if err != nil {
+		if r.ctx.Err() != nil && errors.Is(err, context.Canceled) {
+			err = errShutdown
+		}
+		return nil, nil, target, err
+	}
+	return c.(*net.TCPConn), upstream, target, nil
 }
 
 // enterSniffing takes one of MaxSniffing slots; the caller gives it back.
@@ -427,11 +479,16 @@ func (t *Tunnel) Shutdown(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 	}
+	// Abort outside the lock: a relay that ends at once removes itself.
 	t.mu.Lock()
+	left := make([]*relay, 0, len(t.active))
 	for r := range t.active {
-		r.abort(errShutdown)
+		left = append(left, r)
 	}
 	t.mu.Unlock()
+	for _, r := range left {
+		r.abort(errShutdown)
+	}
 	<-done
 	return ctx.Err()
 }

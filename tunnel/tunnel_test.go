@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -341,5 +342,244 @@ func TestMaxSniffingRoutesBusyByIP(t *testing.T) {
 	}
 	if n := obs.get(func(o *countingObserver) int { return o.sniffOutcomes["busy"] }); n != 1 {
 		t.Errorf("busy sniff outcomes = %d, want 1", n)
+	}
+}
+
+// acceptingServer hands every connection it accepts to the test, which
+// serves it; all are closed when the test ends.
+func acceptingServer(t *testing.T) (netip.AddrPort, <-chan *net.TCPConn) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns := make(chan *net.TCPConn, 16)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			conns <- c
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		close(conns)
+		for c := range conns {
+			c.Close()
+		}
+	})
+	return ln.Addr().(*net.TCPAddr).AddrPort(), conns
+}
+
+// accepted waits for the destination's next connection.
+func accepted(t *testing.T, conns <-chan *net.TCPConn, within time.Duration) *net.TCPConn {
+	t.Helper()
+	select {
+	case c := <-conns:
+		t.Cleanup(func() { c.Close() })
+		return c
+	case <-time.After(within):
+		t.Fatalf("destination accepted nothing within %v", within)
+		return nil
+	}
+}
+
+// echoOnce reads a request of len(want) bytes on the destination's side,
+// checks it is want and sends it back.
+func echoOnce(t *testing.T, c *net.TCPConn, want string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != want {
+		t.Fatalf("destination read %q, %v; want %q", got, err, want)
+	}
+	if _, err := c.Write(got); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func dialTunnel(t *testing.T, ln *fakeListener) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+const earlyRequest = "GET / HTTP/1.1\r\nHost: early.test\r\n\r\n"
+
+// When no rule can look at the name, a direct route connects while the
+// client's first bytes are awaited: the destination accepts before the
+// client says anything (the sniff timeout is far away).
+func TestServeDialsDirectWhileSniffing(t *testing.T) {
+	for name, router := range map[string]*Router{
+		"no router": nil,
+		"address rules": {Rules: []Rule{
+			{CIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, Action: Action{Kind: ActionReject}},
+			{Suffixes: []string{"early.test"}, Ports: []PortRange{{1, 1}}, Action: Action{Kind: ActionReject}},
+		}, Default: Action{Kind: ActionDirect}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			checkGoroutines(t)
+			dst, conns := acceptingServer(t)
+			ln := newFakeListener(t, dst, nil)
+			tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+			tun.SetRouter(router)
+			logs := startTunnel(t, ln, tun)
+
+			c := dialTunnel(t, ln)
+			server := accepted(t, conns, 5*time.Second) // before any byte was sent
+			c.Write([]byte(earlyRequest))
+			echoOnce(t, server, earlyRequest)
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(c, make([]byte, len(earlyRequest))); err != nil {
+				t.Fatalf("client reading the echo: %v", err)
+			}
+			c.Close()
+			server.Close()
+			logs.waitFor(t, "msg=conn")
+			for _, want := range []string{"host=early.test", "proto=http", "sniff=found", "route=direct", `error=""`} {
+				if !strings.Contains(logs.String(), want) {
+					t.Errorf("access line lacks %q: %s", want, logs.String())
+				}
+			}
+		})
+	}
+}
+
+// A rule on the name keeps the dial after the sniff: nothing reaches the
+// destination before the client's bytes, and a rejected name never does.
+func TestServeDialsAfterSniffForNameRules(t *testing.T) {
+	router := &Router{
+		Rules:   []Rule{{Domains: []string{"blocked.test"}, Action: Action{Kind: ActionReject}}},
+		Default: Action{Kind: ActionDirect},
+	}
+	t.Run("allowed", func(t *testing.T) {
+		dst, conns := acceptingServer(t)
+		ln := newFakeListener(t, dst, nil)
+		tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+		tun.SetRouter(router)
+		logs := startTunnel(t, ln, tun)
+
+		c := dialTunnel(t, ln)
+		time.Sleep(100 * time.Millisecond) // time enough for an early dial
+		select {
+		case <-conns:
+			t.Fatal("destination dialled before the client sent its name")
+		default:
+		}
+		c.Write([]byte(earlyRequest))
+		server := accepted(t, conns, 5*time.Second)
+		echoOnce(t, server, earlyRequest)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, len(earlyRequest))); err != nil {
+			t.Fatalf("client reading the echo: %v", err)
+		}
+		c.Close()
+		server.Close()
+		logs.waitFor(t, "msg=conn")
+		if !strings.Contains(logs.String(), "route=direct") {
+			t.Errorf("access line: %s", logs.String())
+		}
+	})
+	t.Run("rejected", func(t *testing.T) {
+		dst, conns := acceptingServer(t)
+		ln := newFakeListener(t, dst, nil)
+		tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+		tun.SetRouter(router)
+		logs := startTunnel(t, ln, tun)
+
+		c := dialTunnel(t, ln)
+		c.Write([]byte("GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n"))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("rejected client read = %v, want a reset", err)
+		}
+		logs.waitFor(t, "msg=conn")
+		if !strings.Contains(logs.String(), "route=reject") {
+			t.Errorf("access line: %s", logs.String())
+		}
+		select {
+		case <-conns:
+			t.Fatal("destination dialled for a rejected name")
+		default:
+		}
+	})
+}
+
+// A client that goes away while being sniffed takes the early connection
+// with it: a reset is passed on as a reset; a close is relayed as today
+// (the destination sees EOF). Either way the access line has the sniff's
+// outcome, and nothing is left running.
+func TestServeClientGoneDuringEarlyDial(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		reset      bool
+		serverErrs []error // what the destination's read may return
+		logErr     string  // in the access line
+	}{
+		// A reset that comes while the dial is returning cancels it, and
+		// the dialer closes the socket itself (EOF at the destination).
+		{"reset", true, []error{syscall.ECONNRESET, io.EOF}, `error="client: `},
+		{"close", false, []error{io.EOF}, `error=""`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkGoroutines(t)
+			dst, conns := acceptingServer(t)
+			ln := newFakeListener(t, dst, nil)
+			logs := startTunnel(t, ln, &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}})
+
+			c := dialTunnel(t, ln)
+			server := accepted(t, conns, 5*time.Second)
+			if tc.reset {
+				c.SetLinger(0)
+			}
+			c.Close()
+			server.SetReadDeadline(time.Now().Add(5 * time.Second))
+			n, err := server.Read(make([]byte, 1))
+			if n != 0 || !slices.ContainsFunc(tc.serverErrs, func(want error) bool { return errors.Is(err, want) }) {
+				t.Fatalf("destination read = %d, %v; want one of %v", n, err, tc.serverErrs)
+			}
+			server.Close()
+			logs.waitFor(t, "msg=conn")
+			for _, want := range []string{"sniff=closed", "route=direct", "up=0", tc.logErr} {
+				if !strings.Contains(logs.String(), want) {
+					t.Errorf("access line lacks %q: %s", want, logs.String())
+				}
+			}
+		})
+	}
+}
+
+// Shutdown cutting a connection during its sniff resets the connection
+// dialled early, as it resets a relayed one.
+func TestShutdownResetsEarlyDial(t *testing.T) {
+	checkGoroutines(t)
+	dst, conns := acceptingServer(t)
+	ln := newFakeListener(t, dst, nil)
+	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+	logs := startTunnel(t, ln, tun)
+
+	dialTunnel(t, ln)
+	server := accepted(t, conns, 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := tun.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown = %v, want deadline exceeded", err)
+	}
+	server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := server.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("destination read = %v, want a reset at the end of the grace period", err)
+	}
+	logs.waitFor(t, "msg=conn")
+	if !strings.Contains(logs.String(), "closed by shutdown") {
+		t.Errorf("access line: %s", logs.String())
 	}
 }

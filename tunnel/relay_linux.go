@@ -1,0 +1,371 @@
+package tunnel
+
+import (
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// sys is what a direction keeps on Linux.
+type sys struct {
+	srcRC, dstRC syscall.RawConn
+	p            *pipe  // nil while src is idle
+	bulk         bool   // src once filled a whole buffer: splice from now on
+	id           uint64 // the direction's key in the idle poller; 0 until parked
+	polled       bool   // src is in the poller's epoll set
+}
+
+// pump moves d.src to d.dst while src has bytes. Small exchanges (requests,
+// responses, keystrokes) go through a pooled buffer, read(2) then write(2);
+// once src fills a whole buffer the direction is bulk and moves by splice(2)
+// from src into a pipe, then from the pipe into dst, so the bytes never
+// enter user space (unless no pipe can be had: see pipe). When src has nothing queued the
+// pipe goes back to the pool and the direction parks in the idle poller,
+// and this goroutine ends: the poller starts a new one when src becomes
+// readable (bytes, EOF or an error). Only a full dst (its peer not reading)
+// keeps a goroutine waiting, in the runtime's poller, with bytes in the
+// pipe. The relay's idle timer ends directions stuck either way.
+func (d *direction) pump() {
+	if d.srcRC == nil {
+		var err error
+		if d.srcRC, err = d.src.SyscallConn(); err == nil {
+			d.dstRC, err = d.dst.SyscallConn()
+		}
+		if err != nil {
+			d.end(err)
+			return
+		}
+	}
+	var (
+		away bool  // parked: d belongs to the poller now
+		eof  bool  // src is at EOF
+		serr error // the splice's own error, from inside the callbacks
+	)
+	fill := func(fd uintptr) bool {
+		if d.bulk && d.p != nil && d.p.buf != nil {
+			d.p.release() // a buffer, but bulk: try for a pipe
+			d.p = nil
+		}
+		if d.p == nil {
+			if d.bulk {
+				d.p = getPipe()
+			} else {
+				d.p = getBuf()
+			}
+		}
+		for {
+			n, err := d.p.fill(int(fd))
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN:
+				d.p.release() // nothing queued: park without a pipe
+				d.p = nil
+				if idlePoller.park(d, int(fd)) {
+					away = true
+					return true
+				}
+				return false // no poller: wait in the runtime's
+			case err != nil:
+				serr = os.NewSyscallError(d.p.syscall("read"), err)
+			case n == 0:
+				eof = true
+			case d.p.buf != nil && n == len(d.p.buf):
+				d.bulk = true
+			}
+			return true
+		}
+	}
+	drain := func(fd uintptr) bool {
+		for d.p.n > 0 {
+			n, err := d.p.drain(int(fd))
+			switch {
+			case err == unix.EINTR:
+			case err == unix.EAGAIN:
+				return false // dst's send buffer is full: wait for room
+			case err != nil:
+				serr = os.NewSyscallError(d.p.syscall("write"), err)
+				return true
+			default:
+				d.n += int64(n)
+			}
+		}
+		return true
+	}
+	for {
+		err := d.srcRC.Read(fill)
+		switch {
+		case away:
+			return // d is not ours any more
+		case err != nil:
+			d.end(err)
+			return
+		case serr != nil:
+			d.end(opError("read", d.src, serr))
+			return
+		case eof:
+			d.end(nil)
+			return
+		}
+		err = d.dstRC.Write(drain)
+		d.r.last.Store(time.Now().UnixNano())
+		switch {
+		case err != nil:
+			d.end(err)
+			return
+		case serr != nil:
+			d.end(opError("write", d.dst, serr))
+			return
+		}
+	}
+}
+
+// release gives back what d holds once it has ended.
+func (d *direction) release() {
+	d.p.release()
+	d.p = nil
+	if d.id != 0 {
+		idlePoller.forget(d.id)
+	}
+}
+
+// idlePoller holds the parked directions of every relay.
+var idlePoller poller
+
+// startIdlePoller starts the idle poller (Serve calls it, so its goroutine
+// and epoll descriptor exist before the first connection). Without it,
+// directions wait in the runtime's poller, holding their goroutines.
+func startIdlePoller() { idlePoller.start() }
+
+// poller waits, in one epoll set, for the sources of parked directions to
+// become readable, and starts a goroutine to pump each one that does.
+// Entries are one-shot: a direction is armed again each time it parks. Its
+// key is an id, not the descriptor: a closed socket leaves the epoll set by
+// itself, and its number may be reused before a stale event is read.
+type poller struct {
+	once sync.Once
+	epfd int // -1 if the poller could not start
+	mu   sync.Mutex
+	dirs map[uint64]*direction
+	next uint64
+}
+
+func (p *poller) start() bool {
+	p.once.Do(func() {
+		p.epfd = -1
+		fd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+		if err != nil {
+			return
+		}
+		// The epoll descriptor waits in the runtime's own poller like a
+		// socket (an epoll set is readable while it has events), so the
+		// goroutine it wakes runs at once, on the same thread.
+		var rc syscall.RawConn
+		if err = unix.SetNonblock(fd, true); err == nil {
+			rc, err = os.NewFile(uintptr(fd), "detour-idle-poller").SyscallConn()
+		}
+		if err != nil {
+			unix.Close(fd)
+			return
+		}
+		p.epfd, p.dirs = fd, make(map[uint64]*direction)
+		go p.loop(rc)
+	})
+	return p.epfd >= 0
+}
+
+// park hands d to the poller until its source fd is readable. It is called
+// from inside d.src's RawConn.Read, so fd is open; it reports false (d
+// still running) when d cannot be parked.
+func (p *poller) park(d *direction, fd int) bool {
+	if !p.start() {
+		return false
+	}
+	if d.id == 0 {
+		p.mu.Lock()
+		p.next++
+		d.id = p.next
+		p.dirs[d.id] = d
+		p.mu.Unlock()
+	}
+	op := unix.EPOLL_CTL_MOD
+	if !d.polled {
+		op = unix.EPOLL_CTL_ADD
+		d.polled = true
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(d.id), Pad: int32(d.id >> 32)}
+	// Parked before armed: the event may come at once, and the poller
+	// only wakes a parked direction.
+	d.state.Store(parked)
+	if err := unix.EpollCtl(p.epfd, op, fd, &ev); err != nil {
+		if !d.state.CompareAndSwap(parked, running) {
+			return true // aborted meanwhile: ended, not ours
+		}
+		d.polled = op == unix.EPOLL_CTL_MOD
+		return false
+	}
+	return true
+}
+
+// forget drops an ended direction.
+func (p *poller) forget(id uint64) {
+	p.mu.Lock()
+	delete(p.dirs, id)
+	p.mu.Unlock()
+}
+
+func (p *poller) loop(rc syscall.RawConn) {
+	events := make([]unix.EpollEvent, 256)
+	var ready []*direction
+	collect := func(fd uintptr) bool {
+		n, err := unix.EpollWait(int(fd), events, 0)
+		if err != nil || n <= 0 {
+			return false // nothing yet (or EINTR): wait for the set to be readable
+		}
+		p.mu.Lock()
+		for _, ev := range events[:n] {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if d := p.dirs[id]; d != nil && d.state.CompareAndSwap(parked, running) {
+				ready = append(ready, d)
+			}
+		}
+		p.mu.Unlock()
+		return true
+	}
+	for {
+		rc.Read(collect) // no deadline, never closed: it returns with events
+		for i, d := range ready {
+			go d.pump()
+			ready[i] = nil
+		}
+		ready = ready[:0]
+	}
+}
+
+func opError(op string, c *net.TCPConn, err error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+}
+
+// pipeSize is the capacity asked of every pipe: one splice moves up to
+// this much (1 MiB is the default /proc/sys/fs/pipe-max-size; a smaller
+// pipe still works, with more rounds).
+const pipeSize = 1 << 20
+
+// pipe carries one direction's bytes from src to dst: a splice pipe, or a
+// buffer, for small exchanges and when no pipe can be had (out of file
+// descriptors: a busy gateway slows down rather than failing connections).
+type pipe struct {
+	r, w int    // the pipe's ends; unused with buf
+	buf  []byte // read(2) and write(2) through user space instead
+	off  int    // buf[off:off+n] is still to be written
+	n    int    // bytes in the pipe (or buf) not yet written to dst
+
+	cleanup runtime.Cleanup // closes the pipe once it is unreachable
+}
+
+// syscall names what p moves bytes with, for errors: op, or splice.
+func (p *pipe) syscall(op string) string {
+	if p.buf != nil {
+		return op
+	}
+	return "splice"
+}
+
+// fill moves what src has queued into the empty p; 0 bytes means EOF.
+func (p *pipe) fill(src int) (int, error) {
+	var n int
+	var err error
+	if p.buf != nil {
+		n, err = unix.Read(src, p.buf)
+		p.off = 0
+	} else {
+		var m int64
+		m, err = unix.Splice(src, nil, p.w, nil, pipeSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n = int(m)
+	}
+	if err != nil {
+		return 0, err
+	}
+	p.n = n
+	return n, nil
+}
+
+// drain moves what it can of p's bytes into dst.
+func (p *pipe) drain(dst int) (int, error) {
+	var n int
+	var err error
+	if p.buf != nil {
+		n, err = unix.Write(dst, p.buf[p.off:p.off+p.n])
+		p.off += max(n, 0)
+	} else {
+		var m int64
+		m, err = unix.Splice(p.r, nil, dst, nil, p.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		n = int(m)
+	}
+	if err != nil {
+		return 0, err
+	}
+	p.n -= n
+	return n, nil
+}
+
+// bufSize is the size of the buffers for small exchanges (and for bulk
+// when pipe2 fails).
+const bufSize = 16 << 10
+
+// bufs keeps the buffers of idle directions.
+var bufs = sync.Pool{New: func() any { return &pipe{buf: make([]byte, bufSize)} }}
+
+// getBuf returns an empty buffer.
+func getBuf() *pipe { return bufs.Get().(*pipe) }
+
+// pipe2 makes a pipe; tests replace it to run out of them.
+var pipe2 = unix.Pipe2
+
+// pipes keeps empty pipes for reuse. Pipes the pool lets go (it drops
+// what sits unused across garbage collections) are closed by their
+// cleanup, so a burst of transfers does not hold its pipes for ever.
+var pipes sync.Pool
+
+// getPipe returns an empty pipe: from the pool, new, or (out of file
+// descriptors) a buffer.
+func getPipe() *pipe {
+	if p, ok := pipes.Get().(*pipe); ok {
+		return p
+	}
+	var fds [2]int
+	if err := pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		return getBuf()
+	}
+	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize)
+	p := &pipe{r: fds[0], w: fds[1]}
+	p.cleanup = runtime.AddCleanup(p, closePipe, fds)
+	return p
+}
+
+// release puts p back in the pool if it is an empty pipe, else closes it.
+// A nil p is fine.
+func (p *pipe) release() {
+	switch {
+	case p == nil:
+	case p.buf != nil:
+		if p.n == 0 {
+			bufs.Put(p)
+		}
+	case p.n == 0:
+		pipes.Put(p)
+	default:
+		p.cleanup.Stop()
+		closePipe([2]int{p.r, p.w})
+	}
+}
+
+func closePipe(fds [2]int) {
+	syscall.Close(fds[0])
+	syscall.Close(fds[1])
+}
