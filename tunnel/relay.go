@@ -28,13 +28,12 @@ var errShutdown = errors.New("closed by shutdown")
 // last reports the relay done.
 type relay struct {
 	client *net.TCPConn
-	ctx    context.Context // cancelled by abort, so a dial in progress stops
-	cancel context.CancelFunc
 
-	mu     sync.Mutex
-	server *net.TCPConn // set once dialled
-	err    error        // the first error that ended the relay
-	done   bool
+	mu         sync.Mutex
+	server     *net.TCPConn       // set once dialled
+	dialCancel context.CancelFunc // stops the dial in progress, if any
+	err        error              // the first error that ended the relay
+	done       bool
 
 	last    atomic.Int64 // UnixNano of the last byte moved in either direction
 	dirs    [2]direction // client->server, server->client
@@ -44,10 +43,35 @@ type relay struct {
 	onDone  func(up, down int64, err error)
 }
 
-func newRelay(parent context.Context, client *net.TCPConn) *relay {
-	r := &relay{client: client}
-	r.ctx, r.cancel = context.WithCancel(parent)
-	return r
+func newRelay(client *net.TCPConn) *relay { return &relay{client: client} }
+
+// dialContext returns the context for a dial on r's behalf: bounded by
+// timeout, and cancelled by abort (then reported as errShutdown by
+// dialEnded). It reports false, and no context, if r is aborted already.
+// The caller calls dialEnded when the dial is over.
+func (r *relay) dialContext(parent context.Context, timeout time.Duration) (context.Context, bool) {
+	ctx, cancel := context.WithTimeout(parent, timeout)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.done {
+		cancel()
+		return nil, false
+	}
+	r.dialCancel = cancel
+	return ctx, true
+}
+
+// dialEnded releases the dial's context; a dial cut by abort becomes
+// errShutdown.
+func (r *relay) dialEnded(err error) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.dialCancel()
+	r.dialCancel = nil
+	if r.done && errors.Is(err, context.Canceled) {
+		return errShutdown
+	}
+	return err
 }
 
 // setServer attaches the dialled connection; it reports false (and closes
@@ -79,7 +103,9 @@ func (r *relay) abort(err error) {
 	}
 	r.done = true
 	r.err = err
-	r.cancel()
+	if r.dialCancel != nil {
+		r.dialCancel()
+	}
 	reset := passesReset(err)
 	for _, c := range []*net.TCPConn{r.client, r.server} {
 		if c == nil {
@@ -104,7 +130,6 @@ func (r *relay) close() error {
 	defer r.mu.Unlock()
 	if !r.done {
 		r.done = true
-		r.cancel()
 		r.client.Close()
 		if r.server != nil {
 			r.server.Close()

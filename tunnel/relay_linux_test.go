@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"io"
 	"os"
@@ -85,7 +84,7 @@ func TestRelayIdleHoldsNoGoroutine(t *testing.T) {
 	client, proxyClient := pair(t)
 	proxyServer, server := pair(t)
 	before := runtime.NumGoroutine()
-	r := newRelay(context.Background(), proxyClient)
+	r := newRelay(proxyClient)
 	r.setServer(proxyServer)
 	done := make(chan relayResult, 1)
 	r.start(time.Minute, func(up, down int64, err error) { done <- relayResult{up, down, err} })

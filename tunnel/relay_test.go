@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"errors"
 	"io"
@@ -54,7 +53,7 @@ func startRelay(t *testing.T, idle time.Duration) (client, server *net.TCPConn, 
 	checkGoroutines(t)
 	client, proxyClient := pair(t)
 	proxyServer, server := pair(t)
-	r := newRelay(context.Background(), proxyClient)
+	r := newRelay(proxyClient)
 	if !r.setServer(proxyServer) {
 		t.Fatal("setServer refused on a fresh relay")
 	}
@@ -245,7 +244,7 @@ func TestRelaySlowDownloadOutlivesIdle(t *testing.T) {
 func TestRelayAbortWhileRunning(t *testing.T) {
 	client, proxyClient := pair(t)
 	proxyServer, _ := pair(t)
-	r := newRelay(context.Background(), proxyClient)
+	r := newRelay(proxyClient)
 	r.setServer(proxyServer)
 	done := make(chan error, 1)
 	go func() { _, _, err := r.run(time.Minute); done <- err }()
@@ -268,7 +267,7 @@ func TestRelayAbortWhileRunning(t *testing.T) {
 func BenchmarkRelayLoopback(b *testing.B) {
 	client, proxyClient := benchPair(b)
 	proxyServer, server := benchPair(b)
-	r := newRelay(context.Background(), proxyClient)
+	r := newRelay(proxyClient)
 	r.setServer(proxyServer)
 	go r.run(time.Minute)
 	buf := make([]byte, 256<<10)

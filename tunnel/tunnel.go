@@ -180,7 +180,7 @@ func (t *Tunnel) Serve(ln Listener) error {
 			continue
 		}
 		backoff = 0
-		r := newRelay(context.Background(), c)
+		r := newRelay(c)
 		switch t.add(r) {
 		case addShutdown:
 			c.Close()
@@ -212,7 +212,7 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 			t.Observer.Refused("not_redirected")
 		}
 		if ok, held := t.refusals.allow(time.Now()); ok {
-			t.log().LogAttrs(r.ctx, slog.LevelWarn, "refused",
+			t.log().LogAttrs(context.Background(), slog.LevelWarn, "refused",
 				slog.String("client", client.RemoteAddr().String()),
 				slog.String("dst", addrOrEmpty(dst)),
 				slog.String("mode", t.Mode),
@@ -373,8 +373,10 @@ func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
 // as errShutdown.
 func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, upstream *Upstream, target string, err error) {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(withOriginalDst(r.ctx, dst), t.dialTimeout())
-	defer cancel()
+	ctx, ok := r.dialContext(withOriginalDst(context.Background(), dst), t.dialTimeout())
+	if !ok {
+		return nil, nil, dst.String(), errShutdown
+	}
 	target = dst.String()
 	var c net.Conn
 	if route.Kind == ActionProxy && route.Group != nil {
@@ -384,13 +386,11 @@ func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff
 	} else {
 		c, err = t.directDialer.DialContext(ctx, "tcp", target)
 	}
+	err = r.dialEnded(err)
 	if t.Observer != nil {
 		t.Observer.Dialed(route.String(), time.Since(start), err)
 	}
 	if err != nil {
-		if r.ctx.Err() != nil && errors.Is(err, context.Canceled) {
-			err = errShutdown
-		}
 		return nil, nil, target, err
 	}
 	return c.(*net.TCPConn), upstream, target, nil
