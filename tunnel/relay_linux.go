@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"errors"
 	"net"
 	"os"
 	"runtime"
@@ -14,10 +15,11 @@ import (
 // sys is what a direction keeps on Linux.
 type sys struct {
 	srcRC, dstRC syscall.RawConn
-	p            *pipe  // nil while src is idle
-	bulk         bool   // src once filled a whole buffer: splice from now on
-	id           uint64 // the direction's key in the idle poller; 0 until parked
-	polled       bool   // src is in the poller's epoll set
+	p            *pipe     // nil while src is idle
+	bulk         bool      // src once filled a whole buffer: splice from now on
+	linger       time.Time // while bulk: until when to wait for src in the runtime's poller
+	id           uint64    // the direction's key in the idle poller; 0 until parked
+	polled       bool      // src is in the poller's epoll set
 }
 
 // pump moves d.src to d.dst while src has bytes. Small exchanges (requests,
@@ -66,6 +68,9 @@ func (d *direction) pump() {
 			case err == unix.EAGAIN:
 				d.p.release() // nothing queued: park without a pipe
 				d.p = nil
+				if !d.linger.IsZero() {
+					return false // a bulk transfer pausing: wait here, see bulkLinger
+				}
 				if idlePoller.park(d, int(fd)) {
 					away = true
 					return true
@@ -98,10 +103,27 @@ func (d *direction) pump() {
 		return true
 	}
 	for {
+		if d.bulk {
+			// Renew the linger when half of it is gone: a deadline per
+			// round would cost more than it saves.
+			if now := time.Now(); d.linger.Sub(now) < bulkLinger/2 {
+				d.linger = now.Add(bulkLinger)
+				d.src.SetReadDeadline(d.linger)
+			}
+		}
 		err := d.srcRC.Read(fill)
 		switch {
 		case away:
 			return // d is not ours any more
+		case errors.Is(err, os.ErrDeadlineExceeded) && !d.linger.IsZero():
+			// Nothing came for bulkLinger: park at the next pause.
+			d.linger = time.Time{}
+			if err := d.src.SetReadDeadline(time.Time{}); err != nil {
+				d.end(err)
+				return
+			}
+			d.bulk = false // until it fills a whole buffer again
+			continue
 		case err != nil:
 			d.end(err)
 			return
@@ -124,6 +146,13 @@ func (d *direction) pump() {
 		}
 	}
 }
+
+// bulkLinger is how long a bulk direction waits for more bytes in the
+// runtime's poller before it parks in the idle poller. Parking costs an
+// epoll_ctl and a goroutine per pause, and a bulk transfer pauses whenever
+// detour outpaces the sender; waiting in place keeps those pauses cheap.
+// Bulk directions are few, so the goroutines this holds are too.
+const bulkLinger = time.Second
 
 // release gives back what d holds once it has ended.
 func (d *direction) release() {

@@ -159,3 +159,44 @@ func TestRelaySplicesOnlyBulk(t *testing.T) {
 		t.Fatalf("relay = up %d down %d err %v", res.up, res.down, res.err)
 	}
 }
+
+// A bulk direction that pauses keeps its goroutine for bulkLinger, then
+// parks like any idle one.
+func TestRelayBulkParksAfterLinger(t *testing.T) {
+	checkGoroutines(t)
+	client, proxyClient := pair(t)
+	proxyServer, server := pair(t)
+	before := runtime.NumGoroutine()
+	r := newRelay(proxyClient)
+	r.setServer(proxyServer)
+	done := make(chan relayResult, 1)
+	r.start(time.Minute, func(up, down int64, err error) { done <- relayResult{up, down, err} })
+
+	bulk := randomBytes(4<<20, 4)
+	go client.Write(bulk)
+	if _, err := io.ReadFull(server, make([]byte, len(bulk))); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(bulkLinger / 4)
+	if n := runtime.NumGoroutine() - before; n != 1 {
+		t.Fatalf("%d goroutines just after a bulk transfer, want 1 (the bulk direction lingering)", n)
+	}
+	deadline := time.Now().Add(bulkLinger + 2*time.Second)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := runtime.NumGoroutine() - before; n != 0 {
+		t.Fatalf("%d goroutines %v after a bulk transfer, want 0", n, bulkLinger+2*time.Second)
+	}
+	// Still relaying after parking.
+	client.Write([]byte("more"))
+	got := make([]byte, 4)
+	if _, err := io.ReadFull(server, got); err != nil || string(got) != "more" {
+		t.Fatalf("after parking, server read %q (%v)", got, err)
+	}
+	client.Close()
+	server.Close()
+	if res := wait(t, done, 5*time.Second); res.up != int64(len(bulk))+4 {
+		t.Fatalf("relay = up %d err %v, want %d", res.up, res.err, len(bulk)+4)
+	}
+}
