@@ -86,16 +86,27 @@ func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, netwo
 	if proxy == "" {
 		return nil, fail(errors.New("no proxy address"))
 	}
-	fd := template(forward)
-	deadline := handshakeDeadline(ctx, fd, time.Now())
-	c, err := fd.DialContext(ctx, "tcp", proxy)
-	if err != nil {
-		return nil, fail(err)
+	fd := forward
+	if fd == nil {
+		fd = &net.Dialer{}
 	}
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		c.Close()
-		return nil, fail(fmt.Errorf("got a %T, want a *net.TCPConn", c))
+	deadline := handshakeDeadline(ctx, fd, time.Now())
+	var tc *net.TCPConn
+	if ap, err := netip.ParseAddrPort(proxy); err == nil {
+		// An IP literal, the common case: no resolver on the way.
+		if tc, err = fd.DialTCP(ctx, "tcp", netip.AddrPort{}, ap); err != nil {
+			return nil, fail(err)
+		}
+	} else {
+		c, err := fd.DialContext(ctx, "tcp", proxy)
+		if err != nil {
+			return nil, fail(err)
+		}
+		var ok bool
+		if tc, ok = c.(*net.TCPConn); !ok {
+			c.Close()
+			return nil, fail(fmt.Errorf("got a %T, want a *net.TCPConn", c))
+		}
 	}
 	if !deadline.IsZero() {
 		if err := tc.SetDeadline(deadline); err != nil {
@@ -106,7 +117,7 @@ func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, netwo
 	// Cancelling ctx puts the deadline in the past, which wakes a blocked
 	// read or write.
 	stop := context.AfterFunc(ctx, func() { tc.SetDeadline(time.Unix(1, 0)) })
-	err = handshake(tc)
+	err := handshake(tc)
 	if !stop() {
 		// ctx is done and the deadline is being (or was) moved: the
 		// connection can't be handed out whatever the handshake said.
