@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"runtime"
 	"sync/atomic"
@@ -77,17 +78,24 @@ func TestPipesClosedWhenDropped(t *testing.T) {
 	}
 }
 
-// An idle relay parks both directions in the idle poller: no goroutine
-// (and no stack) is held for it until bytes come.
-func TestRelayIdleHoldsNoGoroutine(t *testing.T) {
+// startRelayNoWait is startRelay without a goroutine waiting for the end;
+// before is the goroutine count just before the relay started.
+func startRelayNoWait(t *testing.T) (client, server *net.TCPConn, before int, done <-chan relayResult) {
 	checkGoroutines(t)
 	client, proxyClient := pair(t)
 	proxyServer, server := pair(t)
-	before := runtime.NumGoroutine()
+	before = runtime.NumGoroutine()
 	r := newRelay(proxyClient)
 	r.setServer(proxyServer)
-	done := make(chan relayResult, 1)
-	r.start(time.Minute, func(up, down int64, err error) { done <- relayResult{up, down, err} })
+	ch := make(chan relayResult, 1)
+	r.start(time.Minute, func(up, down int64, err error) { ch <- relayResult{up, down, err} })
+	return client, server, before, ch
+}
+
+// An idle relay parks both directions in the idle poller: no goroutine
+// (and no stack) is held for it until bytes come.
+func TestRelayIdleHoldsNoGoroutine(t *testing.T) {
+	client, server, before, done := startRelayNoWait(t)
 
 	idle := func(when string) {
 		t.Helper()
@@ -163,14 +171,7 @@ func TestRelaySplicesOnlyBulk(t *testing.T) {
 // A bulk direction that pauses keeps its goroutine for bulkLinger, then
 // parks like any idle one.
 func TestRelayBulkParksAfterLinger(t *testing.T) {
-	checkGoroutines(t)
-	client, proxyClient := pair(t)
-	proxyServer, server := pair(t)
-	before := runtime.NumGoroutine()
-	r := newRelay(proxyClient)
-	r.setServer(proxyServer)
-	done := make(chan relayResult, 1)
-	r.start(time.Minute, func(up, down int64, err error) { done <- relayResult{up, down, err} })
+	client, server, before, done := startRelayNoWait(t)
 
 	bulk := randomBytes(4<<20, 4)
 	go client.Write(bulk)

@@ -403,6 +403,27 @@ func echoOnce(t *testing.T, c *net.TCPConn, want string) {
 	}
 }
 
+// sniffingTunnel serves a fake listener whose connections go to a fresh
+// accepting destination, routed by router, with a sniff timeout long enough
+// that a test fails on what it checks, not on the timeout.
+func sniffingTunnel(t *testing.T, router *Router) (*fakeListener, <-chan *net.TCPConn, *syncBuffer) {
+	t.Helper()
+	dst, conns := acceptingServer(t)
+	ln := newFakeListener(t, dst, nil)
+	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+	tun.SetRouter(router)
+	return ln, conns, startTunnel(t, ln, tun)
+}
+
+// readEcho reads want back at the client.
+func readEcho(t *testing.T, c *net.TCPConn, want string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, len(want))); err != nil {
+		t.Fatalf("client reading the echo: %v", err)
+	}
+}
+
 func dialTunnel(t *testing.T, ln *fakeListener) *net.TCPConn {
 	t.Helper()
 	c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
@@ -428,20 +449,13 @@ func TestServeDialsDirectWhileSniffing(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			checkGoroutines(t)
-			dst, conns := acceptingServer(t)
-			ln := newFakeListener(t, dst, nil)
-			tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
-			tun.SetRouter(router)
-			logs := startTunnel(t, ln, tun)
+			ln, conns, logs := sniffingTunnel(t, router)
 
 			c := dialTunnel(t, ln)
 			server := accepted(t, conns, 5*time.Second) // before any byte was sent
 			c.Write([]byte(earlyRequest))
 			echoOnce(t, server, earlyRequest)
-			c.SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.ReadFull(c, make([]byte, len(earlyRequest))); err != nil {
-				t.Fatalf("client reading the echo: %v", err)
-			}
+			readEcho(t, c, earlyRequest)
 			c.Close()
 			server.Close()
 			logs.waitFor(t, "msg=conn")
@@ -462,11 +476,7 @@ func TestServeDialsAfterSniffForNameRules(t *testing.T) {
 		Default: Action{Kind: ActionDirect},
 	}
 	t.Run("allowed", func(t *testing.T) {
-		dst, conns := acceptingServer(t)
-		ln := newFakeListener(t, dst, nil)
-		tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
-		tun.SetRouter(router)
-		logs := startTunnel(t, ln, tun)
+		ln, conns, logs := sniffingTunnel(t, router)
 
 		c := dialTunnel(t, ln)
 		time.Sleep(100 * time.Millisecond) // time enough for an early dial
@@ -478,10 +488,7 @@ func TestServeDialsAfterSniffForNameRules(t *testing.T) {
 		c.Write([]byte(earlyRequest))
 		server := accepted(t, conns, 5*time.Second)
 		echoOnce(t, server, earlyRequest)
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.ReadFull(c, make([]byte, len(earlyRequest))); err != nil {
-			t.Fatalf("client reading the echo: %v", err)
-		}
+		readEcho(t, c, earlyRequest)
 		c.Close()
 		server.Close()
 		logs.waitFor(t, "msg=conn")
@@ -490,11 +497,7 @@ func TestServeDialsAfterSniffForNameRules(t *testing.T) {
 		}
 	})
 	t.Run("rejected", func(t *testing.T) {
-		dst, conns := acceptingServer(t)
-		ln := newFakeListener(t, dst, nil)
-		tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
-		tun.SetRouter(router)
-		logs := startTunnel(t, ln, tun)
+		ln, conns, logs := sniffingTunnel(t, router)
 
 		c := dialTunnel(t, ln)
 		c.Write([]byte("GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n"))
