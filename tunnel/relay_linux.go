@@ -23,15 +23,17 @@ type sys struct {
 }
 
 // pump moves d.src to d.dst while src has bytes. Small exchanges (requests,
-// responses, keystrokes) go through a pooled buffer, read(2) then write(2);
-// once src fills a whole buffer the direction is bulk and moves by splice(2)
-// from src into a pipe, then from the pipe into dst, so the bytes never
-// enter user space (unless no pipe can be had: see pipe). When src has nothing queued the
-// pipe goes back to the pool and the direction parks in the idle poller,
-// and this goroutine ends: the poller starts a new one when src becomes
-// readable (bytes, EOF or an error). Only a full dst (its peer not reading)
-// keeps a goroutine waiting, in the runtime's poller, with bytes in the
-// pipe. The relay's idle timer ends directions stuck either way.
+// responses, keystrokes) go through a pooled buffer, read(2) then write(2).
+// Once src fills a whole buffer the direction is bulk and moves by
+// splice(2), from src into a pooled pipe and from the pipe into dst, so the
+// bytes never enter user space (unless no pipe can be had: see pipe).
+//
+// When src has nothing queued the pipe or buffer goes back to its pool, the
+// direction parks in the idle poller and this goroutine ends; the poller
+// starts a new one when src is readable (bytes, EOF or an error). A bulk
+// direction first waits up to bulkLinger in the runtime's poller. Only a
+// full dst (its peer not reading) keeps a goroutine waiting with bytes in
+// hand. The relay's idle timer ends directions stuck either way.
 func (d *direction) pump() {
 	if d.srcRC == nil {
 		var err error
