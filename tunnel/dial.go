@@ -46,19 +46,10 @@ func (d *Direct) DialContext(ctx context.Context, network, address string) (net.
 	if err := checkNetwork(network); err != nil {
 		return nil, &net.OpError{Op: "dial", Net: network, Addr: hostPort(address), Err: err}
 	}
-	fd := d.Forward
-	if fd == nil {
-		fd = &net.Dialer{}
-	}
 	if dst, ok := ctx.Value(originalDstKey{}).(netip.AddrPort); ok && dst.IsValid() {
-		// The common case, without formatting and parsing the address.
-		c, err := fd.DialTCP(ctx, network, netip.AddrPort{}, dst)
-		if err != nil {
-			return nil, targetError{err}
-		}
-		return c, nil
+		return d.dialAddr(ctx, network, dst)
 	}
-	c, err := fd.DialContext(ctx, network, address)
+	c, err := forwardOf(d.Forward).DialContext(ctx, network, address)
 	if err != nil {
 		return nil, targetError{err}
 	}
@@ -68,6 +59,16 @@ func (d *Direct) DialContext(ctx context.Context, network, address string) (net.
 		return nil, &net.OpError{Op: "dial", Net: network, Addr: hostPort(address), Err: fmt.Errorf("got a %T, want a *net.TCPConn", c)}
 	}
 	return tc, nil
+}
+
+// dialAddr connects to dst, an IP and port: no name to resolve, no address
+// to parse. The direct route calls it with the original destination.
+func (d *Direct) dialAddr(ctx context.Context, network string, dst netip.AddrPort) (*net.TCPConn, error) {
+	c, err := forwardOf(d.Forward).DialTCP(ctx, network, netip.AddrPort{}, dst)
+	if err != nil {
+		return nil, targetError{err}
+	}
+	return c, nil
 }
 
 // dialProxy connects to proxy with forward and runs handshake on the
@@ -86,10 +87,7 @@ func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, netwo
 	if proxy == "" {
 		return nil, fail(errors.New("no proxy address"))
 	}
-	fd := forward
-	if fd == nil {
-		fd = &net.Dialer{}
-	}
+	fd := forwardOf(forward)
 	deadline := handshakeDeadline(ctx, fd, time.Now())
 	var tc *net.TCPConn
 	if ap, err := netip.ParseAddrPort(proxy); err == nil {
@@ -167,6 +165,14 @@ func ctxErr(ctx context.Context) error {
 		return context.DeadlineExceeded
 	}
 	return nil
+}
+
+// forwardOf is d, or a zero Dialer for nil; the caller must not change it.
+func forwardOf(d *net.Dialer) *net.Dialer {
+	if d == nil {
+		return &net.Dialer{}
+	}
+	return d
 }
 
 // template returns a copy of d (a zero Dialer for nil) that the caller may

@@ -369,22 +369,28 @@ func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
 
 // connect dials route's next hop for dst: the original destination, or an
 // upstream of the route's group asked for target (the sniffed name when the
-// route trusts it, else dst). A dial cut by the relay's abort is reported
+// route trusts it, else dst; "" for a direct route). A dial cut by the relay's abort is reported
 // as errShutdown.
 func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, upstream *Upstream, target string, err error) {
 	start := time.Now()
-	ctx, ok := r.dialContext(withOriginalDst(context.Background(), dst), t.dialTimeout())
-	if !ok {
-		return nil, nil, dst.String(), errShutdown
+	proxied := route.Kind == ActionProxy && route.Group != nil
+	parent := context.Background()
+	if proxied {
+		parent = withOriginalDst(parent, dst) // for the group's direct members
 	}
-	target = dst.String()
-	var c net.Conn
-	if route.Kind == ActionProxy && route.Group != nil {
+	ctx, ok := r.dialContext(parent, t.dialTimeout())
+	if !ok {
+		return nil, nil, "", errShutdown
+	}
+	if proxied {
 		target = t.proxyTarget(ctx, route.Name, dst, found)
 		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
-		c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key)
+		var c net.Conn
+		if c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key); err == nil {
+			server = c.(*net.TCPConn)
+		}
 	} else {
-		c, err = t.directDialer.DialContext(ctx, "tcp", target)
+		server, err = t.directDialer.dialAddr(ctx, "tcp", dst)
 	}
 	err = r.dialEnded(err)
 	if t.Observer != nil {
@@ -393,7 +399,7 @@ func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff
 	if err != nil {
 		return nil, nil, target, err
 	}
-	return c.(*net.TCPConn), upstream, target, nil
+	return server, upstream, target, nil
 }
 
 // enterSniffing takes one of MaxSniffing slots; the caller gives it back.
