@@ -157,18 +157,6 @@ func (r *relay) start(idle time.Duration, done func(up, down int64, err error)) 
 	go r.dirs[1].pump()
 }
 
-// run is start, waiting for the end.
-func (r *relay) run(idle time.Duration) (up, down int64, err error) {
-	type result struct {
-		up, down int64
-		err      error
-	}
-	ch := make(chan result, 1)
-	r.start(idle, func(up, down int64, err error) { ch <- result{up, down, err} })
-	res := <-ch
-	return res.up, res.down, res.err
-}
-
 // checkIdle runs when the idle timeout may have passed: it aborts the relay
 // if nothing moved for that long, else waits for the rest of it.
 func (r *relay) checkIdle() {
@@ -211,10 +199,7 @@ func (d *direction) end(err error) {
 		}
 	}
 	if err != nil {
-		if !errors.Is(err, errIdle) {
-			err = fmt.Errorf("%s: %w", d.name, err)
-		}
-		d.r.abort(err)
+		d.r.abort(fmt.Errorf("%s: %w", d.name, err))
 	}
 	d.state.Store(ended)
 	d.finish()

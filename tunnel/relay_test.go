@@ -65,6 +65,14 @@ func startRelay(t *testing.T, idle time.Duration) (client, server *net.TCPConn, 
 	return client, server, ch
 }
 
+// run is start, waiting for the end (the tests' way to drive a relay).
+func (r *relay) run(idle time.Duration) (up, down int64, err error) {
+	ch := make(chan relayResult, 1)
+	r.start(idle, func(up, down int64, err error) { ch <- relayResult{up, down, err} })
+	res := <-ch
+	return res.up, res.down, res.err
+}
+
 // checkGoroutines fails the test if goroutines started during it are still
 // running shortly after it ends.
 func checkGoroutines(t *testing.T) {
