@@ -231,6 +231,31 @@ type detourProc struct {
 	err  error // exit status, after done
 }
 
+// startChecked is startDetour, and once the test is over and detour
+// stopped, checks that it exited with status 0 and that nothing panicked.
+func startChecked(t *testing.T, tp *topo, args ...string) *detourProc {
+	t.Helper()
+	var d *detourProc
+	// Registered before startDetour's cleanup, so it runs after it.
+	t.Cleanup(func() {
+		if d == nil {
+			return
+		}
+		select {
+		case <-d.done:
+			if d.err != nil {
+				t.Errorf("detour exited with %v after SIGTERM, want status 0", d.err)
+			}
+		default:
+		}
+		if log := d.rawLog(); strings.Contains(strings.ToLower(log), "panic") {
+			t.Errorf("detour's log mentions a panic:\n%s", log)
+		}
+	})
+	d = startDetour(t, tp, args...)
+	return d
+}
+
 // startDetour runs `detour run --log-format json ARGS` in the gateway and
 // waits until it listens.
 func startDetour(t *testing.T, tp *topo, args ...string) *detourProc {

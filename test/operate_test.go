@@ -59,29 +59,11 @@ func opFlags() []string {
 		"--interface", "gc", "--metrics", metricsAddr, "--grace", "2s"}
 }
 
-// startOp starts detour with opFlags and ARGS and, once the test is over and
-// detour stopped, checks that it exited with status 0 and never panicked.
+// startOp starts detour with opFlags and ARGS, checked at the end (see
+// startChecked).
 func startOp(t *testing.T, tp *topo, args ...string) *detourProc {
 	t.Helper()
-	var d *detourProc
-	// Registered before startDetour's cleanup, so it runs after it.
-	t.Cleanup(func() {
-		if d == nil {
-			return
-		}
-		select {
-		case <-d.done:
-			if d.err != nil {
-				t.Errorf("detour exited with %v after SIGTERM, want status 0", d.err)
-			}
-		default:
-		}
-		if strings.Contains(strings.ToLower(d.rawLog()), "panic") {
-			t.Errorf("detour's log mentions a panic:\n%s", d.rawLog())
-		}
-	})
-	d = startDetour(t, tp, append(opFlags(), args...)...)
-	return d
+	return startChecked(t, tp, append(opFlags(), args...)...)
 }
 
 // alive fails the test if detour has exited.

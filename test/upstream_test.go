@@ -420,29 +420,10 @@ socks pass {
 }
 
 // startDetourUp starts detour with the rule flags of these tests and ARGS,
-// and, once the test is over and detour stopped, checks that it exited
-// with status 0 and that nothing panicked.
+// checked at the end (see startChecked).
 func startDetourUp(t *testing.T, tp *topo, args ...string) *detourProc {
 	t.Helper()
-	var d *detourProc
-	// Registered before startDetour's cleanup, so it runs after it.
-	t.Cleanup(func() {
-		if d == nil {
-			return
-		}
-		select {
-		case <-d.done:
-			if d.err != nil {
-				t.Errorf("detour exited with %v after SIGTERM, want status 0", d.err)
-			}
-		default:
-		}
-		if log := d.rawLog(); strings.Contains(strings.ToLower(log), "panic") {
-			t.Errorf("detour's log mentions a panic:\n%s", log)
-		}
-	})
-	d = startDetour(t, tp, append(slices.Clone(captureClients), args...)...)
-	return d
+	return startChecked(t, tp, append(slices.Clone(captureClients), args...)...)
 }
 
 // fetch sends one HTTP/1.1 request for host to addr from the client
