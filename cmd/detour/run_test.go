@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"log/slog"
+	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -45,6 +48,8 @@ func TestDetourExitStatus(t *testing.T) {
 		{[]string{"run", "--listen", ":0"}, exitUsage, "--listen"},
 		{[]string{"run", "--mark", "0x1g"}, exitUsage, "--mark"},
 		{[]string{"run", "--dial-timeout", "0s"}, exitUsage, "--dial-timeout"},
+		{[]string{"run", "--metrics", "9090"}, exitUsage, "--metrics"},
+		{[]string{"run", "--pprof", "localhost:http"}, exitUsage, "--pprof"},
 		{[]string{"run", "--bogus"}, exitUsage, "unknown flag --bogus"},
 		{[]string{"run", "extra"}, exitUsage, "unexpected argument"},
 		{[]string{"launch"}, exitUsage, "unknown command"},
@@ -59,6 +64,35 @@ func TestDetourExitStatus(t *testing.T) {
 		}
 		if tc.status == exitUsage && len(tc.args) > 0 && strings.Count(strings.TrimSpace(stderr.String()), "\n") != 0 {
 			t.Errorf("detour %q: want one line, got %q", tc.args, stderr.String())
+		}
+	}
+}
+
+// --pprof serves the runtime's profiles, and nothing else.
+func TestPprofServes(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	srv, err := servePprof(addr, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	for path, want := range map[string]int{
+		"/debug/pprof/":                  http.StatusOK,
+		"/debug/pprof/goroutine?debug=1": http.StatusOK,
+		"/metrics":                       http.StatusNotFound,
+	} {
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s = %d, want %d", path, resp.StatusCode, want)
 		}
 	}
 }
