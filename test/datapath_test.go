@@ -217,6 +217,38 @@ func testDataPath(t *testing.T, mode string) {
 	}
 }
 
+// TestOutboundPortsShared checks that detour's outbound sockets take their
+// local port at connect, per 4-tuple, like any client's. A socket bound to
+// port 0 before it connects holds an ephemeral port of its own, and a
+// gateway would run out after ip_local_port_range connections in all (and
+// sooner with ports in TIME_WAIT) instead of that many per destination.
+// The gateway here has two ephemeral ports; four connections to four ports
+// of the server, per family, must all get through and stay up at once.
+func TestOutboundPortsShared(t *testing.T) {
+	tp := newTopo(t)
+	if out, err := tp.exec(t, tp.G, "sysctl", "-w", "net.ipv4.ip_local_port_range=40000 40001"); err != nil {
+		t.Fatalf("narrowing the gateway's ephemeral ports: %v\n%s", err, out)
+	}
+	ports := []int{7001, 7002, 7003, 7004}
+	for _, port := range ports {
+		banner(t, listenIn(t, tp.S, fmt.Sprintf("[::]:%d", port)))
+	}
+	d := startChecked(t, tp, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--mode", "redirect", "--mark", mark}, capture...)...)
+	const want = "SSH-2.0-detour-test\r\n"
+	for _, f := range families {
+		for _, port := range ports {
+			addr := net.JoinHostPort(f.server, fmt.Sprint(port))
+			c := dial(t, tp, addr) // held open until the test ends
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got := make([]byte, len(want))
+			if _, err := io.ReadFull(c, got); err != nil || string(got) != want {
+				t.Fatalf("banner through detour from %s = %q (%v), want %q; with 2 ephemeral ports on the gateway, its outbound connections must share them\n%s",
+					addr, got, err, want, d.rawLog())
+			}
+		}
+	}
+}
+
 func dial(t *testing.T, tp *topo, addr string) *net.TCPConn {
 	t.Helper()
 	c, err := dialIn(t, tp.C, addr)
