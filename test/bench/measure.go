@@ -126,6 +126,8 @@ type connResult struct {
 	MaxMs       float64 `json:"max_ms"`
 	Errors      int64   `json:"errors"`
 	Captured    int64   `json:"captured_packets"` // REDIRECT/TPROXY rule hits during the run
+	ProxyCPUs   float64 `json:"proxy_cpu_s,omitempty"`
+	UpstreamCPU float64 `json:"upstream_cpu_s,omitempty"`
 }
 
 // The wrk script: close the connection after each request, and print the
@@ -152,8 +154,10 @@ func (b *bench) conns(r *running, concurrency, seconds int) (*connResult, error)
 		return nil, err
 	}
 	url := fmt.Sprintf("http://%s:%d/", serverIP, httpPort)
+	cpu0, up0 := b.proxyCPU(r)
 	out, err := runCmd(b.ctx, time.Duration(seconds+20)*time.Second, "ip", "netns", "exec", b.topo.C,
 		"wrk", "-t", "1", "-c", strconv.Itoa(concurrency), "-d", fmt.Sprintf("%ds", seconds), "--timeout", "2s", "-s", script, url)
+	cpu1, up1 := b.proxyCPU(r)
 	if err != nil {
 		return nil, fmt.Errorf("wrk: %v\n%s", err, truncate(out))
 	}
@@ -186,6 +190,8 @@ func (b *bench) conns(r *running, concurrency, seconds int) (*connResult, error)
 		MaxMs:       float64(w.MaxUs) / 1000,
 		Errors:      w.Errors,
 		Captured:    cap1 - cap0,
+		ProxyCPUs:   (cpu1 - cpu0).Seconds(),
+		UpstreamCPU: (up1 - up0).Seconds(),
 	}
 	if w.DurationUs > 0 {
 		res.PerSec = float64(w.Requests-w.Errors) / (float64(w.DurationUs) / 1e6)

@@ -112,6 +112,8 @@ type medianSet struct {
 	CPUPerGB    float64            `json:"proxy_cpu_s_per_gb"`    // the proxy process (detour or redsocks)
 	UpCPUPerGB  float64            `json:"upstream_cpu_s_per_gb"` // the bench's SOCKS5 upstream
 	ConnPerSec  float64            `json:"conn_per_sec"`
+	ConnCPUus   float64            `json:"proxy_cpu_us_per_conn"`    // during the conn/s run
+	UpConnCPUus float64            `json:"upstream_cpu_us_per_conn"` // the SOCKS5 upstream's
 	ConnP50ms   float64            `json:"conn_p50_ms"`
 	ConnP99ms   float64            `json:"conn_p99_ms"`
 	LatP50ms    float64            `json:"latency_p50_ms"`
@@ -143,6 +145,7 @@ func (b *bench) medians() map[string]*medianSet {
 	type acc struct {
 		gbps                                    map[string][]float64
 		cpu, upcpu, cps, cp50, cp99, lp50, lp99 []float64
+		ccpu, upccpu                            []float64
 	}
 	accs := map[string]*acc{}
 	for _, r := range b.res.Runs {
@@ -173,6 +176,10 @@ func (b *bench) medians() map[string]*medianSet {
 			a.upcpu = append(a.upcpu, upcpu/(bytes/1e9))
 		}
 		a.cps = append(a.cps, r.Conn.PerSec)
+		if ok := r.Conn.Requests - r.Conn.Errors; ok > 0 {
+			a.ccpu = append(a.ccpu, r.Conn.ProxyCPUs*1e6/float64(ok))
+			a.upccpu = append(a.upccpu, r.Conn.UpstreamCPU*1e6/float64(ok))
+		}
 		a.cp50 = append(a.cp50, r.Conn.P50ms)
 		a.cp99 = append(a.cp99, r.Conn.P99ms)
 		a.lp50 = append(a.lp50, r.Lat.P50ms)
@@ -185,6 +192,7 @@ func (b *bench) medians() map[string]*medianSet {
 		}
 		m.CPUPerGB, m.UpCPUPerGB = median(a.cpu), median(a.upcpu)
 		m.ConnPerSec, m.ConnP50ms, m.ConnP99ms = median(a.cps), median(a.cp50), median(a.cp99)
+		m.ConnCPUus, m.UpConnCPUus = median(a.ccpu), median(a.upccpu)
 		m.LatP50ms, m.LatP99ms = median(a.lp50), median(a.lp99)
 		m.candidateOK = m.Reps > 0
 	}
@@ -213,13 +221,14 @@ func (b *bench) report(w io.Writer) {
 	fmt.Fprintf(w, "iperf3 %d s runs, Gbit/s at the receiver; conn/s: wrk, new TCP connection per request, %d at once, %d s;\n",
 		b.opts.bulkSeconds, b.opts.concurrency, b.opts.connSeconds)
 	fmt.Fprintf(w, "latency: wrk one connection at a time (request written to response read, after connect), %d s;\n", b.opts.latSeconds)
-	fmt.Fprintf(w, "CPU: the proxy process's user+system seconds per GB moved, over all iperf3 runs (SOCKS5 upstream's in brackets).\n\n")
+	fmt.Fprintf(w, "CPU: the proxy process's user+system seconds per GB moved, over all iperf3 runs, and µs per connection in the conn/s run\n")
+	fmt.Fprintf(w, "(SOCKS5 upstream's in brackets).\n\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "candidate\tup 1\tdown 1\tup 8\tdown 8\tconn/s\tp50 ms\tp99 ms\tp50 ms @1\tp99 ms @1\tCPU s/GB\treps\t")
+	fmt.Fprintln(tw, "candidate\tup 1\tdown 1\tup 8\tdown 8\tconn/s\tp50 ms\tp99 ms\tp50 ms @1\tp99 ms @1\tCPU s/GB\tCPU µs/conn\treps\t")
 	for _, name := range names {
 		m := med[name]
 		if !m.candidateOK {
-			fmt.Fprintf(tw, "%s\t%s\t\t\t\t\t\t\t\t\t\t0\t\n", name, "FAILED")
+			fmt.Fprintf(tw, "%s\t%s\t\t\t\t\t\t\t\t\t\t\t0\t\n", name, "FAILED")
 			continue
 		}
 		row := []string{name}
@@ -233,11 +242,11 @@ func (b *bench) report(w io.Writer) {
 			fmt.Sprintf("%.3f", m.LatP50ms), fmt.Sprintf("%.3f", m.LatP99ms))
 		switch {
 		case name == "kernel":
-			row = append(row, "-")
+			row = append(row, "-", "-")
 		case m.UpCPUPerGB > 0:
-			row = append(row, fmt.Sprintf("%.2f [%.2f]", m.CPUPerGB, m.UpCPUPerGB))
+			row = append(row, fmt.Sprintf("%.2f [%.2f]", m.CPUPerGB, m.UpCPUPerGB), fmt.Sprintf("%.0f [%.0f]", m.ConnCPUus, m.UpConnCPUus))
 		default:
-			row = append(row, fmt.Sprintf("%.2f", m.CPUPerGB))
+			row = append(row, fmt.Sprintf("%.2f", m.CPUPerGB), fmt.Sprintf("%.0f", m.ConnCPUus))
 		}
 		row = append(row, fmt.Sprint(m.Reps))
 		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
