@@ -210,7 +210,22 @@ func (b *bench) stopCandidate(r *running) error {
 		r.proxy.stop(2 * time.Second)
 		b.removeBenchRules()
 	}
+	b.dropTimeWait()
 	return b.checkNoRules()
+}
+
+// dropTimeWait removes the gateway's TIME_WAIT sockets left by the proxy
+// that just stopped. A transparent (TPROXY) socket in TIME_WAIT keeps its
+// 4-tuple for 60 s, and the kernel drops a forwarded packet that early
+// demux matches to a local socket: the next kernel-forwarding run would
+// lose the SYNs of clients that happen to reuse one of those source ports.
+func (b *bench) dropTimeWait() {
+	ctx := context.Background()
+	b.topo.exec(ctx, b.topo.G, "ss", "-K", "state", "time-wait")
+	out, _ := b.topo.exec(ctx, b.topo.G, "ss", "-Htn", "state", "time-wait")
+	if n := strings.Count(out, "\n"); n > 0 {
+		b.logf("  %d TIME_WAIT sockets left in the gateway (ss -K failed): kernel forwarding may drop colliding connections", n)
+	}
 }
 
 // checkNoRules makes sure the gateway captures nothing: no REDIRECT or
