@@ -418,10 +418,15 @@ func (o RuleOptions) ruleSet(f Family) RuleSet {
 		mark := hex(o.TProxyMark) + "/" + hex(o.TProxyMark)
 		// Packets of connections detour already holds: mark them for the
 		// policy route and skip the rest (the kernel's TPROXY doc's
-		// "-m socket" shortcut).
+		// "-m socket" shortcut). Not SYNs: a client that opens a new
+		// connection from the source port of one detour closed within the
+		// last minute matches detour's socket in TIME_WAIT, which has no
+		// listener behind it on the original destination and answers with
+		// a bare ACK; the client resets and retries after its SYN timeout.
+		// The TPROXY target hands such a SYN to detour's listener instead.
 		established := []Rule{
-			{"-p", "tcp", "-m", "socket", "--transparent", "-m", "comment", "--comment", commentEstablished, "-j", "MARK", "--set-xmark", mark},
-			{"-p", "tcp", "-m", "socket", "--transparent", "-m", "comment", "--comment", commentEstablished, "-j", "RETURN"},
+			{"-p", "tcp", "!", "--syn", "-m", "socket", "--transparent", "-m", "comment", "--comment", commentEstablished, "-j", "MARK", "--set-xmark", mark},
+			{"-p", "tcp", "!", "--syn", "-m", "socket", "--transparent", "-m", "comment", "--comment", commentEstablished, "-j", "RETURN"},
 		}
 		// mangle sees every packet, not only a connection's first as nat
 		// does: the replies of connections not captured (to a bypassed

@@ -57,8 +57,8 @@ ip6tables -t nat -I PREROUTING 1 -p tcp -m comment --comment detour:jump -j DETO
 func TestCommandsTProxy(t *testing.T) {
 	got := commands(mustSets(t, RuleOptions{Mode: TProxy, Port: 7777, Bypass: []netip.Prefix{}, NoIPv6: true}))
 	want := `iptables -t mangle -N DETOUR_TPROXY
-iptables -t mangle -A DETOUR_TPROXY -p tcp -m socket --transparent -m comment --comment detour:established -j MARK --set-xmark 0x100/0x100
-iptables -t mangle -A DETOUR_TPROXY -p tcp -m socket --transparent -m comment --comment detour:established -j RETURN
+iptables -t mangle -A DETOUR_TPROXY -p tcp ! --syn -m socket --transparent -m comment --comment detour:established -j MARK --set-xmark 0x100/0x100
+iptables -t mangle -A DETOUR_TPROXY -p tcp ! --syn -m socket --transparent -m comment --comment detour:established -j RETURN
 iptables -t mangle -A DETOUR_TPROXY -m conntrack --ctdir REPLY -m comment --comment detour:reply -j RETURN
 iptables -t mangle -A DETOUR_TPROXY -m mark --mark 0x2d -m comment --comment detour:own-mark -j RETURN
 iptables -t mangle -A DETOUR_TPROXY -m addrtype --dst-type LOCAL -m comment --comment detour:local -j RETURN

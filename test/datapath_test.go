@@ -249,6 +249,99 @@ func TestOutboundPortsShared(t *testing.T) {
 	}
 }
 
+// TestTProxyReusedSourcePort checks a client that opens a new connection
+// from the source port of one the server closed first, within the minute
+// the gateway keeps detour's transparent socket in TIME_WAIT: its SYN must
+// reach detour's listener at once, not draw a bare ACK from the old socket
+// (there is no listener on the original destination behind it) and a SYN
+// retransmission from the client.
+func TestTProxyReusedSourcePort(t *testing.T) {
+	tp := newTopo(t)
+	const serverPort, clientPort = 7005, 33333
+	ln := listenIn(t, tp.S, fmt.Sprintf("[::]:%d", serverPort))
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, "x") // and the server closes first
+			c.Close()
+		}
+	}()
+	startChecked(t, tp, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--mode", "tproxy", "--mark", mark}, capture...)...)
+	reuse := &net.Dialer{Timeout: 10 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1) })
+		return serr
+	}}
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) {
+			addr := net.JoinHostPort(f.server, fmt.Sprint(serverPort))
+			reuse.LocalAddr = &net.TCPAddr{IP: net.ParseIP(f.client), Port: clientPort}
+			retrans0 := synRetrans(t, tp)
+			for i := range 3 {
+				if i > 0 {
+					// The gateway holds the last connection in TIME_WAIT.
+					out, _ := tp.exec(t, tp.G, "ss", "-Htn", "state", "time-wait", fmt.Sprintf("dport = :%d", clientPort))
+					if !strings.Contains(out, f.server) {
+						t.Fatalf("no TIME_WAIT socket from %s to port %d in the gateway, so nothing is tested; ss says %q", f.server, clientPort, out)
+					}
+				}
+				var c net.Conn
+				var err error
+				// Until the client's own socket has left LAST_ACK, the
+				// 4-tuple is busy on its side (EADDRNOTAVAIL): a bounded wait.
+				for try := 0; try < 50; try++ {
+					inNS(t, tp.C, func() { c, err = reuse.Dial("tcp", addr) })
+					if !errors.Is(err, syscall.EADDRNOTAVAIL) {
+						break
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				if err != nil {
+					t.Fatalf("connection %d from port %d to %s: %v", i+1, clientPort, addr, err)
+				}
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				got, err := io.ReadAll(c)
+				c.Close()
+				if err != nil || string(got) != "x" {
+					t.Fatalf("connection %d from port %d to %s read %q (%v), want \"x\" then EOF", i+1, clientPort, addr, got, err)
+				}
+			}
+			if n := synRetrans(t, tp) - retrans0; n != 0 {
+				t.Errorf("the client retransmitted %d SYNs for connections from a port detour's socket holds in TIME_WAIT, want 0", n)
+			}
+		})
+	}
+}
+
+// synRetrans is the client namespace's count of retransmitted SYNs
+// (TcpExt TCPSynRetrans, IPv4 and IPv6).
+func synRetrans(t *testing.T, tp *topo) int {
+	t.Helper()
+	out, err := tp.exec(t, tp.C, "cat", "/proc/net/netstat")
+	if err != nil {
+		t.Fatalf("reading the client's /proc/net/netstat: %v\n%s", err, out)
+	}
+	lines := strings.Split(out, "\n")
+	for i := 0; i+1 < len(lines); i += 2 {
+		names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		if len(names) == 0 || names[0] != "TcpExt:" || len(values) != len(names) {
+			continue
+		}
+		for j, name := range names {
+			if name == "TCPSynRetrans" {
+				var n int
+				fmt.Sscan(values[j], &n)
+				return n
+			}
+		}
+	}
+	t.Fatalf("no TcpExt TCPSynRetrans in the client's /proc/net/netstat:\n%s", out)
+	return 0
+}
+
 func dial(t *testing.T, tp *topo, addr string) *net.TCPConn {
 	t.Helper()
 	c, err := dialIn(t, tp.C, addr)
