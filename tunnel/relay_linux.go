@@ -8,6 +8,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -312,12 +313,10 @@ func (p *pipe) fill(src int) (int, error) {
 	var n int
 	var err error
 	if p.buf != nil {
-		n, err = unix.Read(src, p.buf)
+		n, err = rawRead(src, p.buf)
 		p.off = 0
 	} else {
-		var m int64
-		m, err = unix.Splice(src, nil, p.w, nil, pipeSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-		n = int(m)
+		n, err = rawSplice(src, p.w, pipeSize)
 	}
 	if err != nil {
 		return 0, err
@@ -331,18 +330,45 @@ func (p *pipe) drain(dst int) (int, error) {
 	var n int
 	var err error
 	if p.buf != nil {
-		n, err = unix.Write(dst, p.buf[p.off:p.off+p.n])
+		n, err = rawWrite(dst, p.buf[p.off:p.off+p.n])
 		p.off += max(n, 0)
 	} else {
-		var m int64
-		m, err = unix.Splice(p.r, nil, dst, nil, p.n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-		n = int(m)
+		n, err = rawSplice(p.r, dst, p.n)
 	}
 	if err != nil {
 		return 0, err
 	}
 	p.n -= n
 	return n, nil
+}
+
+// The relay's own syscalls are raw: on non-blocking descriptors they
+// return at once, so they skip the runtime's bookkeeping for a syscall that
+// may block (entersyscall, exitsyscall), and sysmon does not hand the
+// goroutine's P to another thread while the kernel runs TCP for a write.
+
+func rawRead(fd int, b []byte) (int, error) {
+	r, _, e := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
+func rawWrite(fd int, b []byte) (int, error) {
+	r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
+func rawSplice(in, out, n int) (int, error) {
+	r, _, e := syscall.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
 }
 
 // bufSize is the size of the buffers for small exchanges (and for bulk
