@@ -49,17 +49,17 @@ func (d *Direct) DialContext(ctx context.Context, network, address string) (net.
 	if dst, ok := ctx.Value(originalDstKey{}).(netip.AddrPort); ok && dst.IsValid() {
 		address = dst.String()
 	}
-	tc, err := dialTCP(ctx, forwardOf(d.Forward), network, address)
+	tc, err := d.dial(ctx, network, address)
 	if err != nil {
-		return nil, targetError{err}
+		return nil, err
 	}
 	return tc, nil
 }
 
-// dialAddr connects to dst, an IP and port: no name to resolve. The direct
-// route calls it with the original destination.
-func (d *Direct) dialAddr(ctx context.Context, network string, dst netip.AddrPort) (*net.TCPConn, error) {
-	c, err := dialTCP(ctx, forwardOf(d.Forward), network, dst.String())
+// dial connects to address (the direct route: the original destination)
+// without DialContext's interface result or context lookup.
+func (d *Direct) dial(ctx context.Context, network, address string) (*net.TCPConn, error) {
+	c, err := dialTCP(ctx, forwardOf(d.Forward), network, address)
 	if err != nil {
 		return nil, targetError{err}
 	}

@@ -369,8 +369,8 @@ func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
 
 // connect dials route's next hop for dst: the original destination, or an
 // upstream of the route's group asked for target (the sniffed name when the
-// route trusts it, else dst; "" for a direct route). A dial cut by the relay's abort is reported
-// as errShutdown.
+// route trusts it, else dst; "" for a direct route). A dial cut by the
+// relay's abort is reported as errShutdown.
 func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, upstream *Upstream, target string, err error) {
 	start := time.Now()
 	proxied := route.Kind == ActionProxy && route.Group != nil
@@ -390,7 +390,7 @@ func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff
 			server = c.(*net.TCPConn)
 		}
 	} else {
-		server, err = t.directDialer.dialAddr(ctx, "tcp", dst)
+		server, err = t.directDialer.dial(ctx, "tcp", dst.String())
 	}
 	err = r.dialEnded(err)
 	if t.Observer != nil {
