@@ -17,10 +17,7 @@ import (
 // Out of file descriptors for pipes, the relay carries the bytes through a
 // buffer instead of failing the connection.
 func TestRelayWithoutPipes(t *testing.T) {
-	for p, ok := pipes.Get().(*pipe); ok; p, ok = pipes.Get().(*pipe) { // empty the pool
-		p.cleanup.Stop()
-		closePipe([2]int{p.r, p.w})
-	}
+	emptyPipePool()
 	pipe2 = func([]int, int) error { return unix.EMFILE }
 	t.Cleanup(func() { pipe2 = unix.Pipe2 })
 
@@ -41,6 +38,14 @@ func TestRelayWithoutPipes(t *testing.T) {
 	}
 	if p, ok := pipes.Get().(*pipe); ok {
 		t.Fatalf("a pipe (%d, %d) in the pool, want none made", p.r, p.w)
+	}
+}
+
+// emptyPipePool closes the pipes in the pool, so the next getPipe makes one.
+func emptyPipePool() {
+	for p, ok := pipes.Get().(*pipe); ok; p, ok = pipes.Get().(*pipe) {
+		p.cleanup.Stop()
+		closePipe([2]int{p.r, p.w})
 	}
 }
 
@@ -133,10 +138,7 @@ func TestRelaySplicesOnlyBulk(t *testing.T) {
 	var made atomic.Int32
 	pipe2 = func(fds []int, flags int) error { made.Add(1); return unix.Pipe2(fds, flags) }
 	t.Cleanup(func() { pipe2 = unix.Pipe2 })
-	for p, ok := pipes.Get().(*pipe); ok; p, ok = pipes.Get().(*pipe) { // empty the pool
-		p.cleanup.Stop()
-		closePipe([2]int{p.r, p.w})
-	}
+	emptyPipePool()
 
 	client, server, done := startRelay(t, time.Minute)
 	buf := make([]byte, 1000)

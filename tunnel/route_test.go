@@ -188,22 +188,7 @@ func TestParseNameMode(t *testing.T) {
 // BenchmarkRoute1000 matches against 1,000 rules of mixed kinds, with the
 // connection matching only the default (the worst case: every rule tried).
 func BenchmarkRoute1000(b *testing.B) {
-	r := &Router{Default: Action{Kind: ActionDirect}}
-	for i := range 1000 {
-		var ru Rule
-		switch i % 4 {
-		case 0:
-			ru.Suffixes = []string{fmt.Sprintf("site%d.example", i)}
-		case 1:
-			ru.Domains = []string{fmt.Sprintf("host%d.example", i)}
-		case 2:
-			ru.CIDRs = []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24)}
-		case 3:
-			ru.Ports = []PortRange{{uint16(10000 + i), uint16(10000 + i)}}
-		}
-		ru.Action = Action{Kind: ActionReject}
-		r.Rules = append(r.Rules, ru)
-	}
+	r := benchRouter(1000, 4)
 	dst := netip.MustParseAddrPort("198.18.2.2:443")
 	b.ReportAllocs()
 	for b.Loop() {
@@ -216,18 +201,7 @@ func BenchmarkRoute1000(b *testing.B) {
 // BenchmarkRouteByAddr1000 decides by address against 1,000 address rules
 // none of which matches (the worst case: every rule tried, then the default).
 func BenchmarkRouteByAddr1000(b *testing.B) {
-	r := &Router{Default: Action{Kind: ActionDirect}}
-	for i := range 1000 {
-		var ru Rule
-		switch i % 2 {
-		case 0:
-			ru.CIDRs = []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24)}
-		case 1:
-			ru.Ports = []PortRange{{uint16(10000 + i), uint16(10000 + i)}}
-		}
-		ru.Action = Action{Kind: ActionReject}
-		r.Rules = append(r.Rules, ru)
-	}
+	r := benchRouter(1000, 2)
 	dst := netip.MustParseAddrPort("198.18.2.2:443")
 	b.ReportAllocs()
 	for b.Loop() {
@@ -235,6 +209,29 @@ func BenchmarkRouteByAddr1000(b *testing.B) {
 			b.Fatal("matched")
 		}
 	}
+}
+
+// benchRouter has n reject rules, none matching 198.18.2.2:443 or
+// www.nomatch.test, cycling through the first kinds of: CIDR, port,
+// suffix, domain (2: address rules only).
+func benchRouter(n, kinds int) *Router {
+	r := &Router{Default: Action{Kind: ActionDirect}}
+	for i := range n {
+		var ru Rule
+		switch i % kinds {
+		case 0:
+			ru.CIDRs = []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24)}
+		case 1:
+			ru.Ports = []PortRange{{uint16(10000 + i), uint16(10000 + i)}}
+		case 2:
+			ru.Suffixes = []string{fmt.Sprintf("site%d.example", i)}
+		case 3:
+			ru.Domains = []string{fmt.Sprintf("host%d.example", i)}
+		}
+		ru.Action = Action{Kind: ActionReject}
+		r.Rules = append(r.Rules, ru)
+	}
+	return r
 }
 
 // The name sent upstream: the sniffed name only when the route trusts it
