@@ -147,11 +147,17 @@ func (b *bench) startGoMinimal() (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := b.waitListen(b.topo.G, minPort, 10*time.Second); err != nil {
+	return b.redirectTo(p, minPort)
+}
+
+// redirectTo waits until p, a proxy in the gateway, listens on port, then
+// installs the bench's rules that send the client's connections there.
+func (b *bench) redirectTo(p *proc, port int) (*proc, error) {
+	if err := b.waitListen(b.topo.G, port, 10*time.Second); err != nil {
 		p.stop(time.Second)
-		return nil, fmt.Errorf("go-minimal: %w\n%s", err, p.tail())
+		return nil, fmt.Errorf("%s: %w\n%s", p.name, err, p.tail())
 	}
-	return p, b.installBenchRules(minPort)
+	return p, b.installBenchRules(port)
 }
 
 func (b *bench) startRedsocks() (*proc, error) {
@@ -186,11 +192,7 @@ redsocks {
 	if err != nil {
 		return nil, err
 	}
-	if err := b.waitListen(b.topo.G, redsPort, 10*time.Second); err != nil {
-		p.stop(time.Second)
-		return nil, fmt.Errorf("redsocks: %w\n%s", err, p.tail())
-	}
-	return p, b.installBenchRules(redsPort)
+	return b.redirectTo(p, redsPort)
 }
 
 // stopCandidate stops the proxy and removes its rules; the gateway must be
