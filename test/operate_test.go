@@ -1566,6 +1566,11 @@ func TestOperateMetrics(t *testing.T) {
 	if _, _, _, err := httpGet(tp, server(httpPort), "again.test"); err != nil {
 		t.Errorf("a request once the held connections closed: %v", err)
 	}
+	// The client has its response before detour has seen both ends close:
+	// the counters are final once the connection has left.
+	if n := waitActive(t, d, nil, 10*time.Second); n != 0 {
+		t.Fatalf("detour still serves %d connections after the last request", n)
+	}
 	m4 := scrape(t, tp)
 	wantDelta(t, m2, m4, maxConns+1, "detour_connections_closed_total", "route", "direct")
 	wantDelta(t, m2, m4, 0, "detour_dial_failures_total")
