@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/detour-proxy/detour/ports"
 )
 
 // This file turns RuleOptions into the exact kernel rules detour needs: a
@@ -43,7 +45,7 @@ type RuleOptions struct {
 	// family with no source listed while others are is not captured.
 	Sources []netip.Prefix
 	// Ports limits capture to these destination ports. Nil means all.
-	Ports []PortRange
+	Ports []ports.Range
 	// Bypass lists destinations never captured. Nil means DefaultBypass; a
 	// non-nil empty slice means none (beyond local addresses, which are
 	// always exempt).
@@ -171,48 +173,6 @@ type RuleSet struct {
 	Family Family
 	Chains []Chain
 	Route  *PolicyRoute // TPROXY only
-}
-
-// PortRange is a destination port or an inclusive range of them.
-type PortRange struct{ Lo, Hi uint16 }
-
-func (p PortRange) String() string {
-	if p.Lo == p.Hi {
-		return strconv.Itoa(int(p.Lo))
-	}
-	return fmt.Sprintf("%d-%d", p.Lo, p.Hi)
-}
-
-// ParsePorts parses a list like "80,443,8000-9000".
-func ParsePorts(s string) ([]PortRange, error) {
-	var out []PortRange
-	for part := range strings.SplitSeq(s, ",") {
-		part = strings.TrimSpace(part)
-		lo, hi, isRange := strings.Cut(part, "-")
-		a, err := parsePort(lo)
-		if err != nil {
-			return nil, fmt.Errorf("%q: %w", part, err)
-		}
-		b := a
-		if isRange {
-			if b, err = parsePort(hi); err != nil {
-				return nil, fmt.Errorf("%q: %w", part, err)
-			}
-			if b < a {
-				return nil, fmt.Errorf("%q: range ends before it starts", part)
-			}
-		}
-		out = append(out, PortRange{a, b})
-	}
-	return out, nil
-}
-
-func parsePort(s string) (uint16, error) {
-	v, err := strconv.ParseUint(s, 10, 16)
-	if err != nil || v == 0 {
-		return 0, fmt.Errorf("port %q is not a number from 1 to 65535", s)
-	}
-	return uint16(v), nil
 }
 
 // ParsePrefix parses a CIDR, or a bare address as a one-address network,

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -355,7 +356,7 @@ func (k *fakeKernel) resetCalls() { k.v4.calls, k.v6.calls, k.nl.calls = nil, ni
 
 var (
 	redirectOpts = RuleOptions{Port: 7777, Output: true, Bypass: []netip.Prefix{}}
-	tproxyOpts   = RuleOptions{Mode: TProxy, Port: 7777, Ports: []PortRange{{80, 80}}, Bypass: prefixes("198.18.3.0/24")}
+	tproxyOpts   = RuleOptions{Mode: TProxy, Port: 7777, Ports: []ports.Range{{Lo: 80, Hi: 80}}, Bypass: prefixes("198.18.3.0/24")}
 )
 
 func install(t *testing.T, k *fakeKernel, o RuleOptions) bool {

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/detour-proxy/detour/ports"
 )
 
 func prefixes(s ...string) []netip.Prefix {
@@ -109,7 +111,7 @@ func TestDefaultsBothFamiliesDefaultBypass(t *testing.T) {
 
 func TestEveryRuleCarriesAComment(t *testing.T) {
 	for _, o := range []RuleOptions{
-		{Port: 1, Output: true, Interfaces: []string{"eth0"}, Ports: []PortRange{{80, 80}}},
+		{Port: 1, Output: true, Interfaces: []string{"eth0"}, Ports: []ports.Range{{Lo: 80, Hi: 80}}},
 		{Mode: TProxy, Port: 1, Output: true, Sources: prefixes("10.0.0.0/8", "fd00::/8")},
 	} {
 		for _, rs := range mustSets(t, o) {
@@ -129,7 +131,7 @@ func TestInterfacesSourcesPortsCrossProduct(t *testing.T) {
 		Port:       7777,
 		Interfaces: []string{"lan0", "wg+"},
 		Sources:    prefixes("192.168.1.0/24", "10.0.0.0/8"),
-		Ports:      []PortRange{{80, 80}, {443, 443}, {8000, 9000}},
+		Ports:      []ports.Range{{Lo: 80, Hi: 80}, {Lo: 443, Hi: 443}, {Lo: 8000, Hi: 9000}},
 		Bypass:     []netip.Prefix{},
 	})
 	// Only IPv4 sources were listed: IPv6 is not captured at all.
@@ -154,11 +156,11 @@ func TestInterfacesSourcesPortsCrossProduct(t *testing.T) {
 }
 
 func TestManyPortsSplitIntoMultiportRules(t *testing.T) {
-	var ports []PortRange
+	var rs []ports.Range
 	for p := uint16(1); p <= 10; p++ {
-		ports = append(ports, PortRange{p * 100, p*100 + 5}) // ten ranges: twenty slots
+		rs = append(rs, ports.Range{Lo: p * 100, Hi: p*100 + 5}) // ten ranges: twenty slots
 	}
-	o := RuleOptions{Port: 7777, Ports: ports, NoIPv6: true}
+	o := RuleOptions{Port: 7777, Ports: rs, NoIPv6: true}
 	var lists []string
 	for _, m := range o.withDefaults().portMatches() {
 		lists = append(lists, m[3])
@@ -275,7 +277,7 @@ func TestValidate(t *testing.T) {
 		{RuleOptions{Mode: TProxy, Port: 1, Table: -1}, "Table"},
 		{RuleOptions{Port: 1, Interfaces: []string{"a/b"}}, "Interfaces"},
 		{RuleOptions{Port: 1, Interfaces: []string{"abcdefghijklmnop"}}, "Interfaces"},
-		{RuleOptions{Port: 1, Ports: []PortRange{{9, 8}}}, "Ports"},
+		{RuleOptions{Port: 1, Ports: []ports.Range{{Lo: 9, Hi: 8}}}, "Ports"},
 		{RuleOptions{Port: 1, NoIPv6: true, ListenIP: netip.MustParseAddr("fd00::1")}, "NoIPv6"},
 		{RuleOptions{Port: 1, NoIPv6: true, Sources: prefixes("fd00::/8")}, "Sources"},
 		{RuleOptions{Port: 1, ListenIP: netip.MustParseAddr("127.0.0.1")}, "Port"},
@@ -289,18 +291,6 @@ func TestValidate(t *testing.T) {
 	// The mark in REDIRECT mode may be anything: there is no TPROXY mark.
 	if err := (RuleOptions{Port: 1, Mark: 0x100}).Validate(); err != nil {
 		t.Errorf("REDIRECT with mark 0x100: %v", err)
-	}
-}
-
-func TestParsePorts(t *testing.T) {
-	got, err := ParsePorts("80, 443,8000-9000")
-	if err != nil || !slices.Equal(got, []PortRange{{80, 80}, {443, 443}, {8000, 9000}}) {
-		t.Errorf("ParsePorts = %v, %v", got, err)
-	}
-	for _, bad := range []string{"", "0", "65536", "80,", "90-80", "a-b", "1-2-3", "http"} {
-		if _, err := ParsePorts(bad); err == nil {
-			t.Errorf("ParsePorts(%q) accepted", bad)
-		}
 	}
 }
 
@@ -400,9 +390,9 @@ func TestSysctlProblems(t *testing.T) {
 
 func TestProbesCoverEveryExtension(t *testing.T) {
 	for _, o := range []RuleOptions{
-		{Port: 1, Ports: []PortRange{{80, 80}}, Output: true},
+		{Port: 1, Ports: []ports.Range{{Lo: 80, Hi: 80}}, Output: true},
 		{Port: 1, ListenIP: netip.MustParseAddr("10.0.0.1")},
-		{Mode: TProxy, Port: 1, Ports: []PortRange{{80, 80}}, Output: true},
+		{Mode: TProxy, Port: 1, Ports: []ports.Range{{Lo: 80, Hi: 80}}, Output: true},
 	} {
 		for _, rs := range mustSets(t, o) {
 			ps := probes(o, rs.Family)

@@ -32,7 +32,10 @@
 // answers Match with an empty Result.Host, so the protocol remains known.
 package sniff
 
-import "strings"
+import (
+	"fmt"
+	"strings"
+)
 
 // Proto is the protocol recognised in the first bytes of a connection.
 type Proto uint8
@@ -56,6 +59,17 @@ func (p Proto) String() string {
 		return "h2c"
 	}
 	return "unknown"
+}
+
+// ParseProto is String's inverse: "unknown", "tls", "http" or "h2c" (the
+// names routing rules use).
+func ParseProto(s string) (Proto, error) {
+	for _, p := range []Proto{Unknown, TLS, HTTP, H2C} {
+		if s == p.String() {
+			return p, nil
+		}
+	}
+	return 0, fmt.Errorf("%q is not tls, http, h2c or unknown", s)
 }
 
 // Status is a parser's answer about the bytes it was given.

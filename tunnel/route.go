@@ -3,9 +3,9 @@ package tunnel
 import (
 	"fmt"
 	"net/netip"
-	"strconv"
 	"strings"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
 )
 
@@ -77,29 +77,6 @@ func (a Action) String() string {
 	return "direct"
 }
 
-// PortRange is an inclusive range of TCP ports.
-type PortRange struct{ Lo, Hi uint16 }
-
-// ParsePorts parses a list such as "80,443,8000-9000".
-func ParsePorts(s string) ([]PortRange, error) {
-	var out []PortRange
-	for _, f := range strings.Split(s, ",") {
-		f = strings.TrimSpace(f)
-		lo, hi, isRange := strings.Cut(f, "-")
-		a, err1 := strconv.ParseUint(lo, 10, 16)
-		b := a
-		var err2 error
-		if isRange {
-			b, err2 = strconv.ParseUint(hi, 10, 16)
-		}
-		if err1 != nil || err2 != nil || a == 0 || b < a {
-			return nil, fmt.Errorf("%q is not a port or port range (like 443 or 8000-9000)", f)
-		}
-		out = append(out, PortRange{uint16(a), uint16(b)})
-	}
-	return out, nil
-}
-
 // Rule is one routing rule. It matches when every condition it sets holds;
 // a condition with several entries holds when any entry does. Domain
 // conditions never hold for a connection whose host is unknown.
@@ -108,7 +85,7 @@ type Rule struct {
 	Suffixes []string // "example.com" matches example.com and every name under it
 	Keywords []string // substrings of the host name
 	CIDRs    []netip.Prefix
-	Ports    []PortRange
+	Ports    []ports.Range
 	Protos   []sniff.Proto
 	Action   Action
 }
@@ -204,19 +181,7 @@ func (ru *Rule) matchAddr(dst netip.AddrPort) bool {
 			return false
 		}
 	}
-	if len(ru.Ports) > 0 {
-		port, ok := dst.Port(), false
-		for _, p := range ru.Ports {
-			if p.Lo <= port && port <= p.Hi {
-				ok = true
-				break
-			}
-		}
-		if !ok {
-			return false
-		}
-	}
-	return true
+	return len(ru.Ports) == 0 || ports.AnyContains(ru.Ports, dst.Port())
 }
 
 // matchHost: the domain conditions together hold when any of them does

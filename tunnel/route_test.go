@@ -5,20 +5,9 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
 )
-
-func TestParsePorts(t *testing.T) {
-	got, err := ParsePorts("80, 443,8000-9000")
-	if err != nil || len(got) != 3 || got[2] != (PortRange{8000, 9000}) || got[0] != (PortRange{80, 80}) {
-		t.Fatalf("ParsePorts = %v, %v", got, err)
-	}
-	for _, bad := range []string{"", "0", "70000", "9000-8000", "http", "1-", "-5", "80,,443"} {
-		if _, err := ParsePorts(bad); err == nil {
-			t.Errorf("ParsePorts(%q) accepted", bad)
-		}
-	}
-}
 
 func TestRouterFirstMatchWins(t *testing.T) {
 	proxies := &Group{Name: "proxies"}
@@ -28,8 +17,8 @@ func TestRouterFirstMatchWins(t *testing.T) {
 			{Suffixes: []string{"example.com"}, Action: Action{Kind: ActionProxy, Group: proxies}},
 			{Domains: []string{"exact.test"}, Action: Action{Kind: ActionProxy, Group: backup}},
 			{Keywords: []string{"tracker"}, Action: Action{Kind: ActionReject}},
-			{CIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.2.0/24"), netip.MustParsePrefix("fd00:2::/64")}, Ports: []PortRange{{22, 22}}, Action: Action{Kind: ActionDirect}},
-			{Ports: []PortRange{{25, 25}, {6000, 7000}}, Action: Action{Kind: ActionReject}},
+			{CIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.2.0/24"), netip.MustParsePrefix("fd00:2::/64")}, Ports: []ports.Range{{Lo: 22, Hi: 22}}, Action: Action{Kind: ActionDirect}},
+			{Ports: []ports.Range{{Lo: 25, Hi: 25}, {Lo: 6000, Hi: 7000}}, Action: Action{Kind: ActionReject}},
 			{Protos: []sniff.Proto{sniff.HTTP}, Action: Action{Kind: ActionProxy, Group: backup}},
 		},
 		Default: Action{Kind: ActionProxy, Group: proxies},
@@ -105,18 +94,18 @@ func TestRouteByAddr(t *testing.T) {
 			{Suffixes: []string{"example.com"}, Action: Action{Kind: ActionProxy, Group: proxies}},
 		}, direct, "9.9.9.9:443", ""},
 		{"port rule decides", []Rule{
-			{Ports: []PortRange{{6000, 7000}}, Action: Action{Kind: ActionReject}},
+			{Ports: []ports.Range{{Lo: 6000, Hi: 7000}}, Action: Action{Kind: ActionReject}},
 			{Protos: []sniff.Proto{sniff.TLS}, Action: Action{Kind: ActionProxy, Group: proxies}},
 		}, direct, "9.9.9.9:6500", "reject"},
 		{"domain rule restricted to other ports is passed over", []Rule{
-			{Suffixes: []string{"example.com"}, Ports: []PortRange{{443, 443}}, Action: Action{Kind: ActionProxy, Group: proxies}},
+			{Suffixes: []string{"example.com"}, Ports: []ports.Range{{Lo: 443, Hi: 443}}, Action: Action{Kind: ActionProxy, Group: proxies}},
 			{Keywords: []string{"x"}, CIDRs: []netip.Prefix{lan}, Action: Action{Kind: ActionReject}},
 		}, direct, "9.9.9.9:80", "direct"},
 		{"domain rule restricted to this port", []Rule{
-			{Suffixes: []string{"example.com"}, Ports: []PortRange{{443, 443}}, Action: Action{Kind: ActionProxy, Group: proxies}},
+			{Suffixes: []string{"example.com"}, Ports: []ports.Range{{Lo: 443, Hi: 443}}, Action: Action{Kind: ActionProxy, Group: proxies}},
 		}, direct, "9.9.9.9:443", ""},
 		{"CIDR and port both needed", []Rule{
-			{CIDRs: []netip.Prefix{lan}, Ports: []PortRange{{22, 22}}, Action: Action{Kind: ActionReject}},
+			{CIDRs: []netip.Prefix{lan}, Ports: []ports.Range{{Lo: 22, Hi: 22}}, Action: Action{Kind: ActionReject}},
 		}, direct, "198.18.2.2:23", "direct"},
 		{"v4-mapped destination", []Rule{
 			{CIDRs: []netip.Prefix{lan}, Action: Action{Kind: ActionReject}},
@@ -158,7 +147,7 @@ func TestRouteByAddr(t *testing.T) {
 func TestRouteByAddrAllocs(t *testing.T) {
 	r := &Router{Rules: []Rule{
 		{CIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, Action: Action{Kind: ActionReject}},
-		{Suffixes: []string{"example.com"}, Ports: []PortRange{{80, 80}}, Action: Action{Kind: ActionReject}},
+		{Suffixes: []string{"example.com"}, Ports: []ports.Range{{Lo: 80, Hi: 80}}, Action: Action{Kind: ActionReject}},
 	}}
 	dst := netip.MustParseAddrPort("198.18.2.2:443")
 	if n := testing.AllocsPerRun(100, func() { r.RouteByAddr(dst) }); n != 0 {
@@ -222,7 +211,7 @@ func benchRouter(n, kinds int) *Router {
 		case 0:
 			ru.CIDRs = []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), 24)}
 		case 1:
-			ru.Ports = []PortRange{{uint16(10000 + i), uint16(10000 + i)}}
+			ru.Ports = []ports.Range{{Lo: uint16(10000 + i), Hi: uint16(10000 + i)}}
 		case 2:
 			ru.Suffixes = []string{fmt.Sprintf("site%d.example", i)}
 		case 3:

@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
 )
 
@@ -106,7 +107,7 @@ type SniffOptions struct {
 	// SkipPorts are destination ports whose server speaks first: no sniffing
 	// is tried, so their clients wait for nothing. Nil means
 	// DefaultSkipPorts; an empty, non-nil list skips none.
-	SkipPorts []PortRange
+	SkipPorts []ports.Range
 	// SilentTTL and SilentEntries size the memory of destinations whose
 	// client stayed silent until the timeout: their next connections skip
 	// sniffing. Zero means the sniff package's defaults (10m, 4096).
@@ -116,7 +117,7 @@ type SniffOptions struct {
 
 // DefaultSkipPorts are the usual server-first ports: SSH, SMTP, POP3, IMAP,
 // submission, MySQL, PostgreSQL.
-var DefaultSkipPorts = []PortRange{{22, 22}, {25, 25}, {110, 110}, {143, 143}, {587, 587}, {3306, 3306}, {5432, 5432}}
+var DefaultSkipPorts = []ports.Range{{Lo: 22, Hi: 22}, {Lo: 25, Hi: 25}, {Lo: 110, Hi: 110}, {Lo: 143, Hi: 143}, {Lo: 587, Hi: 587}, {Lo: 3306, Hi: 3306}, {Lo: 5432, Hi: 5432}}
 
 // Observer hears what happens to connections, for metrics. Its methods are
 // called from the connections' goroutines, concurrently; they must be quick.
@@ -435,13 +436,7 @@ func (t *Tunnel) shouldSniff(dst netip.AddrPort) bool {
 	if skip == nil {
 		skip = DefaultSkipPorts
 	}
-	port := dst.Port()
-	for _, p := range skip {
-		if p.Lo <= port && port <= p.Hi {
-			return false
-		}
-	}
-	return !t.silent.Silent(dst)
+	return !ports.AnyContains(skip, dst.Port()) && !t.silent.Silent(dst)
 }
 
 // proxyTarget is what an upstream is asked to connect to: the sniffed name

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
 )
 
@@ -444,7 +445,7 @@ func TestServeDialsDirectWhileSniffing(t *testing.T) {
 		"no router": nil,
 		"address rules": {Rules: []Rule{
 			{CIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, Action: Action{Kind: ActionReject}},
-			{Suffixes: []string{"early.test"}, Ports: []PortRange{{1, 1}}, Action: Action{Kind: ActionReject}},
+			{Suffixes: []string{"early.test"}, Ports: []ports.Range{{Lo: 1, Hi: 1}}, Action: Action{Kind: ActionReject}},
 		}, Default: Action{Kind: ActionDirect}},
 	} {
 		t.Run(name, func(t *testing.T) {

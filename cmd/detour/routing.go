@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strings"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
 	"github.com/detour-proxy/detour/tunnel"
 )
@@ -150,16 +151,16 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 			r.CIDRs = append(r.CIDRs, p.Masked())
 		}
 		for _, pl := range rc.Port {
-			ports, err := tunnel.ParsePorts(pl)
+			ports, err := ports.Parse(pl)
 			if err != nil {
 				return routing{}, usageError{fmt.Sprintf("%s: port: %v", where, err)}
 			}
 			r.Ports = append(r.Ports, ports...)
 		}
 		for _, p := range rc.Protocol {
-			proto, ok := map[string]sniff.Proto{"tls": sniff.TLS, "http": sniff.HTTP, "h2c": sniff.H2C, "unknown": sniff.Unknown}[strings.ToLower(p)]
-			if !ok {
-				return routing{}, usageError{fmt.Sprintf("%s: protocol %q is not tls, http, h2c or unknown", where, p)}
+			proto, err := sniff.ParseProto(strings.ToLower(p))
+			if err != nil {
+				return routing{}, usageError{fmt.Sprintf("%s: protocol %v", where, err)}
 			}
 			r.Protos = append(r.Protos, proto)
 		}

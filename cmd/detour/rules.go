@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/redirect"
 )
 
@@ -31,7 +32,7 @@ type captureFlags struct {
 	sources    []netip.Prefix
 	bypass     []netip.Prefix
 	bypassNone bool
-	ports      []redirect.PortRange
+	ports      []ports.Range
 	ipv6       bool
 	table      int
 	tproxyMark uint32
@@ -84,7 +85,7 @@ func (cf *captureFlags) register(fs *flag.FlagSet) {
 		return nil
 	})
 	fs.Func("ports", "capture only connections to these destination `ports`, e.g. 80,443,8000-9000 (default all)", func(s string) error {
-		ports, err := redirect.ParsePorts(s)
+		ports, err := ports.Parse(s)
 		cf.ports = append(cf.ports, ports...)
 		return err
 	})

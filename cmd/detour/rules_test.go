@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/redirect"
 )
 
@@ -30,7 +31,7 @@ func TestRunRuleFlags(t *testing.T) {
 	if !slices.Equal(o.Interfaces, []string{"lan0", "wg0", "wg1"}) {
 		t.Errorf("interfaces = %v", o.Interfaces)
 	}
-	if !slices.Equal(o.Ports, []redirect.PortRange{{Lo: 80, Hi: 80}, {Lo: 443, Hi: 443}, {Lo: 8000, Hi: 9000}}) {
+	if !slices.Equal(o.Ports, []ports.Range{{Lo: 80, Hi: 80}, {Lo: 443, Hi: 443}, {Lo: 8000, Hi: 9000}}) {
 		t.Errorf("ports = %v", o.Ports)
 	}
 	// The default list plus one, once each (198.18.3.0/24 is inside the

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/redirect"
 	"github.com/detour-proxy/detour/sniff"
 	"github.com/detour-proxy/detour/tunnel"
@@ -210,11 +211,11 @@ func (cfg *runConfig) applyFile(fc *fileConfig, set map[string]bool) error {
 }
 
 // parseSkipPorts parses --sniff-skip-ports: a port list, or none.
-func parseSkipPorts(s string) ([]tunnel.PortRange, error) {
+func parseSkipPorts(s string) ([]ports.Range, error) {
 	if s == "none" || s == "" {
-		return []tunnel.PortRange{}, nil
+		return []ports.Range{}, nil
 	}
-	return tunnel.ParsePorts(s)
+	return ports.Parse(s)
 }
 
 func flagsSet(fs *flag.FlagSet) map[string]bool {
