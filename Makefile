@@ -31,12 +31,16 @@ unit:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./cmd/... ./redirect/... ./sniff/... ./tunnel/...
 
-# Each fuzz target for FUZZEXECS executions; the seed corpus
-# (sniff/testdata) already ran as unit tests. A hang fails at -timeout.
+# Each fuzz target (package:target) for FUZZEXECS executions; the seed
+# corpora (sniff/testdata, tunnel/proxyport/testdata) already ran as unit
+# tests. A hang fails at -timeout.
+FUZZTARGETS := sniff:FuzzTLS sniff:FuzzHTTP sniff:FuzzParse \
+	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS
 fuzz:
-	@for f in FuzzTLS FuzzHTTP FuzzParse; do \
-		echo "go test -run '^$$' -fuzz '^$$f$$' -fuzztime $(FUZZEXECS)x ./sniff"; \
-		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZEXECS)x -fuzzminimizetime 5s -timeout 5m ./sniff || exit 1; \
+	@for t in $(FUZZTARGETS); do \
+		p=$${t%%:*}; f=$${t#*:}; \
+		echo "go test -run '^$$' -fuzz '^$$f$$' -fuzztime $(FUZZEXECS)x ./$$p"; \
+		$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZEXECS)x -fuzzminimizetime 5s -timeout 5m ./$$p || exit 1; \
 	done
 
 e2e:

@@ -14,6 +14,7 @@ packages=(
 	openssl     # TLS server and client in the demo and sniff corpus
 	gnutls-bin  # gnutls-cli, for the sniff corpus
 	python3     # http.server in the demo
+	python3-requests # HTTP_PROXY client in the proxy-port tests and corpus
 	procps      # ps, pkill
 	kmod        # modprobe, for the kernel checks
 	chromium    # a real browser client in the sniff tests
