@@ -18,6 +18,7 @@ packages=(
 	procps      # ps, pkill
 	kmod        # modprobe, for the kernel checks
 	chromium    # a real browser client in the sniff tests
+	firefox-esr # the other real browser, through upstreams in the browser tests
 	squid          # HTTP CONNECT upstream (with Basic auth) in the upstream tests
 	dante-server   # danted, SOCKS5 upstream in the upstream tests
 	microsocks     # SOCKS5 upstream with user/password in the upstream tests

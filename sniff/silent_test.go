@@ -26,6 +26,12 @@ func (c *clock) Advance(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
+// Sources for the tests: each learns as a different client.
+var (
+	srcA = netip.MustParseAddr("198.18.1.2")
+	srcB = netip.MustParseAddr("198.18.1.3")
+)
+
 func TestSilentCacheZeroValue(t *testing.T) {
 	var c SilentCache
 	a := netip.MustParseAddrPort("198.18.0.1:22")
@@ -33,9 +39,9 @@ func TestSilentCacheZeroValue(t *testing.T) {
 		t.Fatal("empty cache has an entry")
 	}
 	c.Forget(a) // no-op on an empty cache
-	c.Add(a)
+	c.Learn(a, srcA)
 	if !c.Silent(a) || c.Len() != 1 {
-		t.Fatal("added entry missing")
+		t.Fatal("learned entry missing")
 	}
 	if c.Silent(netip.MustParseAddrPort("198.18.0.1:25")) {
 		t.Fatal("other port is silent")
@@ -51,9 +57,9 @@ func TestSilentCacheTTL(t *testing.T) {
 	c := SilentCache{TTL: time.Minute, Now: clk.Now}
 	a := netip.MustParseAddrPort("198.18.0.1:22")
 	b := netip.MustParseAddrPort("[fd00::1]:25")
-	c.Add(a)
+	c.Learn(a, srcA)
 	clk.Advance(30 * time.Second)
-	c.Add(b)
+	c.Learn(b, srcA)
 	clk.Advance(29 * time.Second)
 	if !c.Silent(a) || !c.Silent(b) {
 		t.Fatal("entries expired early")
@@ -62,15 +68,83 @@ func TestSilentCacheTTL(t *testing.T) {
 	if c.Silent(a) || !c.Silent(b) {
 		t.Fatal("a should have expired, b not")
 	}
-	c.Add(b) // renew
+	c.Learn(b, srcB) // renewed by another source
 	clk.Advance(59 * time.Second)
 	if !c.Silent(b) {
 		t.Fatal("renewed entry expired")
 	}
 	clk.Advance(time.Minute)
-	c.Add(netip.MustParseAddrPort("198.18.0.2:22")) // drops the expired b
+	c.Learn(netip.MustParseAddrPort("198.18.0.2:22"), srcA) // drops the expired b
 	if c.Len() != 1 {
 		t.Fatalf("Len = %d after expiry", c.Len())
+	}
+}
+
+// One source cannot keep an entry alive: its own renewals do not count,
+// and another source's do, once each in turn.
+func TestSilentCacheRenewalNeedsAnotherSource(t *testing.T) {
+	clk := &clock{t: time.Unix(1000, 0)}
+	c := SilentCache{TTL: time.Minute, Now: clk.Now}
+	a := netip.MustParseAddrPort("198.18.0.1:2222")
+	c.Learn(a, srcA)
+	for range 2 {
+		clk.Advance(20 * time.Second)
+		c.Learn(a, srcA)
+	}
+	clk.Advance(20 * time.Second)
+	if c.Silent(a) {
+		t.Fatal("one source kept its entry alive past the TTL by learning it again")
+	}
+
+	// Another address of the same IPv6 /64 is the same source too.
+
+	v6 := netip.MustParseAddrPort("[fd00::2]:2222")
+	c.Learn(v6, netip.MustParseAddr("fd00:1::1"))
+	clk.Advance(50 * time.Second)
+	c.Learn(v6, netip.MustParseAddr("fd00:1::ffff:2")) // same /64
+	clk.Advance(10 * time.Second)
+	if c.Silent(v6) {
+		t.Fatal("another address of the same /64 renewed the entry")
+	}
+
+	c.Learn(a, srcA)
+	clk.Advance(50 * time.Second)
+	c.Learn(a, srcB) // renews
+	clk.Advance(50 * time.Second)
+	c.Learn(a, srcB) // B again: does not
+	clk.Advance(10 * time.Second)
+	if c.Silent(a) {
+		t.Fatal("the same second source renewed twice in a row")
+	}
+}
+
+// One source cannot fill the cache: past its quota it replaces its own
+// oldest entry, and the other sources' entries stay.
+func TestSilentCachePerSourceQuota(t *testing.T) {
+	clk := &clock{t: time.Unix(1000, 0)}
+	c := SilentCache{MaxEntries: 8, PerSource: 2, Now: clk.Now}
+	dst := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 9, byte(i)}), 2222)
+	}
+	c.Learn(dst(100), srcB)
+	for i := range 50 {
+		c.Learn(dst(i), srcA)
+		clk.Advance(time.Millisecond)
+	}
+	if c.Len() != 3 {
+		t.Fatalf("Len = %d, want B's entry and A's quota of 2", c.Len())
+	}
+	if !c.Silent(dst(100)) || !c.Silent(dst(48)) || !c.Silent(dst(49)) || c.Silent(dst(47)) {
+		t.Fatal("want B's entry and A's two newest")
+	}
+
+	// The default quota is a 64th of the entries.
+	var d SilentCache
+	for i := range 1000 {
+		d.Learn(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 2222), srcA)
+	}
+	if d.Len() != DefaultSilentMaxEntries/64 {
+		t.Fatalf("one source holds %d entries, want %d", d.Len(), DefaultSilentMaxEntries/64)
 	}
 }
 
@@ -78,7 +152,7 @@ func TestSilentCacheDefaultTTL(t *testing.T) {
 	clk := &clock{t: time.Unix(1000, 0)}
 	c := SilentCache{Now: clk.Now}
 	a := netip.MustParseAddrPort("198.18.0.1:22")
-	c.Add(a)
+	c.Learn(a, srcA)
 	clk.Advance(DefaultSilentTTL - time.Nanosecond)
 	if !c.Silent(a) {
 		t.Fatal("expired before the default TTL")
@@ -89,6 +163,9 @@ func TestSilentCacheDefaultTTL(t *testing.T) {
 	}
 }
 
+// source i is a distinct IPv4 client.
+func source(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)}) }
+
 func TestSilentCacheBound(t *testing.T) {
 	clk := &clock{t: time.Unix(1000, 0)}
 	c := SilentCache{MaxEntries: 3, Now: clk.Now}
@@ -96,18 +173,18 @@ func TestSilentCacheBound(t *testing.T) {
 		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}), 22)
 	}
 	for i := range 3 {
-		c.Add(addr(i))
+		c.Learn(addr(i), source(i))
 		clk.Advance(time.Second)
 	}
-	c.Add(addr(0)) // renewing 0 makes 1 the oldest
-	c.Add(addr(3))
+	c.Learn(addr(0), source(9)) // renewing 0 makes 1 the oldest
+	c.Learn(addr(3), source(3))
 	if c.Len() != 3 || c.Silent(addr(1)) || !c.Silent(addr(0)) || !c.Silent(addr(2)) || !c.Silent(addr(3)) {
 		t.Fatalf("after eviction: len %d", c.Len())
 	}
 
 	var d SilentCache
 	for i := range DefaultSilentMaxEntries + 10 {
-		d.Add(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 22))
+		d.Learn(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 22), source(i))
 	}
 	if d.Len() != DefaultSilentMaxEntries {
 		t.Fatalf("default bound: len %d", d.Len())
@@ -116,15 +193,34 @@ func TestSilentCacheBound(t *testing.T) {
 
 func TestSilentCacheUnmaps(t *testing.T) {
 	var c SilentCache
-	c.Add(netip.MustParseAddrPort("[::ffff:198.18.0.1]:22"))
+	c.Learn(netip.MustParseAddrPort("[::ffff:198.18.0.1]:22"), netip.MustParseAddr("::ffff:198.18.1.2"))
 	if !c.Silent(netip.MustParseAddrPort("198.18.0.1:22")) {
 		t.Fatal("mapped and plain IPv4 differ")
+	}
+	c.Learn(netip.MustParseAddrPort("198.18.0.1:22"), srcA) // the same source, unmapped
+	if c.Len() != 1 {
+		t.Fatalf("Len = %d", c.Len())
+	}
+}
+
+func TestSourceKey(t *testing.T) {
+	for in, want := range map[string]string{
+		"198.18.1.2":         "198.18.1.2/32",
+		"::ffff:198.18.1.2":  "198.18.1.2/32",
+		"fd00:1:2:3:4:5:6:7": "fd00:1:2:3::/64",
+	} {
+		if got := SourceKey(netip.MustParseAddr(in)); got.String() != want {
+			t.Errorf("SourceKey(%s) = %s, want %s", in, got, want)
+		}
+	}
+	if k := SourceKey(netip.Addr{}); k.IsValid() {
+		t.Errorf("SourceKey(zero) = %v, want the zero Prefix", k)
 	}
 }
 
 // TestSilentCacheConcurrent is for the race detector.
 func TestSilentCacheConcurrent(t *testing.T) {
-	c := SilentCache{MaxEntries: 50, TTL: time.Millisecond}
+	c := SilentCache{MaxEntries: 50, PerSource: 20, TTL: time.Millisecond}
 	var wg sync.WaitGroup
 	for g := range 8 {
 		wg.Add(1)
@@ -134,7 +230,7 @@ func TestSilentCacheConcurrent(t *testing.T) {
 				a := netip.MustParseAddrPort(fmt.Sprintf("198.18.%d.%d:22", g, i%100))
 				switch i % 3 {
 				case 0:
-					c.Add(a)
+					c.Learn(a, source(i%7))
 				case 1:
 					c.Silent(a)
 				default:

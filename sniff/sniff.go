@@ -10,9 +10,10 @@
 // bytes cannot be their protocol. Peek is the only function that reads from a
 // connection: it reads under a deadline and a byte cap until a parser answers,
 // and hands back every byte it read so the caller can replay them upstream.
-// SilentCache remembers destinations whose clients wait for the server to
-// speak first (SSH, SMTP, …) so later connections need not wait for the
-// deadline.
+// SilentCache remembers destinations whose server was seen speaking first
+// (SSH, SMTP, …) so later connections need not wait for the deadline; it
+// learns only from that evidence, and one source is bounded in what it can
+// make it remember.
 //
 // Sniffing is advisory: nothing here drops, consumes or alters a connection,
 // or holds it past the deadline. Whatever the outcome, the caller sends the

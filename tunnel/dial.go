@@ -265,6 +265,13 @@ func isTargetFailure(err error) bool {
 	return errors.As(err, &tf) && tf.targetFailure()
 }
 
+// isRequestRefused reports whether err is an upstream that works refusing
+// one request, which another upstream might accept.
+func isRequestRefused(err error) bool {
+	var rr interface{ requestRefused() bool }
+	return errors.As(err, &rr) && rr.requestRefused()
+}
+
 // readError says which read of a handshake failed. An EOF there is
 // unexpected. It keeps Timeout, so (*net.OpError).Timeout still answers
 // for a handshake that timed out.

@@ -91,7 +91,12 @@ type ProbeConfig struct {
 // shutting down, which says nothing about the upstream), and a target
 // failure (a direct dial that failed, or a proxy that answered that the
 // destination refused or is unreachable: another upstream would hear the
-// same).
+// same). A proxy that refuses the request itself (its rules deny this
+// target, it cannot resolve the name) is not benched either, but the next
+// upstream is tried. The target is the client's choice: only failures no
+// target could cause (the proxy unreachable, a broken or silent handshake,
+// our credentials refused) bench an upstream, so one client asking for bad
+// destinations cannot take upstreams away from the others.
 //
 // The returned upstream is the one that carries the connection; on error
 // it is the last one tried (nil if none), for the access log.
@@ -126,6 +131,10 @@ func (g *Group) DialContext(ctx context.Context, network, address, key string) (
 		case isTargetFailure(err):
 			g.markUp(u, "dial") // it answered
 			return nil, u, fmt.Errorf("group %q: upstream %s: %w", g.Name, u.Name, err)
+		case isRequestRefused(err):
+			g.markUp(u, "dial") // it answered
+			errs = append(errs, fmt.Errorf("upstream %s: %w", u.Name, err))
+			continue
 		}
 		g.markDown(u, err)
 		errs = append(errs, fmt.Errorf("upstream %s: %w", u.Name, err))

@@ -83,6 +83,15 @@ func (e *statusError) targetFailure() bool {
 	return e.code == 502 || e.code == 503 || e.code == 504
 }
 
+// requestRefused: any other 4xx but 407 is the proxy refusing this request
+// (squid answers 403 for a port or domain its rules deny, 400 for a name
+// it finds malformed). The client chose the target, so this must not bench
+// the upstream for every other client. 407 (our credentials) and other 5xx
+// are the upstream's own failures.
+func (e *statusError) requestRefused() bool {
+	return e.code/100 == 4 && e.code != 407
+}
+
 // checkStatus parses the status line of head ("HTTP/1.x NNN reason") and
 // returns nil for 2xx. The header fields are not needed: a 2xx reply to
 // CONNECT has no content.

@@ -41,6 +41,13 @@ type relay struct {
 	idle    time.Duration
 	timer   *time.Timer // the idle timeout
 	onDone  func(up, down int64, err error)
+
+	// onFirst, when set before start, hears which side's bytes moved
+	// first: the server's (true) or the client's. The tunnel sets it only
+	// on connections that may teach its silent cache, so for all others it
+	// costs one untaken branch per read.
+	onFirst func(server bool)
+	first   atomic.Bool // a direction has moved bytes (with onFirst set)
 }
 
 func newRelay(client *net.TCPConn) *relay { return &relay{client: client} }
@@ -147,8 +154,9 @@ func (r *relay) close() error {
 func (r *relay) start(idle time.Duration, done func(up, down int64, err error)) {
 	r.idle, r.onDone = idle, done
 	r.last.Store(time.Now().UnixNano())
-	r.dirs[0] = direction{r: r, src: r.client, dst: r.server, name: "client->server"}
-	r.dirs[1] = direction{r: r, src: r.server, dst: r.client, name: "server->client"}
+	watch := r.onFirst != nil
+	r.dirs[0] = direction{r: r, src: r.client, dst: r.server, name: "client->server", watch: watch}
+	r.dirs[1] = direction{r: r, src: r.server, dst: r.client, name: "server->client", watch: watch}
 	r.pending.Store(2)
 	r.mu.Lock() // checkIdle reads r.timer
 	r.timer = time.AfterFunc(idle, r.checkIdle)
@@ -184,7 +192,19 @@ type direction struct {
 	name     string
 	n        int64 // bytes moved; read once the direction ended
 	state    atomic.Int32
-	sys      // what the platform's pump keeps
+	watch    bool // its first bytes are still to be reported to r.onFirst
+	sys           // what the platform's pump keeps
+}
+
+// firstBytes is called by pump when d has read its first bytes, if d.watch:
+// whichever direction gets here first tells r.onFirst whose bytes came
+// first. Neither direction has written anything yet at that moment, so the
+// server's bytes coming first mean it spoke before hearing the client.
+func (d *direction) firstBytes() {
+	d.watch = false
+	if d.r.first.CompareAndSwap(false, true) {
+		d.r.onFirst(d == &d.r.dirs[1])
+	}
 }
 
 // end finishes d after its copy stopped with err (nil at EOF): on EOF it

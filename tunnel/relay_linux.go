@@ -137,6 +137,9 @@ func (d *direction) pump() {
 			d.end(nil)
 			return
 		}
+		if d.watch {
+			d.firstBytes()
+		}
 		err = d.dstRC.Write(drain)
 		d.r.last.Store(time.Now().UnixNano())
 		switch {

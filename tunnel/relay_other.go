@@ -14,7 +14,9 @@ type sys struct{}
 const chunk = 256 << 10
 
 // pump copies d.src to d.dst until EOF or an error, holding its goroutine
-// throughout; the relay's idle timer ends it when nothing moves.
+// throughout; the relay's idle timer ends it when nothing moves. It does not
+// report first bytes (relay.onFirst): a copy here returns after its bytes
+// were written on, too late to tell who spoke first, so nothing is learned.
 func (d *direction) pump() {
 	lr := io.LimitedReader{R: d.src}
 	for {

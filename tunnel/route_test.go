@@ -224,7 +224,7 @@ func benchRouter(n, kinds int) *Router {
 }
 
 // The name sent upstream: the sniffed name only when the route trusts it
-// and it names the destination itself.
+// and it names the destination itself (an ECH outer name does).
 func TestProxyTarget(t *testing.T) {
 	var tun Tunnel
 	dst := netip.MustParseAddrPort("198.18.2.2:443")
@@ -235,7 +235,8 @@ func TestProxyTarget(t *testing.T) {
 	}{
 		{Override, sniff.Result{Proto: sniff.TLS, Host: "site.test"}, "site.test:443"},
 		{RouteOnly, sniff.Result{Proto: sniff.TLS, Host: "site.test"}, "198.18.2.2:443"},
-		{Override, sniff.Result{Proto: sniff.TLS, Host: "public.test", ECH: true}, "198.18.2.2:443"},
+		{Override, sniff.Result{Proto: sniff.TLS, Host: "public.test", ECH: true}, "public.test:443"},
+		{RouteOnly, sniff.Result{Proto: sniff.TLS, Host: "public.test", ECH: true}, "198.18.2.2:443"},
 		{Override, sniff.Result{Proto: sniff.HTTP, Host: "next.test", ViaProxy: true}, "198.18.2.2:443"},
 		{Override, sniff.Result{Proto: sniff.Unknown}, "198.18.2.2:443"},
 	} {

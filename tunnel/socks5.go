@@ -199,3 +199,10 @@ func (e socksReplyError) Error() string {
 
 // targetFailure: 0x03–0x06 say the proxy could not reach the destination.
 func (e socksReplyError) targetFailure() bool { return 0x03 <= e && e <= 0x06 }
+
+// requestRefused: the proxy works but would not do this request: 0x01
+// (microsocks answers it for a name it cannot resolve), 0x02 (its rules
+// refuse this destination), 0x08 (it cannot take this kind of address, a
+// name for one). Which target a request names is up to the client, so none
+// of these may bench the upstream for every other client.
+func (e socksReplyError) requestRefused() bool { return e == 0x01 || e == 0x02 || e == 0x08 }

@@ -66,8 +66,10 @@ type Tunnel struct {
 	MaxConns int
 	// MaxSniffing caps the connections in the sniffing stage at once; one
 	// beyond it is routed by IP without waiting for its first bytes (sniff
-	// outcome "busy"), so silent clients cannot hold up others. Zero means
-	// 1024; negative means no cap.
+	// outcome "busy"), so silent clients cannot hold up others. One source
+	// (an IPv4 address, an IPv6 /64) holds at most a sixteenth of the slots
+	// (at least one), so a single client opening silent connections cannot
+	// make everyone else's "busy". Zero means 1024; negative means no cap.
 	MaxSniffing int
 	// Observer hears about every connection (detour's metrics). Nil means
 	// nobody.
@@ -75,6 +77,7 @@ type Tunnel struct {
 
 	router   atomic.Pointer[Router]
 	sniffing atomic.Int64 // connections in the sniffing stage
+	sniffers sourceCount  // the same, per source
 	limitLog atomic.Int64 // UnixNano of the last "limit reached" warning
 	silent   sniff.SilentCache
 	// directDialer reaches original destinations (timeout, socket mark);
@@ -108,8 +111,8 @@ type SniffOptions struct {
 	// is tried, so their clients wait for nothing. Nil means
 	// DefaultSkipPorts; an empty, non-nil list skips none.
 	SkipPorts []ports.Range
-	// SilentTTL and SilentEntries size the memory of destinations whose
-	// client stayed silent until the timeout: their next connections skip
+	// SilentTTL and SilentEntries size the memory of destinations seen to
+	// speak first (see Tunnel.watchFirst): their next connections skip
 	// sniffing. Zero means the sniff package's defaults (10m, 4096).
 	SilentTTL     time.Duration
 	SilentEntries int
@@ -128,7 +131,7 @@ type Observer interface {
 	// "not_redirected" or "limit".
 	Refused(reason string)
 	// Sniffed: what peeking found; outcome is a sniff.Outcome's name, or
-	// "skipped" (server-first port or silent destination), "busy" (too many
+	// "skipped" (server-first port or destination), "busy" (too many
 	// sniffing) or "off".
 	Sniffed(proto sniff.Proto, outcome string, took time.Duration)
 	// Dialed: a connection to the destination or an upstream was tried.
@@ -225,9 +228,11 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	// One routing table for the whole connection, though a reload may
 	// install another while it is sniffed.
 	router := t.router.Load()
+	src := addrPort(client.RemoteAddr()).Addr()
 	var (
 		route    Action
 		dialed   bool // connected before the sniff
+		watch    bool // may teach the silent cache: see watchFirst
 		server   *net.TCPConn
 		upstream *Upstream
 		target   string
@@ -241,9 +246,11 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	var sniffTook time.Duration
 	switch {
 	case t.Sniff.Disabled:
-	case !t.shouldSniff(dst):
+	case t.skipPort(dst.Port()):
 		outcome = "skipped"
-	case !t.enterSniffing():
+	case t.silent.Silent(dst):
+		outcome, watch = "skipped", true
+	case !t.enterSniffing(src):
 		outcome = "busy"
 	default:
 		// When the name cannot change the route and the route is direct,
@@ -257,12 +264,13 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		var o sniff.Outcome
 		sniffStart := time.Now()
 		first, found, o, serr = sniff.Peek(client, sniff.Options{Timeout: t.Sniff.Timeout, MaxBytes: t.Sniff.MaxBytes})
-		t.sniffing.Add(-1)
+		t.leaveSniffing(src)
 		sniffTook = time.Since(sniffStart)
 		outcome = o.String()
-		if o == sniff.Timeout && len(first) == 0 {
-			t.silent.Add(dst) // a server-first protocol: don't wait next time
-		}
+		// A client silent until the timeout may be waiting for its
+		// server to greet, or be a preconnect that speaks later: the
+		// relay will tell.
+		watch = o == sniff.Timeout && len(first) == 0
 		if err == nil && o == sniff.Closed && isReset(serr) {
 			err = fmt.Errorf("client: %w", serr)
 		}
@@ -310,6 +318,9 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 				t.finish(r, info, 0, 0, fmt.Errorf("client->server: replaying %d sniffed bytes: %w", replayed, werr))
 				return
 			}
+		}
+		if watch {
+			r.onFirst = t.watchFirst(dst, src, time.Now())
 		}
 		r.start(t.idleTimeout(), func(up, down int64, err error) {
 			t.finish(r, info, up+replayed, down, err)
@@ -403,17 +414,101 @@ func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff
 	return server, upstream, target, nil
 }
 
-// enterSniffing takes one of MaxSniffing slots; the caller gives it back.
-func (t *Tunnel) enterSniffing() bool {
-	limit := int64(t.MaxSniffing)
-	if limit == 0 {
-		limit = 1024
+// serverFirstWindow bounds how long after the relay starts a server's first
+// bytes count as a greeting. Banners come at once; a server that speaks only
+// after a long silence (an HTTP server timing out a request it never got)
+// is not server-first, and must not turn sniffing off for its clients.
+const serverFirstWindow = 5 * time.Second
+
+// watchFirst is the relay's onFirst for a connection to dst from src that
+// may teach the silent cache: one whose client sent nothing until the sniff
+// timeout, or one not sniffed because dst is in the cache; the relay starts
+// at start. The side whose bytes come first decides:
+//   - the server's, within serverFirstWindow: dst greets its clients, so
+//     later ones skip the sniff (or, for a cached dst, the entry is renewed,
+//     if src is not the source that last did);
+//   - the client's: dst is not server-first, whatever was learned before;
+//     the entry ends at once.
+//
+// Neither side speaking teaches nothing. So only evidence writes the
+// cache, any client can end an entry, and one source cannot fill it or keep
+// an entry alive (sniff.SilentCache bounds each source).
+func (t *Tunnel) watchFirst(dst netip.AddrPort, src netip.Addr, start time.Time) func(server bool) {
+	return func(server bool) {
+		switch {
+		case !server:
+			t.silent.Forget(dst)
+		case time.Since(start) < serverFirstWindow:
+			t.silent.Learn(dst, src)
+		}
 	}
-	if n := t.sniffing.Add(1); limit > 0 && n > limit {
+}
+
+// sniffLimits are the MaxSniffing slots, in all and for one source.
+func (t *Tunnel) sniffLimits() (all, perSource int) {
+	all = t.MaxSniffing
+	if all == 0 {
+		all = 1024
+	}
+	return all, max(all/16, 1)
+}
+
+// enterSniffing takes one of MaxSniffing slots for a connection from src,
+// unless they are all taken or src holds its share; the caller gives it back
+// with leaveSniffing.
+func (t *Tunnel) enterSniffing(src netip.Addr) bool {
+	all, perSource := t.sniffLimits()
+	if all < 0 {
+		return true
+	}
+	if n := t.sniffing.Add(1); n > int64(all) {
+		t.sniffing.Add(-1)
+		return false
+	}
+	if !t.sniffers.add(sniff.SourceKey(src), perSource) {
 		t.sniffing.Add(-1)
 		return false
 	}
 	return true
+}
+
+// leaveSniffing gives back the slot enterSniffing took.
+func (t *Tunnel) leaveSniffing(src netip.Addr) {
+	if all, _ := t.sniffLimits(); all < 0 {
+		return
+	}
+	t.sniffers.done(sniff.SourceKey(src))
+	t.sniffing.Add(-1)
+}
+
+// sourceCount counts what each source holds, for per-source limits. The
+// zero value is ready to use.
+type sourceCount struct {
+	mu sync.Mutex
+	n  map[netip.Prefix]int
+}
+
+// add counts one more for src unless it holds limit already.
+func (c *sourceCount) add(src netip.Prefix, limit int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n[src] >= limit {
+		return false
+	}
+	if c.n == nil {
+		c.n = make(map[netip.Prefix]int)
+	}
+	c.n[src]++
+	return true
+}
+
+// done counts one less for src.
+func (c *sourceCount) done(src netip.Prefix) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.n[src]--; c.n[src] <= 0 {
+		delete(c.n, src)
+	}
 }
 
 // refusedForLimit reports a connection reset because MaxConns were being
@@ -429,26 +524,29 @@ func (t *Tunnel) refusedForLimit(c *net.TCPConn) {
 	}
 }
 
-// shouldSniff decides before any byte is read: not for server-first ports,
-// not for a destination whose clients were silent lately.
-func (t *Tunnel) shouldSniff(dst netip.AddrPort) bool {
+// skipPort reports whether port is one of the server-first ports never
+// sniffed.
+func (t *Tunnel) skipPort(port uint16) bool {
 	skip := t.Sniff.SkipPorts
 	if skip == nil {
 		skip = DefaultSkipPorts
 	}
-	return !ports.AnyContains(skip, dst.Port()) && !t.silent.Silent(dst)
+	return ports.AnyContains(skip, port)
 }
 
 // proxyTarget is what an upstream is asked to connect to: the sniffed name
 // with the original port when the route's name mode allows it, else the
-// original IP and port. An ECH outer name is never sent: it names the
-// client-facing server, not the site.
+// original IP and port. A ClientHello with encrypted_client_hello is no
+// exception: its outer name is where the TLS connection really goes (the
+// site itself under GREASE ECH, which every Chromium and Firefox hello
+// carries; the client-facing server that decrypts the inner hello under real
+// ECH), so the upstream is asked for it like for any other name.
 //
 // A request meant for an explicit proxy (CONNECT, or an absolute-form
 // target) names the proxy's next hop, not dst: such a name routes but is not
 // sent.
 func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, dst netip.AddrPort, found sniff.Result) string {
-	if found.Host == "" || found.ECH || found.ViaProxy || mode == RouteOnly {
+	if found.Host == "" || found.ViaProxy || mode == RouteOnly {
 		return dst.String()
 	}
 	named := net.JoinHostPort(found.Host, fmt.Sprint(dst.Port()))

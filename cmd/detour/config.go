@@ -44,8 +44,9 @@ type sniffConfig struct {
 	// SkipPorts are destination ports whose server speaks first (SSH,
 	// SMTP, …): no sniffing is tried. Replaces the default list.
 	SkipPorts *stringList `yaml:"skip_ports"`
-	// SilentTTL is how long a destination whose client stayed silent is
-	// remembered (its next connections skip the wait); 0 keeps the default.
+	// SilentTTL is how long a destination seen speaking first (its server
+	// greeted a silent client) is remembered, so its next connections skip
+	// the wait; 0 keeps the default.
 	SilentTTL duration `yaml:"silent_ttl"`
 	// SilentEntries bounds that memory.
 	SilentEntries int `yaml:"silent_entries"`

@@ -1,0 +1,92 @@
+package tunnel
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+// One client asking, again and again, for destinations the upstream cannot
+// or will not reach must not bench that upstream for everyone else: the
+// target is the client's choice. Refusals of the request try the next
+// upstream; target failures end the search; neither benches.
+func TestGroupClientChosenFailuresBenchNobody(t *testing.T) {
+	httpRefusing := func(status string) func(t *testing.T) *Upstream {
+		return func(t *testing.T) *Upstream {
+			p := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
+				replyWith("HTTP/1.1 " + status + "\r\nContent-Length: 0\r\n\r\n")(c)
+			})
+			return &Upstream{Name: "http " + status, Dialer: &HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: 5 * time.Second}}}
+		}
+	}
+	socksRefusing := func(rep byte) func(t *testing.T) *Upstream {
+		return func(t *testing.T) *Upstream {
+			return socksUpstream("socks", (&socksServer{rep: rep}).start(t).addr)
+		}
+	}
+	for _, tc := range []struct {
+		name     string
+		upstream func(t *testing.T) *Upstream
+		failover bool // the next upstream is tried (else: a target failure)
+	}{
+		{"socks general failure", socksRefusing(0x01), true},
+		{"socks not allowed by ruleset", socksRefusing(0x02), true},
+		{"socks address type not supported", socksRefusing(0x08), true},
+		{"socks host unreachable", socksRefusing(0x04), false},
+		{"socks connection refused", socksRefusing(0x05), false},
+		{"http 403", httpRefusing("403 Forbidden"), true},
+		{"http 400", httpRefusing("400 Bad Request"), true},
+		{"http 502", httpRefusing("502 Bad Gateway"), false},
+		{"http 503", httpRefusing("503 Service Unavailable"), false},
+		{"http 504", httpRefusing("504 Gateway Timeout"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkGoroutines(t)
+			a := tc.upstream(t)
+			b := socksUpstream("b", (&socksServer{}).start(t).addr)
+			g, _, logs := newTestGroup(a, b)
+			for i := range 20 {
+				// Round-robin starts at a on every other dial.
+				c, u, err := g.DialContext(context.Background(), "tcp", "bad.test:443", "")
+				if c != nil {
+					c.Close()
+					u.Release()
+				}
+				switch {
+				case u == a && tc.failover:
+					t.Fatalf("dial %d: carried by the refusing upstream", i)
+				case u == a && !tc.failover && err == nil:
+					t.Fatalf("dial %d: the failing upstream carried it", i)
+				case u == b && err != nil:
+					t.Fatalf("dial %d through b: %v", i, err)
+				}
+			}
+			if !a.Up() || !b.Up() || strings.Contains(logs.String(), "upstream down") {
+				t.Fatalf("a up %v, b up %v; log: %s", a.Up(), b.Up(), logs)
+			}
+		})
+	}
+}
+
+// Failures no target could cause still bench: the proxy refusing our
+// credentials.
+func TestGroupProxyAuthFailureBenches(t *testing.T) {
+	checkGoroutines(t)
+	p := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
+		replyWith("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")(c)
+	})
+	a := &Upstream{Name: "auth", Dialer: &HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: 5 * time.Second}}}
+	b := socksUpstream("b", (&socksServer{}).start(t).addr)
+	g, _, logs := newTestGroup(a, b)
+	c, u, err := g.DialContext(context.Background(), "tcp", "site.test:443", "")
+	if err != nil || u != b {
+		t.Fatalf("dial = %v, %v; want failover to b", u, err)
+	}
+	c.Close()
+	u.Release()
+	if a.Up() || !strings.Contains(logs.String(), "upstream down") {
+		t.Fatalf("a up %v after a 407; log: %s", a.Up(), logs)
+	}
+}
