@@ -35,6 +35,7 @@ unit:
 # corpora (sniff/testdata, tunnel/proxyport/testdata) already ran as unit
 # tests. A hang fails at -timeout.
 FUZZTARGETS := sniff:FuzzTLS sniff:FuzzHTTP sniff:FuzzParse \
+	sniff:FuzzQUIC sniff:FuzzQUICFrames sniff:FuzzDNS \
 	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS
 fuzz:
 	@for t in $(FUZZTARGETS); do \

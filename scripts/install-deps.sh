@@ -17,8 +17,10 @@ packages=(
 	python3-requests # HTTP_PROXY client in the proxy-port tests and corpus
 	procps      # ps, pkill
 	kmod        # modprobe, for the kernel checks
-	chromium    # a real browser client in the sniff tests
+	chromium    # a real browser client in the sniff tests (and over QUIC)
 	firefox-esr # the other real browser, through upstreams in the browser tests
+	bind9-dnsutils # dig, a real DNS client (UDP tests, sniff corpus)
+	ngtcp2-client  # gtlsclient, a real QUIC client (UDP tests, sniff corpus)
 	squid          # HTTP CONNECT upstream (with Basic auth) in the upstream tests
 	dante-server   # danted, SOCKS5 upstream in the upstream tests
 	microsocks     # SOCKS5 upstream with user/password in the upstream tests

@@ -1,7 +1,9 @@
 // Package sniff learns the hostname a TCP client is asking for from the first
 // bytes it sends: the server_name of a TLS ClientHello, the Host (or the
 // absolute-form target) of an HTTP/1.x request head, or the :authority of the
-// first HEADERS frame of a prior-knowledge h2c connection.
+// first HEADERS frame of a prior-knowledge h2c connection. For UDP it reads
+// the ClientHello inside a QUIC flow's Initial packets (QUICAssembler) and the
+// question of a DNS query (DNSQuery).
 //
 // The parsers (ParseTLS, ParseHTTP, Parse) are pure functions over a byte
 // slice: they do no I/O, never modify their input, never retain it, and answer
@@ -47,30 +49,30 @@ const (
 	TLS                  // a TLS ClientHello
 	HTTP                 // an HTTP/1.x request
 	H2C                  // HTTP/2 with prior knowledge, in the clear
+	QUIC                 // a QUIC Initial carrying a TLS ClientHello (QUICAssembler)
+	DNS                  // a DNS query (DNSQuery)
 )
 
-// String returns "unknown", "tls", "http" or "h2c".
+// protoNames are the names of the protocols, by value.
+var protoNames = [...]string{Unknown: "unknown", TLS: "tls", HTTP: "http", H2C: "h2c", QUIC: "quic", DNS: "dns"}
+
+// String returns "unknown", "tls", "http", "h2c", "quic" or "dns".
 func (p Proto) String() string {
-	switch p {
-	case TLS:
-		return "tls"
-	case HTTP:
-		return "http"
-	case H2C:
-		return "h2c"
+	if int(p) < len(protoNames) {
+		return protoNames[p]
 	}
 	return "unknown"
 }
 
-// ParseProto is String's inverse: "unknown", "tls", "http" or "h2c" (the
-// names routing rules use).
+// ParseProto is String's inverse: "unknown", "tls", "http", "h2c", "quic"
+// or "dns" (the names routing rules use).
 func ParseProto(s string) (Proto, error) {
-	for _, p := range []Proto{Unknown, TLS, HTTP, H2C} {
-		if s == p.String() {
-			return p, nil
+	for p, n := range protoNames {
+		if s == n {
+			return Proto(p), nil
 		}
 	}
-	return 0, fmt.Errorf("%q is not tls, http, h2c or unknown", s)
+	return 0, fmt.Errorf("%q is not tls, http, h2c, quic, dns or unknown", s)
 }
 
 // Status is a parser's answer about the bytes it was given.

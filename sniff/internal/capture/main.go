@@ -4,9 +4,15 @@
 // listens or connects anywhere but loopback. scripts/capture-first-flight.sh
 // drives it to build sniff/testdata.
 //
+// With -udp it listens on a loopback UDP port instead and records the
+// datagrams of the first client address (QUIC Initial packets, a DNS query)
+// until that client pauses for -idle or -max-datagrams arrived, never
+// answering; the file then holds each datagram prefixed with its two-byte
+// big-endian length.
+//
 // Usage:
 //
-//	capture -out FILE [-listen 127.0.0.1:0] [flags] -- CLIENT ARGS...
+//	capture -out FILE [-listen 127.0.0.1:0] [-udp] [flags] -- CLIENT ARGS...
 //	capture -out FILE -client go-tls|go-http|go-h2c -name HOST
 //
 // In CLIENT ARGS, {port} becomes the listening port and {addr} the listening
@@ -17,6 +23,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -56,6 +63,9 @@ func run() error {
 		host     = flag.String("host", "", "manifest: expected host, empty for none")
 		alpn     = flag.String("alpn", "", "manifest: expected ALPN list, comma-separated")
 		ech      = flag.Bool("ech", false, "manifest: expect encrypted_client_hello")
+		udp      = flag.Bool("udp", false, "capture the datagrams of the first UDP client instead")
+		maxDgram = flag.Int("max-datagrams", 8, "-udp: stop after this many datagrams")
+		qtype    = flag.String("qtype", "", "manifest: expected DNS QTYPE (written in the ALPN column)")
 	)
 	flag.Parse()
 	args := flag.Args()
@@ -67,19 +77,32 @@ func run() error {
 		return fmt.Errorf("-listen %q: not a loopback address and port", *listen)
 	}
 
-	ln, err := net.Listen("tcp", *listen)
-	if err != nil {
-		return err
+	flights := make(chan []byte, 1)
+	var addr string
+	if *udp {
+		if *client != "" {
+			return errors.New("-udp takes a command, not -client")
+		}
+		pc, err := net.ListenPacket("udp", *listen)
+		if err != nil {
+			return err
+		}
+		defer pc.Close()
+		addr = pc.LocalAddr().String()
+		go readDatagrams(pc, *idle, *maxDgram, flights)
+	} else {
+		ln, err := net.Listen("tcp", *listen)
+		if err != nil {
+			return err
+		}
+		defer ln.Close()
+		addr = ln.Addr().String()
+		go accept(ln, *idle, flights)
 	}
-	defer ln.Close()
-	addr := ln.Addr().String()
 	_, port, _ := net.SplitHostPort(addr)
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-
-	flights := make(chan []byte, 1)
-	go accept(ln, *idle, flights)
 
 	clientDone := make(chan error, 1)
 	if *client != "" {
@@ -129,7 +152,11 @@ func run() error {
 	}
 	log.Printf("%s: %d bytes", *out, len(flight))
 	if *manifest != "" {
-		line := strings.Join([]string{filepath.Base(*out), *proto, dash(*host), dash(*alpn), yesNo(*ech)}, " ")
+		third := *alpn
+		if *qtype != "" {
+			third = *qtype
+		}
+		line := strings.Join([]string{filepath.Base(*out), *proto, dash(*host), dash(third), yesNo(*ech)}, " ")
 		f, err := os.OpenFile(*manifest, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 		if err == nil {
 			_, err = fmt.Fprintln(f, line)
@@ -179,6 +206,34 @@ func readFlight(c net.Conn, idle time.Duration) []byte {
 		c.SetReadDeadline(time.Now().Add(idle))
 	}
 	return b
+}
+
+// readDatagrams records the datagrams the first client address sends to
+// pc until it pauses for idle or max arrived, and sends them, each prefixed
+// with its two-byte big-endian length, on flights. It never writes.
+func readDatagrams(pc net.PacketConn, idle time.Duration, max int, flights chan<- []byte) {
+	var out []byte
+	var from string
+	buf := make([]byte, 64<<10)
+	pc.SetReadDeadline(time.Now().Add(20 * time.Second)) // the first datagram
+	for n := 0; n < max; {
+		k, a, err := pc.ReadFrom(buf)
+		if err != nil {
+			break
+		}
+		if from == "" {
+			from = a.String()
+		} else if a.String() != from {
+			continue // another client or another connection: not this flow
+		}
+		out = binary.BigEndian.AppendUint16(out, uint16(k))
+		out = append(out, buf[:k]...)
+		n++
+		pc.SetReadDeadline(time.Now().Add(idle))
+	}
+	if len(out) > 0 {
+		flights <- out
+	}
 }
 
 // builtin runs one of the Go clients against addr, naming host.
