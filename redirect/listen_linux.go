@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 	"unsafe"
 
@@ -42,6 +43,93 @@ func Listen(ctx context.Context, mode Mode, addr string) (*Listener, error) {
 	return &Listener{ln: tl, mode: mode, addr: netip.AddrPortFrom(bound.Addr().Unmap(), bound.Port())}, nil
 }
 
+// ListenFile makes a Listener of an inherited listening socket: a binary
+// upgrade hands the running process's socket to its successor as an open
+// descriptor, so no connection is refused in between. It checks that f is a
+// listening TCP socket bound where Listen(mode, addr) would bind, and sets or
+// clears IP_TRANSPARENT for mode. f is closed in any case (the Listener holds
+// its own descriptor). An error means the socket cannot serve as asked (the
+// address changed, say); the caller then listens anew.
+func ListenFile(f *os.File, mode Mode, addr string) (*Listener, error) {
+	defer f.Close()
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("inherited listener %s: %w", f.Name(), err)
+	}
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		ln.Close()
+		return nil, fmt.Errorf("inherited listener %s: not a TCP socket", f.Name())
+	}
+	bound := tl.Addr().(*net.TCPAddr).AddrPort()
+	if err := checkInherited(tl, mode, bound, addr); err != nil {
+		tl.Close()
+		return nil, fmt.Errorf("inherited listener %s on %s: %w", f.Name(), bound, err)
+	}
+	return &Listener{ln: tl, mode: mode, addr: netip.AddrPortFrom(bound.Addr().Unmap(), bound.Port())}, nil
+}
+
+// checkInherited tells whether tl (bound to bound) is what Listen(mode,
+// addr) would make, and sets IP_TRANSPARENT as mode needs.
+func checkInherited(tl *net.TCPListener, mode Mode, bound netip.AddrPort, addr string) error {
+	if !SameAddr(bound, addr) {
+		return fmt.Errorf("bound to %s, not %s", bound, addr)
+	}
+	rc, err := tl.SyscallConn()
+	if err != nil {
+		return err
+	}
+	on := 0
+	if mode == TProxy {
+		on = 1
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		if v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v == 0 {
+			serr = errors.New("not a listening socket")
+			return
+		}
+		level, opt := unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+		if bound.Addr().Is4() {
+			level, opt = unix.SOL_IP, unix.IP_TRANSPARENT
+		}
+		if v, err := unix.GetsockoptInt(int(fd), level, opt); err == nil && v == on {
+			return
+		}
+		if err := unix.SetsockoptInt(int(fd), level, opt, on); err != nil {
+			serr = fmt.Errorf("setting IP_TRANSPARENT to %d for %s mode: %w (needs CAP_NET_ADMIN)", on, mode, err)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// SameAddr tells whether a socket bound to bound is what listening on addr
+// ("host:port", host empty, an IP or a name) makes: the same port and
+// address, where an empty host or "::" is the dual-stack wildcard and
+// "0.0.0.0" the IPv4-only one.
+func SameAddr(bound netip.AddrPort, addr string) bool {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || port != fmt.Sprint(bound.Port()) {
+		return false
+	}
+	if host == "" {
+		host = "::"
+	}
+	want, err := netip.ParseAddr(host)
+	if err != nil {
+		ips, err := net.LookupIP(host)
+		if err != nil || len(ips) == 0 {
+			return false
+		}
+		want, _ = netip.AddrFromSlice(ips[0])
+	}
+	got := bound.Addr()
+	return got == want || (!want.IsUnspecified() && got.Unmap() == want.Unmap())
+}
+
 // transparentControl sets IP_TRANSPARENT (IPv4) or IPV6_TRANSPARENT (IPv6 and
 // dual-stack; the kernel keeps one flag for both) on a listening socket so it
 // may accept connections addressed to any IP, as TPROXY requires.
@@ -74,6 +162,10 @@ func (l *Listener) Close() error { return l.ln.Close() }
 
 // Addr is the listening address.
 func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
+
+// SyscallConn gives access to the listening socket, to hand it to a
+// successor process (see ListenFile).
+func (l *Listener) SyscallConn() (syscall.RawConn, error) { return l.ln.SyscallConn() }
 
 // Mode is the mode the listener was opened in.
 func (l *Listener) Mode() Mode { return l.mode }

@@ -67,3 +67,63 @@ func TestIsSelf(t *testing.T) {
 		}
 	}
 }
+
+// A listening socket handed over as a file serves on in the new Listener;
+// one bound elsewhere than asked is refused.
+func TestListenFile(t *testing.T) {
+	ln, err := Listen(context.Background(), Redirect, "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	addr := ln.Addr().String()
+	dup := func() *os.File {
+		f, err := ln.ln.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	if _, err := ListenFile(dup(), Redirect, "127.0.0.2:1"); err == nil {
+		t.Fatal("ListenFile accepted a socket bound elsewhere")
+	}
+	ln2, err := ListenFile(dup(), Redirect, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln2.Close()
+	ln.Close() // the socket lives on in ln2
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("dial after the first listener closed: %v", err)
+	}
+	defer c.Close()
+	ac, err := ln2.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ac.Close()
+}
+
+func TestSameAddr(t *testing.T) {
+	ap := netip.MustParseAddrPort
+	for _, tc := range []struct {
+		bound string
+		addr  string
+		want  bool
+	}{
+		{"[::]:7777", ":7777", true},
+		{"[::]:7777", "[::]:7777", true},
+		{"[::]:7777", "0.0.0.0:7777", false},
+		{"0.0.0.0:7777", "0.0.0.0:7777", true},
+		{"0.0.0.0:7777", ":7777", false},
+		{"127.0.0.1:9090", "127.0.0.1:9090", true},
+		{"127.0.0.1:9090", "localhost:9090", true},
+		{"127.0.0.1:9090", "127.0.0.1:9091", false},
+		{"[::ffff:127.0.0.1]:9090", "127.0.0.1:9090", true},
+	} {
+		if got := SameAddr(ap(tc.bound), tc.addr); got != tc.want {
+			t.Errorf("SameAddr(%s, %q) = %v, want %v", tc.bound, tc.addr, got, tc.want)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 )
 
@@ -17,6 +18,18 @@ type Listener struct{}
 
 // Listen fails on this OS.
 func Listen(ctx context.Context, mode Mode, addr string) (*Listener, error) { return nil, errNotLinux }
+
+// ListenFile fails on this OS.
+func ListenFile(f *os.File, mode Mode, addr string) (*Listener, error) {
+	f.Close()
+	return nil, errNotLinux
+}
+
+// SameAddr is false on this OS.
+func SameAddr(bound netip.AddrPort, addr string) bool { return false }
+
+// SyscallConn fails on this OS.
+func (l *Listener) SyscallConn() (syscall.RawConn, error) { return nil, errNotLinux }
 
 // Accept fails on this OS.
 func (l *Listener) Accept() (*net.TCPConn, error) { return nil, errNotLinux }
@@ -39,3 +52,6 @@ func (l *Listener) OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) error {
 	return func(string, string, syscall.RawConn) error { return errNotLinux }
 }
+
+// MarkLoops fails on this OS.
+func MarkLoops(mark uint32) ([]Problem, error) { return nil, errNotLinux }

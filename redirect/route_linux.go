@@ -243,3 +243,68 @@ func routeString(rt netlink.Route) string {
 	}
 	return s + fmt.Sprintf(" table %d proto %d", rt.Table, rt.Protocol)
 }
+
+// MarkLoops lists the ip rules, not detour's own, that send packets
+// carrying mark (detour's socket mark) to a table whose default route is
+// `local`: there detour's outbound connections are delivered back to this
+// host instead of leaving it, and a TPROXY rule without a mark exemption
+// hands them to detour again, a routing loop. A rule matches when
+// (mark & mask) == (fwmark & mask), the kernel's test. Each Problem names
+// the rule and the fix. It opens a netlink socket in the calling thread's
+// network namespace.
+func MarkLoops(mark uint32) ([]Problem, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("opening a netlink socket: %w", err)
+	}
+	defer h.Close()
+	return markLoops(h, mark)
+}
+
+func markLoops(nl routingAPI, mark uint32) ([]Problem, error) {
+	var out []Problem
+	for _, f := range []Family{IPv4, IPv6} {
+		// ip rule show
+		rules, err := nl.RuleListFiltered(nlFamily(f), nil, 0)
+		if err != nil {
+			return nil, fmt.Errorf("listing ip rules: %w", err)
+		}
+		for _, r := range rules {
+			if r.Protocol == RouteProtocol || (r.Mark == 0 && r.Mask == nil) || r.Table <= 0 {
+				continue // detour's own, no fwmark selector, or no table lookup
+			}
+			mask := ^uint32(0)
+			if r.Mask != nil {
+				mask = *r.Mask
+			}
+			if (mark&mask == r.Mark&mask) == r.Invert {
+				continue
+			}
+			// ip route show table TABLE
+			routes, err := nl.RouteListFiltered(nlFamily(f), &netlink.Route{Table: r.Table}, netlink.RT_FILTER_TABLE)
+			if err != nil {
+				return nil, fmt.Errorf("listing routes of table %d: %w", r.Table, err)
+			}
+			for _, rt := range routes {
+				if rt.Type != unix.RTN_LOCAL || (rt.Dst != nil && !isDefault(rt.Dst)) {
+					continue
+				}
+				fix := fmt.Sprintf("give detour a mark this rule does not match (--mark %s: (mark & %s) must differ from %s)",
+					hex(mark^(mask&-mask)), hex(mask), hex(r.Mark&mask))
+				if mark^(mask&-mask) == 0 || mask == 0 {
+					fix = "give detour a mark this rule does not match (--mark)"
+				}
+				out = append(out, Problem{Msg: fmt.Sprintf(
+					"%s rule %s matches detour's mark %s and its table holds %s: detour's own connections would be delivered back to this host (a routing loop once a TPROXY rule without a mark exemption takes them); %s, or narrow the rule's mask so it leaves %s alone",
+					ipCmd(f), ruleString(r), hex(mark), routeString(rt), fix, hex(mark))})
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+func isDefault(n *net.IPNet) bool {
+	ones, _ := n.Mask.Size()
+	return ones == 0
+}

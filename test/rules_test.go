@@ -390,12 +390,12 @@ func TestRulesInstallIdempotentAndReplace(t *testing.T) {
 }
 
 // A host firewall reload wipes detour's iptables rules; the running detour
-// puts them back, on SIGUSR2 or at its next periodic check, and says so.
+// puts them back, on SIGUSR1 or at its next periodic check, and says so.
 func TestRulesRestoredAfterFirewallReload(t *testing.T) {
 	for _, tc := range []struct {
 		mode, recheck string
 	}{
-		{"redirect", "0"},   // on demand: SIGUSR2
+		{"redirect", "0"},   // on demand: SIGUSR1
 		{"tproxy", "300ms"}, // periodic
 	} {
 		t.Run(tc.mode, func(t *testing.T) {
@@ -430,7 +430,7 @@ func TestRulesRestoredAfterFirewallReload(t *testing.T) {
 				if out := curlFrom(t, tp, tp.C, httpURL(server)); !strings.Contains(out, "you are "+families[0].client+"\n") {
 					t.Fatalf("after the reload curl = %q; want it straight to the server", out)
 				}
-				d.cmd.Process.Signal(syscall.SIGUSR2)
+				d.cmd.Process.Signal(syscall.SIGUSR1)
 			}
 			d.waitLog(t, 10*time.Second, "rules restored", nil)
 			// A periodic check may have come between the two wipes: wait
@@ -445,8 +445,8 @@ func TestRulesRestoredAfterFirewallReload(t *testing.T) {
 			}
 			d.waitLog(t, 5*time.Second, "conn", map[string]string{"dst": net.JoinHostPort(server, "80")})
 			if tc.mode == "redirect" {
-				// Nothing missing now: SIGUSR2 just checks.
-				d.cmd.Process.Signal(syscall.SIGUSR2)
+				// Nothing missing now: SIGUSR1 just checks.
+				d.cmd.Process.Signal(syscall.SIGUSR1)
 				d.waitLog(t, 5*time.Second, "rules checked", nil)
 				if n := len(d.find("rules restored", nil)); n != 1 {
 					t.Errorf("%d restores, want 1", n)

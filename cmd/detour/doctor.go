@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -16,12 +18,25 @@ import (
 // on this machine, each failure with what to do about it. Exit status 1 if
 // anything would stop detour from working.
 func doctorCommand(args []string, stdout, stderr io.Writer) int {
-	if len(args) > 0 {
-		if args[0] == "-h" || args[0] == "--help" {
-			fmt.Fprintln(stdout, "usage: detour doctor\n\nChecks the kernel features, sysctls, iptables and detour's rules on this machine.")
+	mark := uint32(redirect.DefaultMark)
+	fs := flag.NewFlagSet("detour doctor", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.Func("mark", "detour's socket mark, checked against the ip rules (default 0x2d)", func(s string) (err error) {
+		mark, err = redirect.ParseMark(s)
+		return err
+	})
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(stdout, "usage: detour doctor [--mark MARK]\n\nChecks the kernel features, sysctls, iptables, ip rules and detour's rules on this machine.")
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
 			return exitOK
 		}
-		fmt.Fprintf(stderr, "detour doctor: unexpected argument %q (doctor takes none)\n", args[0])
+		fmt.Fprintf(stderr, "detour doctor: %v\n", flagError(err))
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "detour doctor: unexpected argument %q\n", fs.Arg(0))
 		return exitUsage
 	}
 	failed := false
@@ -98,6 +113,18 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	if rpOK {
 		line("ok", "rp_filter: no interface would drop TPROXY traffic")
+	}
+
+	// ip rules of others that send detour's marked packets back to this
+	// host (TPROXY's routing loop).
+	if problems, err := redirect.MarkLoops(mark); err != nil {
+		line("warn", fmt.Sprintf("cannot list the ip rules: %v", err))
+	} else if len(problems) == 0 {
+		line("ok", fmt.Sprintf("ip rules: none routes detour's mark %#x back to this host", mark))
+	} else {
+		for _, p := range problems {
+			line("warn", p.Msg)
+		}
 	}
 
 	// detour's own rules.

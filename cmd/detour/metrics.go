@@ -104,37 +104,33 @@ func (c *upstreamCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// serveMetrics serves /metrics on addr until the returned server is closed.
-func serveMetrics(addr string, m *metrics, log *slog.Logger) (*http.Server, error) {
+// serveMetrics serves /metrics on ln until the returned server is closed.
+func serveMetrics(ln net.Listener, m *metrics, log *slog.Logger) *http.Server {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	return serveHTTP(addr, mux, "metrics", log)
+	return serveHTTP(ln, mux, "metrics", log)
 }
 
-// servePprof serves Go's runtime profiles (net/http/pprof) at addr.
-func servePprof(addr string, log *slog.Logger) (*http.Server, error) {
+// servePprof serves Go's runtime profiles (net/http/pprof) on ln.
+func servePprof(ln net.Listener, log *slog.Logger) *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return serveHTTP(addr, mux, "profile", log)
+	return serveHTTP(ln, mux, "profile", log)
 }
 
-// serveHTTP serves h at addr in the background until the server is closed.
-func serveHTTP(addr string, h http.Handler, what string, log *slog.Logger) (*http.Server, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, err
-	}
+// serveHTTP serves h on ln in the background until the server is closed.
+func serveHTTP(ln net.Listener, h http.Handler, what string, log *slog.Logger) *http.Server {
 	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error(what+" server failed", "addr", addr, "error", err.Error())
+			log.Error(what+" server failed", "addr", ln.Addr().String(), "error", err.Error())
 		}
 	}()
-	return srv, nil
+	return srv
 }
 
 // groupsBox holds the groups in use, swapped on reload.

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -110,7 +111,7 @@ func (cf *captureFlags) register(fs *flag.FlagSet) {
 func (cf *captureFlags) registerRun(fs *flag.FlagSet) {
 	fs.BoolVar(&cf.install, "install-rules", false, "install the kernel rules before serving and remove them on exit")
 	cf.recheck = 10 * time.Second
-	fs.DurationVar(&cf.recheck, "rules-recheck", cf.recheck, "with --install-rules, how often to check the rules are still there (0: never; SIGUSR2: now)")
+	fs.DurationVar(&cf.recheck, "rules-recheck", cf.recheck, "with --install-rules, how often to check the rules are still there (0: never; SIGUSR1: now)")
 	cf.register(fs)
 }
 
@@ -360,21 +361,36 @@ func rulesFlagSet(ra *rulesArgs) *flag.FlagSet {
 
 // ruleKeeper keeps detour's rules installed while `detour run
 // --install-rules` serves: it re-checks them every --rules-recheck and on
-// SIGUSR2, restores them when something (a firewall reload) removed them,
-// and removes them when stopped.
+// SIGUSR1, restores them when something (a firewall reload) removed them,
+// and removes them when stopped, unless another detour process (the
+// successor of an upgrade, or the predecessor still draining) holds the
+// rules lease: only the last one out removes them.
 type ruleKeeper struct {
-	in    *redirect.Installer
-	opts  redirect.RuleOptions
-	log   *slog.Logger
-	quit  chan struct{}
-	ended chan struct{}
+	in     *redirect.Installer
+	opts   redirect.RuleOptions
+	log    *slog.Logger
+	lease  *rulesLease
+	paused atomic.Bool   // during an upgrade: the new process checks them
+	now    chan struct{} // a check at once, after an upgrade failed
+	quit   chan struct{}
+	ended  chan struct{}
 }
 
-// startRuleKeeper installs the rules (nothing without --install-rules).
-// On error nothing of detour's is left installed.
-func startRuleKeeper(log *slog.Logger, cf captureFlags) (*ruleKeeper, error) {
+// startRuleKeeper installs the rules (nothing without --install-rules), or
+// adopts those of the process it upgrades: the same rules are left as they
+// are. lease is the one handed over, or nil. On error nothing of detour's
+// is left installed, unless another process holds the lease.
+func startRuleKeeper(log *slog.Logger, cf captureFlags, lease *os.File) (*ruleKeeper, error) {
 	if !cf.install {
+		if lease != nil {
+			lease.Close()
+		}
 		return nil, nil
+	}
+	adopting := lease != nil
+	l, err := newRulesLease(lease)
+	if err != nil {
+		return nil, err
 	}
 	in, err := redirect.NewInstaller()
 	if err != nil {
@@ -388,17 +404,21 @@ func startRuleKeeper(log *slog.Logger, cf captureFlags) (*ruleKeeper, error) {
 		in.Close()
 		return nil, err
 	}
-	log.Info("rules installed", "mode", cf.opts.Mode.String(), "port", cf.opts.Port, "replaced", changed)
-	k := &ruleKeeper{in: in, opts: cf.opts, log: log, quit: make(chan struct{}), ended: make(chan struct{})}
+	if adopting && !changed {
+		log.Info("rules adopted", "mode", cf.opts.Mode.String(), "port", cf.opts.Port)
+	} else {
+		log.Info("rules installed", "mode", cf.opts.Mode.String(), "port", cf.opts.Port, "replaced", changed)
+	}
+	k := &ruleKeeper{in: in, opts: cf.opts, log: log, lease: l, now: make(chan struct{}, 1), quit: make(chan struct{}), ended: make(chan struct{})}
 	go k.loop(cf.recheck)
 	return k, nil
 }
 
 func (k *ruleKeeper) loop(every time.Duration) {
 	defer close(k.ended)
-	usr2 := make(chan os.Signal, 1)
-	signal.Notify(usr2, syscall.SIGUSR2)
-	defer signal.Stop(usr2)
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
 	var tick <-chan time.Time
 	if every > 0 {
 		t := time.NewTicker(every)
@@ -411,13 +431,18 @@ func (k *ruleKeeper) loop(every time.Duration) {
 			return
 		case <-tick:
 			k.check(false)
-		case <-usr2:
+		case <-usr1:
 			k.check(true)
+		case <-k.now:
+			k.check(false)
 		}
 	}
 }
 
 func (k *ruleKeeper) check(asked bool) {
+	if k.paused.Load() {
+		return
+	}
 	restored, missing, err := k.in.Ensure(k.opts)
 	switch {
 	case err != nil:
@@ -429,15 +454,45 @@ func (k *ruleKeeper) check(asked bool) {
 	}
 }
 
-// stop ends the re-checks and removes the rules. It does nothing on a nil
-// keeper (no --install-rules).
+// pause stops the re-checks while a new process takes over; nothing on a
+// nil keeper.
+func (k *ruleKeeper) pause() {
+	if k != nil {
+		k.paused.Store(true)
+	}
+}
+
+// resume restarts the re-checks after a failed upgrade, with one at once:
+// the new process may have changed the rules before it failed.
+func (k *ruleKeeper) resume() {
+	if k != nil {
+		k.paused.Store(false)
+		select {
+		case k.now <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// leaseFile is the lease to hand to a successor, nil without rules.
+func (k *ruleKeeper) leaseFile() *os.File {
+	if k == nil {
+		return nil
+	}
+	return k.lease.file()
+}
+
+// stop ends the re-checks and removes the rules if no other detour process
+// holds them. It does nothing on a nil keeper (no --install-rules).
 func (k *ruleKeeper) stop() {
 	if k == nil {
 		return
 	}
 	close(k.quit)
 	<-k.ended
-	if err := k.in.Remove(); err != nil {
+	if !k.lease.last() {
+		k.log.Info("rules left installed: another detour process serves with them")
+	} else if err := k.in.Remove(); err != nil {
 		k.log.Error("cannot remove rules", "error", err.Error())
 	} else {
 		k.log.Info("rules removed")

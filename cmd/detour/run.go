@@ -299,22 +299,46 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		log.Warn("--upstream given: the config file's groups and rules are not used")
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-
-	ln, err := redirect.Listen(ctx, cfg.mode, cfg.listen)
+	// What an old process handed over on SIGUSR2 (nothing when started
+	// afresh), and SIGUSR2 caught before anything is served: its default
+	// action would end the process.
+	inh, err := takeInherited()
 	if err != nil {
 		log.Error("cannot start", "error", err.Error())
 		return exitFailure
 	}
-	// Rules go in once the listener is there and out on every return below.
-	keeper, err := startRuleKeeper(log, cfg.capture)
+	self := startPath()
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	defer signal.Stop(usr2)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	ln, err := inh.listen(cfg.mode, cfg.listen, log, func() (*redirect.Listener, error) {
+		return redirect.Listen(ctx, cfg.mode, cfg.listen)
+	})
+	if err != nil {
+		log.Error("cannot start", "error", err.Error())
+		return exitFailure
+	}
+	if cfg.mode == redirect.TProxy {
+		warnMarkRoutes(log, cfg.mark)
+	}
+	// Rules go in once the listener is there and out on every return below
+	// (unless a successor serves with them).
+	keeper, err := startRuleKeeper(log, cfg.capture, inh.take(fdRulesLease))
 	if err != nil {
 		ln.Close()
 		log.Error("cannot install rules", "error", err.Error())
 		return exitFailure
 	}
 	defer keeper.stop()
+	var pass handover // what a successor gets on SIGUSR2
+	pass.add(fdListener, ln)
+	if f := keeper.leaseFile(); f != nil {
+		pass.add(fdRulesLease, f)
+	}
 	nofile := raiseFileLimit(log)
 	if cfg.maxConns == 0 {
 		// Two descriptors per connection, and some to spare.
@@ -340,39 +364,58 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	use(cfg.routing)
 	var m *metrics
+	var servers []io.Closer // metrics and profiles, closed on handover
 	if cfg.metricsAddr != "" {
 		m = newMetrics(t.Active, groups.get)
 		t.Observer = m
-		srv, err := serveMetrics(cfg.metricsAddr, m, log)
+		mln, err := inh.listenTCP(fdMetrics, cfg.metricsAddr, log)
 		if err != nil {
 			ln.Close()
 			log.Error("cannot serve metrics", "addr", cfg.metricsAddr, "error", err.Error())
 			return exitFailure
 		}
+		pass.add(fdMetrics, mln.(syscall.Conn))
+		srv := serveMetrics(mln, m, log)
 		defer srv.Close()
+		servers = append(servers, srv)
 		log.Info("serving metrics", "addr", cfg.metricsAddr)
 	}
 	if cfg.pprofAddr != "" {
-		srv, err := servePprof(cfg.pprofAddr, log)
+		pln, err := inh.listenTCP(fdPprof, cfg.pprofAddr, log)
 		if err != nil {
 			ln.Close()
 			log.Error("cannot serve profiles", "addr", cfg.pprofAddr, "error", err.Error())
 			return exitFailure
 		}
+		pass.add(fdPprof, pln.(syscall.Conn))
+		srv := servePprof(pln, log)
 		defer srv.Close()
+		servers = append(servers, srv)
 		log.Info("serving profiles", "addr", cfg.pprofAddr)
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "mode", cfg.mode.String(),
-		"mark", fmt.Sprintf("%#x", cfg.mark), "version", versionString())
+		"mark", fmt.Sprintf("%#x", cfg.mark), "version", versionString(), "pid", os.Getpid(), "inherited", inh.upgrade())
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- t.Serve(ln) }()
+	if inh.upgrade() {
+		// The old process hands over (and tells systemd our PID) once it
+		// reads this.
+		if err := inh.signalReady(); err != nil {
+			log.Warn("upgrade: cannot tell the old process this one serves", "error", err.Error())
+		}
+	} else if err := sdNotify("READY=1"); err != nil {
+		log.Warn("cannot notify systemd", "error", err.Error())
+	}
+	inh.closeRest(log)
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)
 	defer signal.Stop(usr1)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	var up *upgrade // the upgrade under way, if any
+	successor := 0  // the PID that took over, once one has
 wait:
 	for {
 		select {
@@ -381,6 +424,27 @@ wait:
 			return exitFailure
 		case <-usr1:
 			logStats(log, t)
+		case <-usr2:
+			if up != nil {
+				log.Warn("upgrade already under way; SIGUSR2 ignored", "new_pid", up.pid)
+				continue
+			}
+			path, err := self.resolve()
+			if err != nil {
+				log.Error("upgrade failed", "reason", fmt.Sprintf("cannot find this binary's path: %v", err), "kept", "this process serves on")
+				continue
+			}
+			keeper.pause() // the new process adopts the rules; no tug of war
+			up = startUpgrade(path, &pass, log)
+		case res := <-up.result():
+			up = nil
+			if res.err != nil {
+				log.Error("upgrade failed", "reason", res.err.Error(), "kept", "this process serves on")
+				keeper.resume()
+				continue
+			}
+			successor = res.pid
+			break wait
 		case <-hup:
 			rt, err := reloadRouting(cfg, forward, log)
 			if err != nil {
@@ -402,7 +466,24 @@ wait:
 		}
 	}
 	probes.stop()
-	log.Info("shutting down", "active", t.Active(), "grace", cfg.grace)
+	if successor != 0 {
+		// systemd follows the new main process (Type=notify).
+		if err := sdNotify(fmt.Sprintf("MAINPID=%d", successor)); err != nil {
+			log.Warn("cannot notify systemd", "error", err.Error())
+		}
+		for _, srv := range servers {
+			srv.Close() // the successor serves them on the same sockets
+		}
+		log.Info("upgrade: handed over", "new_pid", successor)
+	} else {
+		sdNotify("STOPPING=1")
+		if up != nil {
+			// Stopping mid-upgrade stops the new process too.
+			log.Warn("upgrade: stopping the new process too", "new_pid", up.pid)
+			up.stop()
+		}
+	}
+	log.Info("shutting down", "active", t.Active(), "grace", cfg.grace, "handed_to", successor)
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.grace)
 	defer cancel()
 	// A second signal ends the grace period at once; the rules still go.
@@ -521,5 +602,17 @@ func (p *probeRunner) start(groups []*tunnel.Group) {
 func (p *probeRunner) stop() {
 	if p.cancel != nil {
 		p.cancel()
+	}
+}
+
+// warnMarkRoutes warns (TPROXY mode) about ip rules of others that would
+// route detour's own marked connections back to this host.
+func warnMarkRoutes(log *slog.Logger, mark uint32) {
+	problems, err := redirect.MarkLoops(mark)
+	if err != nil {
+		log.Warn("cannot check the ip rules against detour's mark", "error", err.Error())
+	}
+	for _, p := range problems {
+		log.Warn("ip rule overlaps detour's mark", "problem", p.Msg)
 	}
 }

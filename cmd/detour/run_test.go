@@ -75,11 +75,7 @@ func TestPprofServes(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
-	ln.Close()
-	srv, err := servePprof(addr, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv := servePprof(ln, slog.New(slog.DiscardHandler))
 	defer srv.Close()
 	for path, want := range map[string]int{
 		"/debug/pprof/":                  http.StatusOK,
