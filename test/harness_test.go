@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -271,19 +272,7 @@ func startDetour(t *testing.T, tp *topo, args ...string) *detourProc {
 		t.Fatalf("starting detour: %v", err)
 	}
 	go func() {
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			line := sc.Text()
-			var rec map[string]any
-			json.Unmarshal([]byte(line), &rec)
-			d.mu.Lock()
-			d.raw = append(d.raw, line)
-			if rec != nil {
-				d.logs = append(d.logs, rec)
-			}
-			d.mu.Unlock()
-		}
+		d.read(stderr)
 		d.err = d.cmd.Wait()
 		close(d.done)
 	}()
@@ -301,6 +290,23 @@ func startDetour(t *testing.T, tp *topo, args ...string) *detourProc {
 	})
 	d.waitLog(t, 10*time.Second, "listening", nil)
 	return d
+}
+
+// read collects the log records of r until it ends.
+func (d *detourProc) read(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		var rec map[string]any
+		json.Unmarshal([]byte(line), &rec)
+		d.mu.Lock()
+		d.raw = append(d.raw, line)
+		if rec != nil {
+			d.logs = append(d.logs, rec)
+		}
+		d.mu.Unlock()
+	}
 }
 
 func (d *detourProc) rawLog() string {

@@ -118,9 +118,9 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 	// ip rules of others that send detour's marked packets back to this
 	// host (TPROXY's routing loop).
 	if problems, err := redirect.MarkLoops(mark); err != nil {
-		line("warn", fmt.Sprintf("cannot list the ip rules: %v", err))
+		line("warn", fmt.Sprintf("ip rule: cannot list them: %v", err))
 	} else if len(problems) == 0 {
-		line("ok", fmt.Sprintf("ip rules: none routes detour's mark %#x back to this host", mark))
+		line("ok", fmt.Sprintf("ip rule: none sends detour's mark %#x to a local route (no loop)", mark))
 	} else {
 		for _, p := range problems {
 			line("warn", p.Msg)

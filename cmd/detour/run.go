@@ -48,6 +48,17 @@ type runConfig struct {
 	maxSniffing int    // --max-sniffing
 }
 
+const runSignals = `
+signals:
+  SIGINT, SIGTERM  stop accepting, let live connections finish (--grace), reset the rest,
+                   remove the rules, exit; a second one cuts at once
+  SIGHUP           reload the routes (groups, rules, default) from --config
+  SIGUSR1          log a stats line, and re-check the kernel rules now (--install-rules)
+  SIGUSR2          upgrade: start the binary at detour's own path with the same flags and hand
+                   it the listening sockets; once it serves, stop accepting, drain, exit (the
+                   rules stay); if it fails to start, serve on
+`
+
 // usageError is a bad flag or value: exit status 2 and one line.
 type usageError struct{ msg string }
 
@@ -68,7 +79,7 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	addTargetFlags(fs, &cfg.listen, &cfg.mode, &cfg.mark)
 	fs.DurationVar(&cfg.dialTimeout, "dial-timeout", cfg.dialTimeout, "timeout for connecting to a destination")
 	fs.DurationVar(&cfg.idleTimeout, "idle-timeout", cfg.idleTimeout, "close a connection after this long without traffic either way")
-	fs.DurationVar(&cfg.grace, "grace", cfg.grace, "on SIGINT/SIGTERM, how long live connections may take to finish")
+	fs.DurationVar(&cfg.grace, "grace", cfg.grace, "on SIGINT/SIGTERM, or once an upgrade handed over, how long live connections may take to finish")
 	fs.StringVar(&cfg.logFormat, "log-format", cfg.logFormat, "log format: text or json")
 	fs.StringVar(&cfg.configPath, "config", "", "YAML configuration `file` (flags override it)")
 	fs.BoolVar(&cfg.check, "check", false, "check the configuration and flags, then exit")
@@ -94,6 +105,7 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 			fmt.Fprintln(stdout, "usage: detour run [flags]")
 			fs.SetOutput(stdout)
 			fs.PrintDefaults()
+			fmt.Fprint(stdout, runSignals)
 			return cfg, err
 		}
 		// The flag package writes "-name"; the documented spelling is "--name".
