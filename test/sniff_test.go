@@ -96,7 +96,8 @@ func TestSniff(t *testing.T) {
 			t.Errorf("first banner after %v; want the sniff timeout %v plus a little", first, sniffTimeout)
 		}
 		d.waitLog(t, 5*time.Second, "conn", map[string]string{"dst": dst, "sniff": "timeout"})
-		// Remembered as silent: the next client does not wait.
+		// Its banner came before any client byte: learned as server-first,
+		// so the next client does not wait.
 		if again := bannerTime(t, tp, dst); again > sniffTimeout/3 {
 			t.Errorf("second banner after %v; the silent destination should skip sniffing", again)
 		}
