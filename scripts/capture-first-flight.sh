@@ -6,7 +6,8 @@
 # For UDP it records the first datagrams of a flow — QUIC Initial packets of
 # Chromium, ngtcp2 and quic-go, DNS queries of dig — into
 # sniff/testdata/datagrams/ (each datagram prefixed with its two-byte length),
-# listed in sniff/testdata/udp-corpus.txt.
+# listed in sniff/testdata/udp-corpus.txt, and derives from them the QUIC
+# variants of sniff/testdata/quic-variants.txt.
 #
 # Loopback only. Each client is pointed at a listener of
 # sniff/internal/capture on 127.0.0.1 or ::1 that records the first
@@ -296,6 +297,10 @@ if [[ $groups == *udp* ]]; then
 		"# file proto host alpn-or-qtype ech   (- for none; alpn comma-separated; for dns the QTYPE)" \
 		"# The two rfc* files are the sample client Initial packets of RFC 9001 A.2" \
 		"# and RFC 9369 A.2, not captures."
+	# The derived variants (reordered, coalesced, re-framed, v2, cut, noise)
+	# follow the new captures.
+	(cd "$repo" && go test -count=1 ./sniff -run '^TestQUICVariants$' -update-variants) ||
+		failed+=(quic-variants)
 fi
 if [[ $groups != *tcp* ]]; then
 	if ((${#failed[@]})); then

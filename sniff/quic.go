@@ -31,11 +31,12 @@ const (
 	// completing its ClientHello.
 	DefaultQUICMaxDatagrams = 16
 
-	quicMaxPacket  = 16 << 10 // longer Initial packets are skipped unread
-	quicMaxCIDLen  = 20       // RFC 9000 §17.2
-	quicTagLen     = 16       // AEAD_AES_128_GCM
-	quicSampleLen  = 16       // header protection sample (RFC 9001 §5.4.2)
-	quicMinLongHdr = 7        // first byte, version, two CID lengths
+	quicMaxPacket   = 16 << 10 // longer Initial packets are skipped unread
+	quicMaxPerDgram = 8        // packets read per datagram (real ones coalesce 2 or 3)
+	quicMaxCIDLen   = 20       // RFC 9000 §17.2
+	quicTagLen      = 16       // AEAD_AES_128_GCM
+	quicSampleLen   = 16       // header protection sample (RFC 9001 §5.4.2)
+	quicMinLongHdr  = 7        // first byte, version, two CID lengths
 )
 
 // QUICStatus is a QUICAssembler's answer about a flow.
@@ -100,7 +101,8 @@ type QUICLimits struct {
 //
 // Other long-header packets (0-RTT, Handshake) and packets after the first
 // of a datagram with another Destination Connection ID are skipped; so is
-// anything after a short-header packet or unparseable bytes in a datagram.
+// anything after a short-header packet or unparseable bytes in a datagram,
+// and after the 8th packet of a datagram.
 // After one Initial packet decrypted, later ones that do not are ignored (a
 // forged or corrupted datagram cannot spoil the flow); if the flow's first
 // Initial packet does not, the flow is QUICInvalid at once.
@@ -297,7 +299,7 @@ func (a *QUICAssembler) datagram(d []byte) {
 		return
 	}
 	var dcid0 []byte
-	for i := 0; len(d) > 0 && a.status == QUICNeedMore; i++ {
+	for i := 0; len(d) > 0 && a.status == QUICNeedMore && i < quicMaxPerDgram; i++ {
 		h, hs := parseLongHeader(d)
 		if hs != hdrOK {
 			if i == 0 && !a.seen {

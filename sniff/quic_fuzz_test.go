@@ -2,6 +2,8 @@ package sniff
 
 import (
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -9,8 +11,8 @@ import (
 	"golang.org/x/net/dns/dnsmessage"
 )
 
-// quicSeeds are the captured QUIC flows, their variants (reversed,
-// coalesced, re-framed, re-sealed as v2, cut, bit-flipped) and the
+// quicSeeds are the captured QUIC flows, the variant files, more variants
+// (reversed, coalesced, re-framed, re-sealed as v2, cut, bit-flipped) and the
 // synthetic cases of TestQUICAssembler, each as length-prefixed datagrams.
 func quicSeeds(f *testing.F) [][]byte {
 	var seeds [][]byte
@@ -27,6 +29,13 @@ func quicSeeds(f *testing.F) [][]byte {
 		flipped := joinDatagrams(ds)
 		flipped[2+rng.IntN(len(flipped)-2)] ^= 0x10
 		seeds = append(seeds, flipped)
+	}
+	vs, err := os.ReadDir(filepath.Join("testdata", "datagrams", "variants"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, v := range vs {
+		seeds = append(seeds, joinDatagrams(readDatagrams(f, filepath.Join("variants", v.Name()))))
 	}
 	ch := quicHello(sniExt("a.example"), alpnExt("h3"))
 	seeds = append(seeds,
