@@ -388,3 +388,40 @@ func TestQUICStatusString(t *testing.T) {
 		}
 	}
 }
+
+// TestQUICCorpusChromiumPostQuantum: the Chromium capture is what the issue
+// is about, a post-quantum ClientHello (an X25519MLKEM768 key share of
+// 1,216 bytes) whose CRYPTO data spans two or more Initial packets.
+func TestQUICCorpusChromiumPostQuantum(t *testing.T) {
+	ds := readDatagrams(t, "chromium-quic.bin")
+	stream := cryptoStream(t, ds)
+	if !bytes.Contains(stream, []byte{0x11, 0xec, 0x04, 0xc0}) {
+		t.Error("no X25519MLKEM768 key share in Chromium's ClientHello")
+	}
+	withCrypto := 0
+	for _, d := range ds {
+		for _, p := range openDatagram(t, d) {
+			if hasCryptoFrame(p.frames) {
+				withCrypto++
+			}
+		}
+	}
+	if withCrypto < 2 {
+		t.Errorf("CRYPTO data in %d packets, want 2 or more", withCrypto)
+	}
+}
+
+// hasCryptoFrame reports whether a decrypted payload has a CRYPTO frame.
+func hasCryptoFrame(f []byte) bool {
+	for len(f) > 0 {
+		switch f[0] {
+		case framePadding, framePing:
+			f = f[1:]
+		case frameCrypto:
+			return true
+		default: // ACK and the rest: Chromium's first packets have none
+			return false
+		}
+	}
+	return false
+}
