@@ -1,6 +1,12 @@
 package tunnel
 
 import (
+	"io"
+	"strconv"
+
+	"github.com/detour-proxy/detour/internal/testkit"
+	"github.com/detour-proxy/detour/tunnel/upstream"
+
 	"crypto/ecdh"
 	"crypto/rand"
 	"crypto/tls"
@@ -102,9 +108,8 @@ func TestECHOuterNameSentUpstream(t *testing.T) {
 			t.Run(tc.name+"/"+mode.String(), func(t *testing.T) {
 				checkGoroutines(t)
 				dst := netip.MustParseAddrPort("198.18.2.2:443")
-				srv := &socksServer{seen: make(chan socksSeen, 1)}
-				proxy := srv.start(t)
-				group := &Group{Name: "proxies", Upstreams: []*Upstream{socksUpstream("socks", proxy.addr)}}
+				proxy, seen := socksRecorder(t)
+				group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{{Name: "socks", Dialer: &upstream.SOCKS5{Proxy: proxy}}}}
 				ln := newFakeListener(t, dst, nil)
 				tun := &Tunnel{Sniff: SniffOptions{Timeout: 5 * time.Second}}
 				tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: mode}})
@@ -120,9 +125,9 @@ func TestECHOuterNameSentUpstream(t *testing.T) {
 					want = tc.outer + ":443"
 				}
 				select {
-				case seen := <-srv.seen:
-					if seen.target != want {
-						t.Fatalf("upstream asked for %s, want %s", seen.target, want)
+				case target := <-seen:
+					if target != want {
+						t.Fatalf("upstream asked for %s, want %s", target, want)
 					}
 				case <-time.After(5 * time.Second):
 					t.Fatal("the upstream was never asked")
@@ -136,4 +141,78 @@ func TestECHOuterNameSentUpstream(t *testing.T) {
 			})
 		}
 	}
+}
+
+// socksRecorder is a SOCKS5 server (no authentication) that reports the
+// target of each CONNECT it is asked for, answers success and reads until
+// the client goes.
+func socksRecorder(t *testing.T) (addr string, targets <-chan string) {
+	ln := testkit.Listen(t)
+	ch := make(chan string, 4)
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if target, err := socksConnect(c); err == nil {
+					ch <- target
+					io.Copy(io.Discard, c)
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), ch
+}
+
+// socksConnect reads a SOCKS5 greeting and CONNECT request from c, accepts
+// both, and returns the request's target as host:port.
+func socksConnect(c *net.TCPConn) (string, error) {
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	defer c.SetReadDeadline(time.Time{})
+	read := func(n int) ([]byte, error) {
+		b := make([]byte, n)
+		_, err := io.ReadFull(c, b)
+		return b, err
+	}
+	h, err := read(2)
+	if err == nil {
+		_, err = read(int(h[1]))
+	}
+	if err != nil {
+		return "", err
+	}
+	c.Write([]byte{5, 0})
+	req, err := read(4)
+	if err != nil {
+		return "", err
+	}
+	var host string
+	switch req[3] {
+	case 1, 4:
+		a, err := read(map[byte]int{1: 4, 4: 16}[req[3]])
+		if err != nil {
+			return "", err
+		}
+		ip, _ := netip.AddrFromSlice(a)
+		host = ip.String()
+	default:
+		l, err := read(1)
+		if err != nil {
+			return "", err
+		}
+		name, err := read(int(l[0]))
+		if err != nil {
+			return "", err
+		}
+		host = string(name)
+	}
+	port, err := read(2)
+	if err != nil {
+		return "", err
+	}
+	c.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
+	return net.JoinHostPort(host, strconv.Itoa(int(port[0])<<8|int(port[1]))), nil
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
+	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
 // ActionKind is what a route does with a connection.
@@ -59,8 +60,8 @@ func (m NameMode) String() string {
 // Action is what a matching rule (or the default) does.
 type Action struct {
 	Kind  ActionKind
-	Group *Group   // for Proxy
-	Name  NameMode // for Proxy
+	Group *upstream.Group // for Proxy
+	Name  NameMode        // for Proxy
 }
 
 // String names the action in logs: direct, reject, or the group's name.

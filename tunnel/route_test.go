@@ -7,11 +7,12 @@ import (
 
 	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
+	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
 func TestRouterFirstMatchWins(t *testing.T) {
-	proxies := &Group{Name: "proxies"}
-	backup := &Group{Name: "backup"}
+	proxies := &upstream.Group{Name: "proxies"}
+	backup := &upstream.Group{Name: "backup"}
 	r := &Router{
 		Rules: []Rule{
 			{Suffixes: []string{"example.com"}, Action: Action{Kind: ActionProxy, Group: proxies}},
@@ -58,7 +59,7 @@ func TestRouterFirstMatchWins(t *testing.T) {
 // RouteByAddr is final only when nothing the client could send changes the
 // route, and then it agrees with Route for any host and protocol.
 func TestRouteByAddr(t *testing.T) {
-	proxies := &Group{Name: "proxies"}
+	proxies := &upstream.Group{Name: "proxies"}
 	direct := Action{Kind: ActionDirect}
 	lan := netip.MustParsePrefix("198.18.2.0/24")
 	for _, tc := range []struct {

@@ -1,6 +1,8 @@
 package tunnel
 
 import (
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"fmt"
 	"io"
 	"net"
@@ -19,11 +21,12 @@ const greeterDelay = 50 * time.Millisecond
 // it accepts it (SSH, SMTP, FTP greet first), then echoes.
 func greeter(t *testing.T, banner string) netip.AddrPort {
 	t.Helper()
-	return netip.MustParseAddrPort(startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
+	addr, _ := testkit.Server(t, func(c *net.TCPConn) {
 		time.Sleep(greeterDelay)
 		io.WriteString(c, banner)
 		io.Copy(c, c)
-	}).addr)
+	})
+	return addr
 }
 
 // silentTunnel serves connections to dst with a short sniff timeout; it

@@ -25,6 +25,7 @@ import (
 
 	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
+	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
 // Listener is where Serve takes connections from; *redirect.Listener is one.
@@ -82,7 +83,7 @@ type Tunnel struct {
 	silent   sniff.SilentCache
 	// directDialer reaches original destinations (timeout, socket mark);
 	// built once, by the first Serve.
-	directDialer *Direct
+	directDialer *upstream.Direct
 	refusals     warnLimiter // "refused" lines
 	acceptLog    warnLimiter // "accept failed" lines
 	nameWarns    warnLimiter // "sniffed name does not resolve" lines
@@ -161,7 +162,7 @@ func (t *Tunnel) Serve(ln Listener) error {
 	startIdlePoller()
 	t.once.Do(func() {
 		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
-		t.directDialer = &Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control, KeepAlive: -1}}
+		t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control, KeepAlive: -1}}
 	})
 	var backoff time.Duration
 	for {
@@ -230,12 +231,12 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	router := t.router.Load()
 	src := addrPort(client.RemoteAddr()).Addr()
 	var (
-		route    Action
-		dialed   bool // connected before the sniff
-		watch    bool // may teach the silent cache: see watchFirst
-		server   *net.TCPConn
-		upstream *Upstream
-		target   string
+		route  Action
+		dialed bool // connected before the sniff
+		watch  bool // may teach the silent cache: see watchFirst
+		server *net.TCPConn
+		lease  upstream.Lease
+		target string
 	)
 
 	// 2. Which name is it asking for? Peek at its first bytes; they are
@@ -258,7 +259,7 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		// peek finds them queued instead of parking until they come.
 		if a, final := router.RouteByAddr(dst); final && a.Kind == ActionDirect {
 			route, dialed = a, true
-			server, upstream, target, err = t.connect(r, route, dst, found)
+			server, lease, target, err = t.connect(r, route, dst, found)
 		}
 		var serr error
 		var o sniff.Outcome
@@ -290,13 +291,13 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	// 4. Connect: to the original destination, or through an upstream asked
 	// for the sniffed name when the route trusts it.
 	if err == nil && !dialed {
-		server, upstream, target, err = t.connect(r, route, dst, found)
+		server, lease, target, err = t.connect(r, route, dst, found)
 	}
 	// 5. Replay what was peeked, then splice until both sides are done.
 	// The relay runs on without this goroutine and calls back once both
 	// directions have ended; then step 6 writes the access line.
 	info := &connInfo{start: start, client: client, dst: dst, found: found, outcome: outcome,
-		sniffTook: sniffTook, route: route, upstream: upstream, target: target}
+		sniffTook: sniffTook, route: route, lease: lease, target: target}
 	switch {
 	case err != nil:
 		// Rejected, or the destination cannot be reached: the client
@@ -338,7 +339,7 @@ type connInfo struct {
 	outcome   string
 	sniffTook time.Duration
 	route     Action
-	upstream  *Upstream
+	lease     upstream.Lease
 	target    string
 }
 
@@ -346,9 +347,7 @@ type connInfo struct {
 // access line and forget it.
 func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
 	defer t.remove(r)
-	if c.upstream != nil {
-		c.upstream.Release()
-	}
+	c.lease.Release()
 	if t.Observer != nil {
 		t.Observer.Closed(c.route.String(), up, down)
 	}
@@ -369,7 +368,7 @@ func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
 		attrs = append(attrs, slog.Bool("ech", true))
 	}
 	if c.route.Kind == ActionProxy {
-		attrs = append(attrs, slog.String("upstream", upstreamName(c.upstream)), slog.String("target", c.target))
+		attrs = append(attrs, slog.String("upstream", upstreamName(c.lease.Upstream)), slog.String("target", c.target))
 	}
 	attrs = append(attrs,
 		slog.Int64("up", up),
@@ -383,35 +382,29 @@ func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
 // upstream of the route's group asked for target (the sniffed name when the
 // route trusts it, else dst; "" for a direct route). A dial cut by the
 // relay's abort is reported as errShutdown.
-func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, upstream *Upstream, target string, err error) {
+func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
 	start := time.Now()
 	proxied := route.Kind == ActionProxy && route.Group != nil
-	parent := context.Background()
-	if proxied {
-		parent = withOriginalDst(parent, dst) // for the group's direct members
-	}
-	ctx, ok := r.dialContext(parent, t.dialTimeout())
+	ctx, ok := r.dialContext(context.Background(), t.dialTimeout())
 	if !ok {
-		return nil, nil, "", errShutdown
+		return nil, upstream.Lease{}, "", errShutdown
 	}
 	if proxied {
 		target = t.proxyTarget(ctx, route.Name, dst, found)
 		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
-		var c net.Conn
-		if c, upstream, err = route.Group.DialContext(ctx, "tcp", target, key); err == nil {
-			server = c.(*net.TCPConn)
-		}
+		lease, err = route.Group.Dial(ctx, target, dst, key)
+		server = lease.Conn
 	} else {
-		server, err = t.directDialer.dial(ctx, "tcp", dst.String())
+		server, err = t.directDialer.Dial(ctx, dst.String(), dst)
 	}
 	err = r.dialEnded(err)
 	if t.Observer != nil {
 		t.Observer.Dialed(route.String(), time.Since(start), err)
 	}
 	if err != nil {
-		return nil, nil, target, err
+		return nil, upstream.Lease{}, target, err
 	}
-	return server, upstream, target, nil
+	return server, lease, target, nil
 }
 
 // serverFirstWindow bounds how long after the relay starts a server's first
@@ -704,7 +697,7 @@ func addrPort(a net.Addr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-func upstreamName(u *Upstream) string {
+func upstreamName(u *upstream.Upstream) string {
 	if u == nil {
 		return ""
 	}

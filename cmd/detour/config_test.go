@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/detour-proxy/detour/tunnel"
+	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
 const fullConfig = `
@@ -85,7 +86,7 @@ func TestConfigFull(t *testing.T) {
 	if g := rt.groups[0]; g.Upstreams[0].Weight != 3 || g.Upstreams[1].Weight != 2 || g.Probe.Interval != 10*time.Second {
 		t.Errorf("group proxies = %+v", g)
 	}
-	if rt.groups[1].Key != tunnel.HashClient {
+	if rt.groups[1].Key != upstream.HashClient {
 		t.Errorf("hash_key not applied")
 	}
 	if r := rt.router.Rules[0]; r.Suffixes[1] != "example.org" || r.Action.Group != rt.groups[0] {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/detour-proxy/detour/sniff"
 	"github.com/detour-proxy/detour/tunnel"
+	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
 // metrics is detour's Prometheus registry; it implements tunnel.Observer.
@@ -37,7 +38,7 @@ var _ tunnel.Observer = (*metrics)(nil)
 // newMetrics registers detour's metrics. active reports the connections
 // being served; groups the upstream groups in use now (they change on
 // reload).
-func newMetrics(active func() int, groups func() []*tunnel.Group) *metrics {
+func newMetrics(active func() int, groups func() []*upstream.Group) *metrics {
 	m := &metrics{reg: prometheus.NewRegistry()}
 	f := func(c prometheus.Collector) { m.reg.MustRegister(c) }
 	m.accepted = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_connections_accepted_total", Help: "Connections accepted and served."})
@@ -83,7 +84,7 @@ func (m *metrics) Closed(route string, up, down int64) {
 }
 
 // upstreamCollector reports each upstream's state at scrape time.
-type upstreamCollector struct{ groups func() []*tunnel.Group }
+type upstreamCollector struct{ groups func() []*upstream.Group }
 
 var (
 	upDesc     = prometheus.NewDesc("detour_upstream_up", "1 if the upstream is usable, 0 while it is in back-off after a failure.", []string{"group", "upstream"}, nil)
@@ -135,11 +136,11 @@ func serveHTTP(ln net.Listener, h http.Handler, what string, log *slog.Logger) *
 
 // groupsBox holds the groups in use, swapped on reload.
 type groupsBox struct {
-	p atomic.Pointer[[]*tunnel.Group]
+	p atomic.Pointer[[]*upstream.Group]
 }
 
-func (b *groupsBox) set(g []*tunnel.Group) { b.p.Store(&g) }
-func (b *groupsBox) get() []*tunnel.Group {
+func (b *groupsBox) set(g []*upstream.Group) { b.p.Store(&g) }
+func (b *groupsBox) get() []*upstream.Group {
 	if g := b.p.Load(); g != nil {
 		return *g
 	}

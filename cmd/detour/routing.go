@@ -10,13 +10,14 @@ import (
 	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
 	"github.com/detour-proxy/detour/tunnel"
+	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
 // routing is what `detour run` sends where: the router and the groups it
 // names (their probes are started by runCommand).
 type routing struct {
 	router *tunnel.Router
-	groups []*tunnel.Group
+	groups []*upstream.Group
 }
 
 // buildRouting makes the routing table from --upstream (one group for all
@@ -26,9 +27,9 @@ type routing struct {
 // groups' health changes.
 func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *net.Dialer, log *slog.Logger) (routing, error) {
 	if len(upstreams) > 0 {
-		g := &tunnel.Group{Name: "upstream", Log: log}
+		g := &upstream.Group{Name: "upstream", Log: log}
 		for _, raw := range upstreams {
-			u, err := tunnel.ParseUpstream(raw, forward)
+			u, err := upstream.Parse(raw, forward)
 			if err != nil {
 				return routing{}, usageError{fmt.Sprintf("--upstream: %v", err)}
 			}
@@ -37,14 +38,14 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 		if strategy == "" {
 			strategy = "round-robin"
 		}
-		s, err := tunnel.NewStrategy(strategy)
+		s, err := upstream.NewStrategy(strategy)
 		if err != nil {
 			return routing{}, usageError{fmt.Sprintf("--strategy: %v", err)}
 		}
 		g.Strategy = s
 		return routing{
 			router: &tunnel.Router{Default: tunnel.Action{Kind: tunnel.ActionProxy, Group: g}},
-			groups: []*tunnel.Group{g},
+			groups: []*upstream.Group{g},
 		}, nil
 	}
 	if strategy != "" {
@@ -54,7 +55,7 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 		return routing{}, nil
 	}
 
-	byName := map[string]*tunnel.Group{}
+	byName := map[string]*upstream.Group{}
 	var rt routing
 	for i, gc := range fc.Groups {
 		where := fmt.Sprintf("groups[%d] (line %d)", i, gc.line)
@@ -69,27 +70,27 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 		case len(gc.Upstreams) == 0:
 			return routing{}, usageError{fmt.Sprintf("%s: group %q has no upstreams", where, name)}
 		}
-		g := &tunnel.Group{Name: name, Log: log}
+		g := &upstream.Group{Name: name, Log: log}
 		sname := gc.Strategy
 		if sname == "" {
 			sname = "round-robin"
 		}
-		s, err := tunnel.NewStrategy(sname)
+		s, err := upstream.NewStrategy(sname)
 		if err != nil {
 			return routing{}, usageError{fmt.Sprintf("%s: strategy: %v", where, err)}
 		}
 		g.Strategy = s
-		if g.Key, err = tunnel.ParseHashKey(gc.HashKey); err != nil {
+		if g.Key, err = upstream.ParseHashKey(gc.HashKey); err != nil {
 			return routing{}, usageError{fmt.Sprintf("%s: hash_key: %v", where, err)}
 		}
 		for j, uc := range gc.Upstreams {
-			u, err := tunnel.ParseUpstream(uc.URL, forward)
+			u, err := upstream.Parse(uc.URL, forward)
 			if err != nil {
 				return routing{}, usageError{fmt.Sprintf("groups[%d].upstreams[%d] (line %d): %v", i, j, uc.line, err)}
 			}
 			if uc.Weight != 0 {
-				if uc.Weight < 1 || uc.Weight > tunnel.MaxWeight {
-					return routing{}, usageError{fmt.Sprintf("groups[%d].upstreams[%d] (line %d): weight %d is not from 1 to %d", i, j, uc.line, uc.Weight, tunnel.MaxWeight)}
+				if uc.Weight < 1 || uc.Weight > upstream.MaxWeight {
+					return routing{}, usageError{fmt.Sprintf("groups[%d].upstreams[%d] (line %d): weight %d is not from 1 to %d", i, j, uc.line, uc.Weight, upstream.MaxWeight)}
 				}
 				u.Weight = uc.Weight
 			}
@@ -99,7 +100,7 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 			if p.Interval.Duration <= 0 {
 				return routing{}, usageError{fmt.Sprintf("%s: probe.interval must be set and positive", where)}
 			}
-			g.Probe = tunnel.ProbeConfig{Interval: p.Interval.Duration, Timeout: p.Timeout.Duration}
+			g.Probe = upstream.ProbeConfig{Interval: p.Interval.Duration, Timeout: p.Timeout.Duration}
 		}
 		byName[name] = g
 		rt.groups = append(rt.groups, g)

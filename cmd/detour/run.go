@@ -21,6 +21,7 @@ import (
 	"github.com/detour-proxy/detour/redirect"
 	"github.com/detour-proxy/detour/sniff"
 	"github.com/detour-proxy/detour/tunnel"
+	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
 // runConfig is everything `detour run` was asked to do.
@@ -602,7 +603,7 @@ type probeRunner struct {
 	cancel context.CancelFunc
 }
 
-func (p *probeRunner) start(groups []*tunnel.Group) {
+func (p *probeRunner) start(groups []*upstream.Group) {
 	p.stop()
 	ctx, cancel := context.WithCancel(p.parent)
 	p.cancel = cancel

@@ -1,10 +1,11 @@
-package tunnel
+package upstream
 
 import (
 	"context"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -78,31 +79,31 @@ type ProbeConfig struct {
 	Timeout time.Duration
 }
 
-// DialContext dials address through one of the group's upstreams: the one
-// the strategy picks for key among those up, then, after each failure, the
-// next (never one already tried for this connection). When the strategy
-// has none left, the benched upstreams are tried too, oldest failure first:
-// one may be back. So the caller sees an error only when every upstream
-// failed, and the error then wraps each attempt's.
+// Dial connects to target (for the connection whose original destination
+// is dst; see Dialer) through one of the group's upstreams: the one the
+// strategy picks for key among those up, then, after each failure, the next
+// (never one already tried for this connection). When the strategy has
+// none left, the benched upstreams are tried too, oldest failure first: one
+// may be back. So the caller sees an error only when every upstream failed,
+// and the error then wraps each attempt's.
 //
-// Three outcomes end the search without benching anyone: success (the
-// upstream's Active count goes up by one; call its Release when the
-// connection closes), ctx done (the client went away or the server is
-// shutting down, which says nothing about the upstream), and a target
-// failure (a direct dial that failed, or a proxy that answered that the
-// destination refused or is unreachable: another upstream would hear the
-// same). A proxy that refuses the request itself (its rules deny this
-// target, it cannot resolve the name) is not benched either, but the next
-// upstream is tried. The target is the client's choice: only failures no
-// target could cause (the proxy unreachable, a broken or silent handshake,
-// our credentials refused) bench an upstream, so one client asking for bad
-// destinations cannot take upstreams away from the others.
+// Three outcomes end the search without benching anyone: success, ctx done
+// (the client went away or the server is shutting down, which says nothing
+// about the upstream), and a target failure (a direct dial that failed, or
+// a proxy that answered that the destination refused or is unreachable:
+// another upstream would hear the same). A proxy that refuses the request
+// itself (its rules deny this target, it cannot resolve the name) is not
+// benched either, but the next upstream is tried. The target is the
+// client's choice: only failures no target could cause (the proxy
+// unreachable, a broken or silent handshake, our credentials refused) bench
+// an upstream, so one client asking for bad destinations cannot take
+// upstreams away from the others.
 //
-// The returned upstream is the one that carries the connection; on error
-// it is the last one tried (nil if none), for the access log.
-func (g *Group) DialContext(ctx context.Context, network, address, key string) (net.Conn, *Upstream, error) {
+// The lease names the upstream that carries the connection; on error, the
+// last one tried (none if none was), for the access log.
+func (g *Group) Dial(ctx context.Context, target string, dst netip.AddrPort, key string) (Lease, error) {
 	if len(g.Upstreams) == 0 {
-		return nil, nil, fmt.Errorf("group %q: no upstreams", g.Name)
+		return Lease{}, fmt.Errorf("group %q: no upstreams", g.Name)
 	}
 	g.unbench(g.now())
 	strategy := g.Strategy
@@ -120,17 +121,17 @@ func (g *Group) DialContext(ctx context.Context, network, address, key string) (
 			}
 		}
 		tried = append(tried, u)
-		c, err := u.Dialer.DialContext(ctx, network, address)
+		c, err := u.Dialer.Dial(ctx, target, dst)
 		switch {
 		case err == nil:
 			u.active.Add(1)
 			g.markUp(u, "dial")
-			return c, u, nil
+			return Lease{Conn: c, Upstream: u}, nil
 		case ctxErr(ctx) != nil:
-			return nil, u, fmt.Errorf("group %q: upstream %s: %w", g.Name, u.Name, err)
+			return Lease{Upstream: u}, fmt.Errorf("group %q: upstream %s: %w", g.Name, u.Name, err)
 		case isTargetFailure(err):
 			g.markUp(u, "dial") // it answered
-			return nil, u, fmt.Errorf("group %q: upstream %s: %w", g.Name, u.Name, err)
+			return Lease{Upstream: u}, fmt.Errorf("group %q: upstream %s: %w", g.Name, u.Name, err)
 		case isRequestRefused(err):
 			g.markUp(u, "dial") // it answered
 			errs = append(errs, fmt.Errorf("upstream %s: %w", u.Name, err))
@@ -143,7 +144,26 @@ func (g *Group) DialContext(ctx context.Context, network, address, key string) (
 	if len(tried) > 0 {
 		last = tried[len(tried)-1]
 	}
-	return nil, last, &groupError{group: g.Name, errs: errs}
+	return Lease{Upstream: last}, &groupError{group: g.Name, errs: errs}
+}
+
+// Lease is a connection a Group dialled, and the upstream that carries it.
+// While the connection lives it counts in its upstream's Active, which the
+// least-connections and bounded-load hashing strategies pick by and the
+// metrics report; Release ends that, once, when the connection closes.
+// A failed dial's Lease has no Conn, names the last upstream tried, and
+// its Release does nothing.
+type Lease struct {
+	Conn     *net.TCPConn
+	Upstream *Upstream
+}
+
+// Release stops counting l's connection against its upstream. Call it
+// exactly once per successful Dial.
+func (l Lease) Release() {
+	if l.Conn != nil {
+		l.Upstream.active.Add(-1)
+	}
 }
 
 // groupError is the failure of every upstream of a group.

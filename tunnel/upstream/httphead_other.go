@@ -1,6 +1,6 @@
 //go:build !unix
 
-package tunnel
+package upstream
 
 import (
 	"io"

@@ -1,6 +1,8 @@
-package tunnel
+package upstream
 
 import (
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"context"
 	"errors"
 	"fmt"
@@ -109,16 +111,7 @@ func startEchoTarget(t *testing.T) string {
 }
 
 // deadPort is a loopback address nobody listens on: connecting is refused.
-func deadPort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
+func deadPort(t *testing.T) string { return testkit.DeadPort(t).String() }
 
 // roundTrip writes msg to c and reads the echo back.
 func roundTrip(t *testing.T, c net.Conn, msg string) {
@@ -190,14 +183,14 @@ func silentProxy(t *testing.T) *fakeProxy {
 }
 
 func TestDirectDialsWithTemplate(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	var controls atomic.Int32
 	d := &Direct{Forward: &net.Dialer{Timeout: time.Second, Control: func(network, address string, c syscall.RawConn) error {
 		controls.Add(1)
 		return nil
 	}}}
-	c, err := d.DialContext(context.Background(), "tcp", echo)
+	c, err := d.Dial(context.Background(), echo, netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,12 +200,25 @@ func TestDirectDialsWithTemplate(t *testing.T) {
 		t.Fatalf("Control ran %d times, want once (the socket mark)", controls.Load())
 	}
 
-	_, err = d.DialContext(context.Background(), "tcp", deadPort(t))
+	_, err = d.Dial(context.Background(), deadPort(t), netip.AddrPort{})
 	if !errors.Is(err, syscall.ECONNREFUSED) || !isTargetFailure(err) {
 		t.Fatalf("direct dial of a dead port = %v; want ECONNREFUSED as a target failure", err)
 	}
-	if _, err := d.DialContext(context.Background(), "udp", echo); err == nil {
-		t.Fatal("direct dial over udp succeeded")
+}
+
+// Direct goes to the original destination when there is one, whatever
+// name it is asked for.
+func TestDirectDialsOriginalDst(t *testing.T) {
+	testkit.CheckGoroutines(t)
+	echo := netip.MustParseAddrPort(startEchoTarget(t))
+	c, err := (&Direct{}).Dial(context.Background(), "no-such-name.invalid:1", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustTCP(t, c)
+	roundTrip(t, c, "original")
+	if got := c.RemoteAddr().(*net.TCPAddr).AddrPort(); got != echo {
+		t.Fatalf("connected to %v, want the original destination %v", got, echo)
 	}
 }
 
@@ -221,7 +227,7 @@ func TestDialerTimeoutBySlowProxy(t *testing.T) {
 	for _, k := range dialerKinds {
 		for _, how := range []string{"Forward.Timeout", "ctx deadline", "ctx cancel"} {
 			t.Run(k.name+"/"+how, func(t *testing.T) {
-				checkGoroutines(t)
+				testkit.CheckGoroutines(t)
 				p := silentProxy(t)
 				fwd := &net.Dialer{}
 				ctx := context.Background()
@@ -238,7 +244,7 @@ func TestDialerTimeoutBySlowProxy(t *testing.T) {
 					time.AfterFunc(timeout, cancel)
 				}
 				start := time.Now()
-				c, err := k.make(p.addr, fwd).DialContext(ctx, "tcp", "example.com:443")
+				c, err := k.make(p.addr, fwd).Dial(ctx, "example.com:443", netip.AddrPort{})
 				elapsed := time.Since(start)
 				if err == nil {
 					c.Close()
@@ -269,7 +275,7 @@ func TestDialerTimeoutBySlowProxy(t *testing.T) {
 }
 
 func TestDialerRejectsBadInputBeforeDialling(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	p := silentProxy(t)
 	long := make([]byte, 256)
 	for i := range long {
@@ -278,23 +284,21 @@ func TestDialerRejectsBadInputBeforeDialling(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		d       Dialer
-		network string
 		address string
 	}{
-		{"http/no port", &HTTPConnect{Proxy: p.addr}, "tcp", "example.com"},
-		{"http/port 0", &HTTPConnect{Proxy: p.addr}, "tcp", "example.com:0"},
-		{"http/CRLF in host", &HTTPConnect{Proxy: p.addr}, "tcp", "a.com\r\nX-Evil: 1:443"},
-		{"http/space in host", &HTTPConnect{Proxy: p.addr}, "tcp", "a b:443"},
-		{"http/colon in user", &HTTPConnect{Proxy: p.addr, User: "a:b"}, "tcp", "example.com:443"},
-		{"http/udp", &HTTPConnect{Proxy: p.addr}, "udp", "example.com:443"},
-		{"socks5/host of 256 bytes", &SOCKS5{Proxy: p.addr}, "tcp", string(long) + ":443"},
-		{"socks5/user of 256 bytes", &SOCKS5{Proxy: p.addr, User: string(long), Password: "x"}, "tcp", "example.com:443"},
-		{"socks5/password of 256 bytes", &SOCKS5{Proxy: p.addr, User: "u", Password: string(long)}, "tcp", "example.com:443"},
-		{"socks5/empty host", &SOCKS5{Proxy: p.addr}, "tcp", ":443"},
-		{"socks5/no proxy", &SOCKS5{}, "tcp", "example.com:443"},
+		{"http/no port", &HTTPConnect{Proxy: p.addr}, "example.com"},
+		{"http/port 0", &HTTPConnect{Proxy: p.addr}, "example.com:0"},
+		{"http/CRLF in host", &HTTPConnect{Proxy: p.addr}, "a.com\r\nX-Evil: 1:443"},
+		{"http/space in host", &HTTPConnect{Proxy: p.addr}, "a b:443"},
+		{"http/colon in user", &HTTPConnect{Proxy: p.addr, User: "a:b"}, "example.com:443"},
+		{"socks5/host of 256 bytes", &SOCKS5{Proxy: p.addr}, string(long) + ":443"},
+		{"socks5/user of 256 bytes", &SOCKS5{Proxy: p.addr, User: string(long), Password: "x"}, "example.com:443"},
+		{"socks5/password of 256 bytes", &SOCKS5{Proxy: p.addr, User: "u", Password: string(long)}, "example.com:443"},
+		{"socks5/empty host", &SOCKS5{Proxy: p.addr}, ":443"},
+		{"socks5/no proxy", &SOCKS5{}, "example.com:443"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := tc.d.DialContext(context.Background(), tc.network, tc.address)
+			c, err := tc.d.Dial(context.Background(), tc.address, netip.AddrPort{})
 			if err == nil {
 				c.Close()
 				t.Fatal("dial succeeded")
@@ -313,10 +317,10 @@ func TestDialerRejectsBadInputBeforeDialling(t *testing.T) {
 }
 
 func TestDialerProxyRefuses(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	dead := deadPort(t)
 	for _, k := range dialerKinds {
-		_, err := k.make(dead, nil).DialContext(context.Background(), "tcp", "example.com:443")
+		_, err := k.make(dead, nil).Dial(context.Background(), "example.com:443", netip.AddrPort{})
 		wantOpError(t, err, k.op, dead, "example.com:443")
 		if !errors.Is(err, syscall.ECONNREFUSED) || isTargetFailure(err) {
 			t.Fatalf("%s: %v; want ECONNREFUSED, not a target failure", k.name, err)

@@ -1,4 +1,4 @@
-package tunnel
+package upstream
 
 import (
 	"context"
@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 )
 
 // SOCKS5 dials through a SOCKS5 proxy (RFC 1928) with the CONNECT command,
@@ -37,15 +38,13 @@ const (
 	socksReplySucceeded = 0x00
 )
 
-// DialContext asks the proxy to connect to address and returns the
+// Dial asks the proxy to connect to target and returns the
 // connection to the proxy, positioned right after the reply: bytes the
 // proxy sent after it are the tunnel's and are still there to read. A
 // hostname is sent as a name (ATYP 0x03) for the proxy to resolve.
-func (s *SOCKS5) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	fail := func(err error) error {
-		return &net.OpError{Op: "socks connect", Net: network, Source: hostPort(s.Proxy), Addr: hostPort(address), Err: err}
-	}
-	t, err := parseTarget(address)
+func (s *SOCKS5) Dial(ctx context.Context, target string, _ netip.AddrPort) (*net.TCPConn, error) {
+	fail := func(err error) error { return proxyError("socks connect", s.Proxy, target, err) }
+	t, err := parseTarget(target)
 	if err != nil {
 		return nil, fail(err)
 	}
@@ -59,7 +58,7 @@ func (s *SOCKS5) DialContext(ctx context.Context, network, address string) (net.
 	if len(s.Password) > 255 {
 		return nil, fail(errors.New("password longer than 255 bytes"))
 	}
-	return dialProxy(ctx, "socks connect", s.Forward, s.Proxy, network, address, func(c *net.TCPConn) error {
+	return dialProxy(ctx, "socks connect", s.Forward, s.Proxy, target, func(c *net.TCPConn) error {
 		return s.handshake(c, req)
 	})
 }

@@ -1,12 +1,15 @@
-package tunnel
+package upstream
 
 import (
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -67,14 +70,14 @@ func httpProxy(t *testing.T, user, pass string, heads chan<- string) *fakeProxy 
 }
 
 func TestHTTPConnectTunnelsToTarget(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	heads := make(chan string, 1)
 	p := httpProxy(t, "", "", heads)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	d := &HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: time.Second}}
-	c, err := d.DialContext(ctx, "tcp", echo)
+	c, err := d.Dial(ctx, echo, netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,13 +91,13 @@ func TestHTTPConnectTunnelsToTarget(t *testing.T) {
 }
 
 func TestHTTPConnectBasicAuth(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	heads := make(chan string, 1)
 	p := httpProxy(t, "alice", "s3cret:with colon", heads)
 
 	d := &HTTPConnect{Proxy: p.addr, User: "alice", Password: "s3cret:with colon"}
-	c, err := d.DialContext(context.Background(), "tcp", echo)
+	c, err := d.Dial(context.Background(), echo, netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +111,7 @@ func TestHTTPConnectBasicAuth(t *testing.T) {
 		{Proxy: p.addr, User: "alice", Password: "wrong"},
 		{Proxy: p.addr},
 	} {
-		_, err := d.DialContext(context.Background(), "tcp", echo)
+		_, err := d.Dial(context.Background(), echo, netip.AddrPort{})
 		head := <-heads
 		if d.User == "" && headerValue(head, "Proxy-Authorization") != "" {
 			t.Errorf("credentials sent without a user: %q", head)
@@ -125,7 +128,7 @@ func TestHTTPConnectBasicAuth(t *testing.T) {
 }
 
 func TestHTTPConnectEncodesTargets(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	heads := make(chan string, 1)
 	p := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
 		heads <- readRequestHead(c)
@@ -139,7 +142,7 @@ func TestHTTPConnectEncodesTargets(t *testing.T) {
 		{"[fe80::1%eth0]:22", "[fe80::1]:22"},
 		{"198.18.0.1:80", "198.18.0.1:80"},
 	} {
-		c, err := (&HTTPConnect{Proxy: p.addr}).DialContext(context.Background(), "tcp", tc.address)
+		c, err := (&HTTPConnect{Proxy: p.addr}).Dial(context.Background(), tc.address, netip.AddrPort{})
 		if err != nil {
 			t.Fatalf("%s: %v", tc.address, err)
 		}
@@ -155,7 +158,7 @@ func TestHTTPConnectEncodesTargets(t *testing.T) {
 // talking first) may send tunnel bytes in the same segment as the reply
 // head; they must come out of the returned *net.TCPConn.
 func TestHTTPConnectKeepsBytesAfterHead(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	for _, reply := range []string{
 		"HTTP/1.1 200 Connection established\r\nVia: 1.1 fake\r\n\r\nSSH-2.0-OpenSSH_9.6\r\n",
 		"HTTP/1.1 200 OK\n\nSSH-2.0-OpenSSH_9.6\r\n", // bare LFs
@@ -165,7 +168,7 @@ func TestHTTPConnectKeepsBytesAfterHead(t *testing.T) {
 			io.WriteString(c, reply)
 			io.Copy(io.Discard, c)
 		})
-		c, err := (&HTTPConnect{Proxy: p.addr}).DialContext(context.Background(), "tcp", "example.com:22")
+		c, err := (&HTTPConnect{Proxy: p.addr}).Dial(context.Background(), "example.com:22", netip.AddrPort{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -181,7 +184,7 @@ func TestHTTPConnectKeepsBytesAfterHead(t *testing.T) {
 // TestHTTPConnectHeadAcrossSegments: the head arrives in pieces, the
 // terminator itself split, with pauses between.
 func TestHTTPConnectHeadAcrossSegments(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	parts := []string{"HTTP/1.1 20", "0 Connection established\r", "\n", "Via: 1.1 fake\r\n\r", "\nEAR", "LY"}
 	p := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
 		readRequestHead(c)
@@ -191,7 +194,7 @@ func TestHTTPConnectHeadAcrossSegments(t *testing.T) {
 		}
 		io.Copy(io.Discard, c)
 	})
-	c, err := (&HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: 5 * time.Second}}).DialContext(context.Background(), "tcp", "example.com:443")
+	c, err := (&HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: 5 * time.Second}}).Dial(context.Background(), "example.com:443", netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,11 +209,11 @@ func TestHTTPConnectHeadAcrossSegments(t *testing.T) {
 // TestReadHeadEverySplit cuts a reply at every position, the pieces
 // arriving apart, and checks readHead takes the head exactly.
 func TestReadHeadEverySplit(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	const head = "HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
 	const reply = head + "TAIL"
 	for k := 1; k < len(reply); k++ {
-		a, b := pair(t)
+		a, b := testkit.TCPPair(t)
 		go func() {
 			io.WriteString(b, reply[:k])
 			time.Sleep(2 * time.Millisecond)
@@ -229,7 +232,7 @@ func TestReadHeadEverySplit(t *testing.T) {
 }
 
 func TestReadHeadLimit(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	// A head of exactly the limit is fine; one byte more is not.
 	exact := "HTTP/1.1 200 OK\r\nX: " + strings.Repeat("a", maxReplyHead-len("HTTP/1.1 200 OK\r\nX: \r\n\r\n")) + "\r\n\r\n"
 	for _, tc := range []struct {
@@ -240,7 +243,7 @@ func TestReadHeadLimit(t *testing.T) {
 		{exact[:len(exact)-4] + "a\r\n\r\n", false},
 		{"HTTP/1.1 200 OK\r\n" + strings.Repeat("X-Pad: aaaaaaaaaaaaaaaaaaaa\r\n", 2000), false},
 	} {
-		a, b := pair(t)
+		a, b := testkit.TCPPair(t)
 		go io.WriteString(b, tc.reply)
 		a.SetDeadline(time.Now().Add(5 * time.Second))
 		got, err := readHead(a, maxReplyHead)
@@ -278,9 +281,9 @@ func TestHTTPConnectRogueProxy(t *testing.T) {
 		{"endless head", replyWith("HTTP/1.1 200 OK\r\n" + strings.Repeat("X-Pad: aaaaaaaaaaaaaaaaaaaa\r\n", 1000)), false, "reply head longer than 16384 bytes"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkGoroutines(t)
+			testkit.CheckGoroutines(t)
 			p := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) { tc.serve(c) })
-			c, err := (&HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: 5 * time.Second}}).DialContext(context.Background(), "tcp", "example.com:443")
+			c, err := (&HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: 5 * time.Second}}).Dial(context.Background(), "example.com:443", netip.AddrPort{})
 			if err == nil {
 				c.Close()
 				t.Fatal("dial succeeded")

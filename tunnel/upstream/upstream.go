@@ -1,4 +1,16 @@
-package tunnel
+// Package upstream is every way out of detour: connecting directly, through
+// a SOCKS5 proxy (RFC 1928/1929) or an HTTP CONNECT proxy (RFC 9110, Basic
+// auth), all behind one Dialer signature; and groups of such upstreams
+// with their pick strategies (round-robin, smooth weighted, least
+// connections, consistent hashing with bounded load), failover, back-off,
+// active probes, and the parsing of --upstream URLs.
+//
+// It is handed a target and the original destination and returns a bare,
+// handshaken *net.TCPConn. It knows nothing of routing rules, sniffing,
+// relaying or the kernel's redirection: which group a connection goes to,
+// and what name it asks for, is package tunnel's business; the socket mark
+// comes in through the Forward dialer's Control.
+package upstream
 
 import (
 	"errors"
@@ -12,7 +24,7 @@ import (
 	"time"
 )
 
-// MaxWeight is the largest weight ParseUpstream accepts.
+// MaxWeight is the largest weight Parse accepts.
 const MaxWeight = 1000
 
 // Upstream is one way out of a group: direct, or a proxy. Its health and
@@ -28,7 +40,7 @@ type Upstream struct {
 	// Dialer reaches destinations through this upstream.
 	Dialer Dialer
 
-	active  atomic.Int64 // connections handed out and not yet released
+	active  atomic.Int64 // leases handed out and not yet released
 	benched atomic.Bool  // in back-off: strategies skip it
 	down    atomic.Bool  // failed, and not yet worked again (the logged state)
 
@@ -39,13 +51,9 @@ type Upstream struct {
 	retryAt  time.Time  // when its back-off ends
 }
 
-// Active is the number of connections dialled through u and not yet
-// released.
+// Active is the number of connections a Group dialled through u whose
+// Lease is not yet released.
 func (u *Upstream) Active() int64 { return u.active.Load() }
-
-// Release gives back one connection a Group's DialContext counted against
-// u. Call it exactly once for each, when the connection closes.
-func (u *Upstream) Release() { u.active.Add(-1) }
 
 // Up reports whether strategies may pick u: it never failed, worked again
 // since, or its back-off ran out (the group then tries it again). A Group
@@ -68,7 +76,7 @@ func (u *Upstream) lastFailure() time.Time {
 	return u.lastFail
 }
 
-// ParseUpstream parses one --upstream value:
+// Parse parses one --upstream value:
 //
 //	direct
 //	socks5://[user:pass@]host:port
@@ -78,7 +86,7 @@ func (u *Upstream) lastFailure() time.Time {
 // are percent-decoded. forward is the template for every socket the
 // upstream opens (timeout, socket mark); nil means a zero net.Dialer. Errors
 // quote the value with its password masked.
-func ParseUpstream(raw string, forward *net.Dialer) (*Upstream, error) {
+func Parse(raw string, forward *net.Dialer) (*Upstream, error) {
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("upstream %q: %s", redactURL(raw), fmt.Sprintf(format, args...))
 	}

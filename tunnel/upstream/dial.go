@@ -1,4 +1,4 @@
-package tunnel
+package upstream
 
 import (
 	"context"
@@ -11,13 +11,18 @@ import (
 	"time"
 )
 
-// Dialer is the one dial signature every route shares: direct and each
-// proxy kind. network is "tcp", "tcp4" or "tcp6"; address is "host:port"
-// where host is a sniffed hostname or an IP literal. Every Dialer in this
-// package returns a bare *net.TCPConn, after any proxy handshake and with no
-// deadline left set, so the relay can splice it.
+// Dialer is the one dial signature every way out shares: Direct, SOCKS5
+// and HTTPConnect, and a Group's members through them.
+//
+// target is what to ask for, "host:port" where host is a sniffed name or an
+// IP literal; dst is the connection's original destination (the zero
+// AddrPort when there is none). A proxy asks for target. Direct connects to
+// dst when it is valid, so a direct member of a group asked for a sniffed
+// name goes where the client was going, not where the gateway's resolver
+// says; else to target. The result is a bare *net.TCPConn, after any proxy
+// handshake and with no deadline left set, so the relay can splice it.
 type Dialer interface {
-	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+	Dial(ctx context.Context, target string, dst netip.AddrPort) (*net.TCPConn, error)
 }
 
 var (
@@ -26,7 +31,7 @@ var (
 	_ Dialer = (*SOCKS5)(nil)
 )
 
-// Direct connects to the address itself.
+// Direct connects to the destination itself.
 type Direct struct {
 	// Forward is the template for the outbound socket: it carries the
 	// timeout and the socket-mark Control function. Nil means a zero
@@ -34,32 +39,17 @@ type Direct struct {
 	Forward *net.Dialer
 }
 
-// DialContext connects to address. When ctx carries the connection's
-// original destination (see withOriginalDst), that IP and port are dialled
-// instead: a direct member of a group asked for a sniffed name goes where
-// the client was going, not where the gateway's resolver says. Otherwise a
-// hostname is resolved by the system resolver.
+// Dial connects to dst, or, when dst is not valid, to target (a hostname
+// resolved by the system resolver).
 //
 // Its errors are failures of the destination, not of a route: a group never
 // marks a direct upstream down.
-func (d *Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	if err := checkNetwork(network); err != nil {
-		return nil, &net.OpError{Op: "dial", Net: network, Addr: hostPort(address), Err: err}
-	}
-	if dst, ok := ctx.Value(originalDstKey{}).(netip.AddrPort); ok && dst.IsValid() {
+func (d *Direct) Dial(ctx context.Context, target string, dst netip.AddrPort) (*net.TCPConn, error) {
+	address := target
+	if dst.IsValid() {
 		address = dst.String()
 	}
-	tc, err := d.dial(ctx, network, address)
-	if err != nil {
-		return nil, err
-	}
-	return tc, nil
-}
-
-// dial connects to address (the direct route: the original destination)
-// without DialContext's interface result or context lookup.
-func (d *Direct) dial(ctx context.Context, network, address string) (*net.TCPConn, error) {
-	c, err := dialTCP(ctx, forwardOf(d.Forward), network, address)
+	c, err := dialTCP(ctx, forwardOf(d.Forward), address)
 	if err != nil {
 		return nil, targetError{err}
 	}
@@ -76,15 +66,15 @@ func (d *Direct) dial(ctx context.Context, network, address string) (*net.TCPCon
 // destinations, and ports in TIME_WAIT are not locked away: on a gateway
 // that is the difference between about 28,000 outbound connections (the
 // default ip_local_port_range) and that many per destination.
-func dialTCP(ctx context.Context, d *net.Dialer, network, address string) (*net.TCPConn, error) {
-	c, err := d.DialContext(ctx, network, address)
+func dialTCP(ctx context.Context, d *net.Dialer, address string) (*net.TCPConn, error) {
+	c, err := d.DialContext(ctx, "tcp", address)
 	if err != nil {
 		return nil, err
 	}
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		c.Close()
-		return nil, &net.OpError{Op: "dial", Net: network, Addr: hostPort(address), Err: fmt.Errorf("got a %T, want a *net.TCPConn", c)}
+		return nil, &net.OpError{Op: "dial", Net: "tcp", Addr: hostPort(address), Err: fmt.Errorf("got a %T, want a *net.TCPConn", c)}
 	}
 	return tc, nil
 }
@@ -95,19 +85,16 @@ func dialTCP(ctx context.Context, d *net.Dialer, network, address string) (*net.
 // the handshake, and cancelling ctx interrupts it. The deadline is cleared
 // before the connection is returned. Errors are *net.OpError{Op: op,
 // Source: proxy, Addr: target}.
-func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, network, target string, handshake func(*net.TCPConn) error) (net.Conn, error) {
+func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, target string, handshake func(*net.TCPConn) error) (*net.TCPConn, error) {
 	fail := func(err error) error {
-		return &net.OpError{Op: op, Net: network, Source: hostPort(proxy), Addr: hostPort(target), Err: err}
-	}
-	if err := checkNetwork(network); err != nil {
-		return nil, fail(err)
+		return proxyError(op, proxy, target, err)
 	}
 	if proxy == "" {
 		return nil, fail(errors.New("no proxy address"))
 	}
 	fd := forwardOf(forward)
 	deadline := handshakeDeadline(ctx, fd, time.Now())
-	tc, err := dialTCP(ctx, fd, "tcp", proxy)
+	tc, err := dialTCP(ctx, fd, proxy)
 	if err != nil {
 		return nil, fail(err)
 	}
@@ -190,12 +177,10 @@ func template(d *net.Dialer) *net.Dialer {
 	return &c
 }
 
-func checkNetwork(network string) error {
-	switch network {
-	case "tcp", "tcp4", "tcp6":
-		return nil
-	}
-	return fmt.Errorf("network %q not supported (want tcp, tcp4 or tcp6)", network)
+// proxyError is the error of a dial through proxy, as x/net/proxy makes
+// them: which step (op), the proxy, the target.
+func proxyError(op, proxy, target string, err error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: hostPort(proxy), Addr: hostPort(target), Err: err}
 }
 
 // target is a parsed "host:port" a proxy is asked to connect to.
@@ -293,12 +278,4 @@ func (e *stepError) Unwrap() error { return e.err }
 func (e *stepError) Timeout() bool {
 	var ne net.Error
 	return errors.As(e.err, &ne) && ne.Timeout()
-}
-
-type originalDstKey struct{}
-
-// withOriginalDst records the connection's original destination in ctx for
-// the Direct dialer.
-func withOriginalDst(ctx context.Context, dst netip.AddrPort) context.Context {
-	return context.WithValue(ctx, originalDstKey{}, dst)
 }

@@ -1,72 +1,25 @@
-package tunnel
+package upstream
 
 import (
-	"bytes"
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"context"
 	"errors"
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 )
 
-// groupClock is an injected clock for health state.
-type groupClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-func (c *groupClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *groupClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.now = c.now.Add(d)
-	c.mu.Unlock()
-}
-
-// groupLog collects a group's log lines.
-type groupLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *groupLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *groupLog) lines(msg string) []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var out []string
-	for _, line := range strings.Split(l.buf.String(), "\n") {
-		if strings.Contains(line, "msg=\""+msg+"\"") {
-			out = append(out, line)
-		}
-	}
-	return out
-}
-
-func (l *groupLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
 // newTestGroup is a round-robin group on an injected clock, logging at
-// Info to a groupLog.
-func newTestGroup(ups ...*Upstream) (*Group, *groupClock, *groupLog) {
-	clock := &groupClock{now: time.Unix(1_700_000_000, 0)}
+// Info to a log buffer.
+func newTestGroup(ups ...*Upstream) (*Group, *testkit.Clock, *groupLog) {
+	clock := testkit.NewClock()
 	logs := &groupLog{}
 	g := &Group{
 		Name:      "pool",
@@ -77,6 +30,12 @@ func newTestGroup(ups ...*Upstream) (*Group, *groupClock, *groupLog) {
 	}
 	return g, clock, logs
 }
+
+// groupLog collects a group's log lines.
+type groupLog struct{ testkit.LogBuffer }
+
+// lines are the lines logged with message msg.
+func (l *groupLog) lines(msg string) []string { return l.Lines(`msg="` + msg + `"`) }
 
 // switchableSOCKS is a SOCKS5 proxy that works, or (when broken) reads the
 // greeting and closes: a handshake failure.
@@ -106,7 +65,7 @@ func socksUpstream(name, addr string) *Upstream {
 }
 
 func TestGroupFailsOver(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	garbage := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
 		io.ReadFull(c, make([]byte, 3))
@@ -118,7 +77,8 @@ func TestGroupFailsOver(t *testing.T) {
 	ok := socksUpstream("good", good.addr)
 	g, _, logs := newTestGroup(refused, bad, ok)
 
-	c, u, err := g.DialContext(context.Background(), "tcp", echo, "")
+	lease, err := g.Dial(context.Background(), echo, netip.AddrPort{}, "")
+	c, u := lease.Conn, lease.Upstream
 	if err != nil {
 		t.Fatalf("client saw %v; want failover to the working upstream", err)
 	}
@@ -136,7 +96,7 @@ func TestGroupFailsOver(t *testing.T) {
 		!strings.Contains(down[1], "group=pool upstream=garbage") || !strings.Contains(down[1], "version 0x48") {
 		t.Fatalf("down lines:\n%s", strings.Join(down, "\n"))
 	}
-	u.Release()
+	lease.Release()
 	if ok.Active() != 0 {
 		t.Fatalf("after Release %d active, want 0", ok.Active())
 	}
@@ -145,12 +105,13 @@ func TestGroupFailsOver(t *testing.T) {
 	// is logged.
 	before := garbage.accepted.Load()
 	for range 3 {
-		c, u, err := g.DialContext(context.Background(), "tcp", echo, "")
+		lease, err := g.Dial(context.Background(), echo, netip.AddrPort{}, "")
+		c, u := lease.Conn, lease.Upstream
 		if err != nil || u != ok {
 			t.Fatalf("dial = %v, %v", u, err)
 		}
 		c.Close()
-		u.Release()
+		lease.Release()
 	}
 	if garbage.accepted.Load() != before {
 		t.Fatal("a benched upstream was dialled while another was up")
@@ -161,7 +122,7 @@ func TestGroupFailsOver(t *testing.T) {
 }
 
 func TestGroupBackoffGrowsAndCaps(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	dead := socksUpstream("dead", deadPort(t))
 	g, clock, logs := newTestGroup(dead)
 	backoff := func() time.Duration {
@@ -170,7 +131,7 @@ func TestGroupBackoffGrowsAndCaps(t *testing.T) {
 		return dead.retryAt.Sub(clock.Now())
 	}
 	for i, want := range []time.Duration{1, 2, 4, 8, 16, 32, 60, 60} {
-		_, _, err := g.DialContext(context.Background(), "tcp", "example.com:443", "")
+		_, err := g.Dial(context.Background(), "example.com:443", netip.AddrPort{}, "")
 		if !errors.Is(err, syscall.ECONNREFUSED) {
 			t.Fatalf("dial %d: %v", i, err)
 		}
@@ -179,12 +140,12 @@ func TestGroupBackoffGrowsAndCaps(t *testing.T) {
 		}
 		// A failure during the back-off (the last resort when all are
 		// down) does not lengthen it.
-		clock.advance(500 * time.Millisecond)
-		g.DialContext(context.Background(), "tcp", "example.com:443", "")
+		clock.Advance(500 * time.Millisecond)
+		g.Dial(context.Background(), "example.com:443", netip.AddrPort{}, "")
 		if got := backoff(); got != want*time.Second-500*time.Millisecond {
 			t.Fatalf("failure %d during back-off moved it: %v left", i+1, got)
 		}
-		clock.advance(want*time.Second - 500*time.Millisecond)
+		clock.Advance(want*time.Second - 500*time.Millisecond)
 	}
 	if n := len(logs.lines("upstream down")); n != 1 {
 		t.Fatalf("%d down lines, want 1:\n%s", n, logs)
@@ -202,7 +163,7 @@ func TestGroupBackoffGrowsAndCaps(t *testing.T) {
 }
 
 func TestGroupRecovers(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	flaky := startSwitchableSOCKS(t)
 	good := (&socksServer{}).start(t)
@@ -213,13 +174,14 @@ func TestGroupRecovers(t *testing.T) {
 	flaky.broken.Store(true)
 	dial := func(want *Upstream) *Upstream {
 		t.Helper()
-		c, u, err := g.DialContext(context.Background(), "tcp", echo, "")
+		lease, err := g.Dial(context.Background(), echo, netip.AddrPort{}, "")
+		c, u := lease.Conn, lease.Upstream
 		if err != nil || (want != nil && u != want) {
 			t.Fatalf("dial went to %v, %v; want %v", u, err, want)
 		}
 		roundTrip(t, c, "x")
 		c.Close()
-		u.Release()
+		lease.Release()
 		return u
 	}
 	dial(b) // a fails first, then b
@@ -228,12 +190,12 @@ func TestGroupRecovers(t *testing.T) {
 	}
 	flaky.broken.Store(false)
 	tries := flaky.accepted.Load()
-	clock.advance(999 * time.Millisecond)
+	clock.Advance(999 * time.Millisecond)
 	dial(b)
 	if flaky.accepted.Load() != tries {
 		t.Fatal("flaky dialled during its back-off")
 	}
-	clock.advance(time.Millisecond)
+	clock.Advance(time.Millisecond)
 	// Back-off over: round-robin comes back to it, and it works.
 	if first, second := dial(nil), dial(nil); first != a && second != a {
 		t.Fatal("round-robin did not come back to flaky after its back-off")
@@ -250,7 +212,7 @@ func TestGroupRecovers(t *testing.T) {
 // TestGroupAllDownStillTries: with every upstream benched, the dial still
 // goes out, oldest failure first.
 func TestGroupAllDownStillTries(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	pa, pb := startSwitchableSOCKS(t), startSwitchableSOCKS(t)
 	a, b := socksUpstream("a", pa.addr), socksUpstream("b", pb.addr)
@@ -258,7 +220,8 @@ func TestGroupAllDownStillTries(t *testing.T) {
 
 	pa.broken.Store(true)
 	pb.broken.Store(true)
-	_, last, err := g.DialContext(context.Background(), "tcp", echo, "")
+	lease, err := g.Dial(context.Background(), echo, netip.AddrPort{}, "")
+	last := lease.Upstream
 	var ge *groupError
 	if !errors.As(err, &ge) || len(ge.errs) != 2 || !strings.Contains(err.Error(), "upstream a: ") || !strings.Contains(err.Error(), "upstream b: ") {
 		t.Fatalf("all failing: %v; want one error wrapping both attempts", err)
@@ -269,17 +232,18 @@ func TestGroupAllDownStillTries(t *testing.T) {
 	t.Log(err)
 
 	// b failed longer ago than a: it is tried first, and a not at all.
-	clock.advance(100 * time.Millisecond)
+	clock.Advance(100 * time.Millisecond)
 	g.markDown(a, errors.New("again"))
 	pa.broken.Store(false)
 	pb.broken.Store(false)
 	triesA := pa.accepted.Load()
-	c, u, err := g.DialContext(context.Background(), "tcp", echo, "")
+	lease, err = g.Dial(context.Background(), echo, netip.AddrPort{}, "")
+	c, u := lease.Conn, lease.Upstream
 	if err != nil || u != b {
 		t.Fatalf("all benched: dial = %v, %v; want b (oldest failure)", u, err)
 	}
 	c.Close()
-	u.Release()
+	lease.Release()
 	if pa.accepted.Load() != triesA {
 		t.Fatal("a was tried before b")
 	}
@@ -294,7 +258,7 @@ func TestGroupAllDownStillTries(t *testing.T) {
 // TestGroupCancelledDialKeepsUpstreamUp: a client that goes away (or a
 // shutdown) says nothing about the upstream.
 func TestGroupCancelledDialKeepsUpstreamUp(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	slow := silentProxy(t)
 	other := silentProxy(t)
 	a, b := socksUpstream("slow", slow.addr), socksUpstream("other", other.addr)
@@ -310,7 +274,7 @@ func TestGroupCancelledDialKeepsUpstreamUp(t *testing.T) {
 			ctx, cancel = context.WithTimeout(context.Background(), 100*time.Millisecond)
 		}
 		start := time.Now()
-		_, _, err := g.DialContext(ctx, "tcp", "example.com:443", "")
+		_, err := g.Dial(ctx, "example.com:443", netip.AddrPort{}, "")
 		cancel()
 		if err == nil || time.Since(start) > 2*time.Second {
 			t.Fatalf("%s: dial = %v after %v", how, err, time.Since(start))
@@ -334,12 +298,13 @@ func TestGroupCancelledDialKeepsUpstreamUp(t *testing.T) {
 // refused works; the destination does not, and another upstream would
 // hear the same.
 func TestGroupTargetFailureEndsSearch(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	refusing := (&socksServer{rep: 0x05}).start(t)
 	other := (&socksServer{}).start(t)
 	a, b := socksUpstream("a", refusing.addr), socksUpstream("b", other.addr)
 	g, _, logs := newTestGroup(a, b)
-	_, u, err := g.DialContext(context.Background(), "tcp", "example.com:443", "")
+	lease, err := g.Dial(context.Background(), "example.com:443", netip.AddrPort{}, "")
+	u := lease.Upstream
 	if err == nil || !strings.Contains(err.Error(), "connection refused") || u != a {
 		t.Fatalf("dial = %v, %v; want a's connection refused", u, err)
 	}
@@ -350,13 +315,13 @@ func TestGroupTargetFailureEndsSearch(t *testing.T) {
 	// Direct errors are the destination's too.
 	d := &Upstream{Name: "direct", Dialer: &Direct{}}
 	g, _, _ = newTestGroup(d)
-	if _, _, err := g.DialContext(context.Background(), "tcp", deadPort(t), ""); !errors.Is(err, syscall.ECONNREFUSED) || !d.Up() {
+	if _, err := g.Dial(context.Background(), deadPort(t), netip.AddrPort{}, ""); !errors.Is(err, syscall.ECONNREFUSED) || !d.Up() {
 		t.Fatalf("direct to a dead port: %v, up %v", err, d.Up())
 	}
 }
 
 func TestGroupProbeBringsUpstreamBack(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	flaky := startSwitchableSOCKS(t)
 	good := (&socksServer{}).start(t)
@@ -367,7 +332,8 @@ func TestGroupProbeBringsUpstreamBack(t *testing.T) {
 	g.Probe = ProbeConfig{Interval: 20 * time.Millisecond, Timeout: time.Second}
 
 	flaky.broken.Store(true)
-	c, _, err := g.DialContext(context.Background(), "tcp", echo, "")
+	lease, err := g.Dial(context.Background(), echo, netip.AddrPort{}, "")
+	c := lease.Conn
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -401,7 +367,7 @@ func TestGroupProbeBringsUpstreamBack(t *testing.T) {
 }
 
 func TestGroupNoUpstreams(t *testing.T) {
-	_, _, err := (&Group{Name: "empty"}).DialContext(context.Background(), "tcp", "example.com:443", "")
+	_, err := (&Group{Name: "empty"}).Dial(context.Background(), "example.com:443", netip.AddrPort{}, "")
 	if err == nil || !strings.Contains(err.Error(), `group "empty": no upstreams`) {
 		t.Fatalf("empty group: %v", err)
 	}
@@ -410,17 +376,18 @@ func TestGroupNoUpstreams(t *testing.T) {
 // TestGroupZeroValueDefaults: nil Strategy is round-robin, nil Now is the
 // real clock, nil Log is slog.Default.
 func TestGroupZeroValueDefaults(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	p1, p2 := (&socksServer{}).start(t), (&socksServer{}).start(t)
 	g := &Group{Upstreams: []*Upstream{socksUpstream("1", p1.addr), socksUpstream("2", p2.addr)}}
 	for range 4 {
-		c, u, err := g.DialContext(context.Background(), "tcp", echo, "")
+		lease, err := g.Dial(context.Background(), echo, netip.AddrPort{}, "")
+		c := lease.Conn
 		if err != nil {
 			t.Fatal(err)
 		}
 		c.Close()
-		u.Release()
+		lease.Release()
 	}
 	if p1.accepted.Load() != 2 || p2.accepted.Load() != 2 {
 		t.Fatalf("nil strategy spread %d/%d, want round-robin 2/2", p1.accepted.Load(), p2.accepted.Load())

@@ -1,4 +1,4 @@
-package tunnel
+package upstream
 
 import (
 	"bytes"
@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strings"
 )
 
@@ -29,14 +30,12 @@ type HTTPConnect struct {
 	Forward *net.Dialer
 }
 
-// DialContext asks the proxy for a tunnel to address and returns the
+// Dial asks the proxy for a tunnel to target and returns the
 // connection to the proxy, positioned right after the reply head: bytes the
 // proxy sent after it are the tunnel's and are still there to read.
-func (h *HTTPConnect) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	fail := func(err error) error {
-		return &net.OpError{Op: "http connect", Net: network, Source: hostPort(h.Proxy), Addr: hostPort(address), Err: err}
-	}
-	t, err := parseTarget(address)
+func (h *HTTPConnect) Dial(ctx context.Context, target string, _ netip.AddrPort) (*net.TCPConn, error) {
+	fail := func(err error) error { return proxyError("http connect", h.Proxy, target, err) }
+	t, err := parseTarget(target)
 	if err != nil {
 		return nil, fail(err)
 	}
@@ -54,7 +53,7 @@ func (h *HTTPConnect) DialContext(ctx context.Context, network, address string) 
 	b.WriteString("\r\n")
 	req := b.String()
 
-	return dialProxy(ctx, "http connect", h.Forward, h.Proxy, network, address, func(c *net.TCPConn) error {
+	return dialProxy(ctx, "http connect", h.Forward, h.Proxy, target, func(c *net.TCPConn) error {
 		if _, err := io.WriteString(c, req); err != nil {
 			return err
 		}

@@ -1,4 +1,4 @@
-package tunnel
+package upstream
 
 import (
 	"net"
@@ -25,7 +25,7 @@ func TestParseUpstream(t *testing.T) {
 			&HTTPConnect{Proxy: "198.18.2.2:3128", User: "a b", Password: "p@ss:w/d", Forward: fwd}},
 		{"socks5://bob@198.18.2.2:1080", "socks5://bob@198.18.2.2:1080", 1, &SOCKS5{Proxy: "198.18.2.2:1080", User: "bob", Forward: fwd}},
 	} {
-		u, err := ParseUpstream(tc.raw, fwd)
+		u, err := Parse(tc.raw, fwd)
 		if err != nil {
 			t.Errorf("%s: %v", tc.raw, err)
 			continue
@@ -77,9 +77,9 @@ func TestParseUpstreamErrors(t *testing.T) {
 		{"proxy:1080", `unsupported scheme "proxy"`},
 		{"", "missing scheme"},
 	} {
-		_, err := ParseUpstream(tc.raw, nil)
+		_, err := Parse(tc.raw, nil)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("ParseUpstream(%q) error = %v; want it to say %q", tc.raw, err, tc.want)
+			t.Errorf("Parse(%q) error = %v; want it to say %q", tc.raw, err, tc.want)
 		}
 	}
 }
@@ -94,7 +94,7 @@ func TestParseUpstreamHidesPassword(t *testing.T) {
 		"ftp://alice:hunter2@proxy",
 		"socks5://alice:hunter2@proxy:1080/%zz",
 	} {
-		_, err := ParseUpstream(raw, nil)
+		_, err := Parse(raw, nil)
 		if err == nil {
 			t.Fatalf("%s parsed", raw)
 		}
@@ -102,7 +102,7 @@ func TestParseUpstreamHidesPassword(t *testing.T) {
 			t.Errorf("error for %s shows the password or no user: %v", raw, err)
 		}
 	}
-	u, err := ParseUpstream("socks5://alice:hunter2@proxy:1080", nil)
+	u, err := Parse("socks5://alice:hunter2@proxy:1080", nil)
 	if err != nil || strings.Contains(u.Name, "hunter2") || u.String() != u.Name {
 		t.Fatalf("name %q, %v", u.Name, err)
 	}

@@ -1,6 +1,8 @@
-package tunnel
+package upstream
 
 import (
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"bytes"
 	"context"
 	"errors"
@@ -116,14 +118,14 @@ func (s *socksServer) start(t *testing.T) *fakeProxy {
 }
 
 func TestSOCKS5TunnelsToTarget(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	srv := &socksServer{seen: make(chan socksSeen, 1)}
 	p := srv.start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	d := &SOCKS5{Proxy: p.addr, Forward: &net.Dialer{Timeout: time.Second}}
-	c, err := d.DialContext(ctx, "tcp", echo)
+	c, err := d.Dial(ctx, echo, netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,12 +143,12 @@ func TestSOCKS5TunnelsToTarget(t *testing.T) {
 }
 
 func TestSOCKS5UserPass(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	echo := startEchoTarget(t)
 	srv := &socksServer{user: "alice", pass: "s3cret", seen: make(chan socksSeen, 1)}
 	p := srv.start(t)
 
-	c, err := (&SOCKS5{Proxy: p.addr, User: "alice", Password: "s3cret"}).DialContext(context.Background(), "tcp", echo)
+	c, err := (&SOCKS5{Proxy: p.addr, User: "alice", Password: "s3cret"}).Dial(context.Background(), echo, netip.AddrPort{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -161,7 +163,7 @@ func TestSOCKS5UserPass(t *testing.T) {
 		t.Fatalf("RFC 1929 request %x, want %x", seen.auth, want)
 	}
 
-	_, err = (&SOCKS5{Proxy: p.addr, User: "alice", Password: "wrong"}).DialContext(context.Background(), "tcp", echo)
+	_, err = (&SOCKS5{Proxy: p.addr, User: "alice", Password: "wrong"}).Dial(context.Background(), echo, netip.AddrPort{})
 	<-srv.seen
 	wantOpError(t, err, "socks connect", p.addr, echo)
 	if !strings.Contains(err.Error(), "username/password rejected") || isTargetFailure(err) {
@@ -169,7 +171,7 @@ func TestSOCKS5UserPass(t *testing.T) {
 	}
 
 	// Without credentials the server finds no method it accepts.
-	_, err = (&SOCKS5{Proxy: p.addr}).DialContext(context.Background(), "tcp", echo)
+	_, err = (&SOCKS5{Proxy: p.addr}).Dial(context.Background(), echo, netip.AddrPort{})
 	<-srv.seen
 	if !strings.Contains(err.Error(), "no acceptable authentication method") {
 		t.Fatalf("no credentials for a server that wants them: %v", err)
@@ -177,7 +179,7 @@ func TestSOCKS5UserPass(t *testing.T) {
 }
 
 func TestSOCKS5ReplyCodes(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	for _, tc := range []struct {
 		rep    byte
 		want   string
@@ -195,7 +197,7 @@ func TestSOCKS5ReplyCodes(t *testing.T) {
 		{0xff, "unknown reply code (0xff)", false},
 	} {
 		p := (&socksServer{rep: tc.rep}).start(t)
-		_, err := (&SOCKS5{Proxy: p.addr}).DialContext(context.Background(), "tcp", "example.com:443")
+		_, err := (&SOCKS5{Proxy: p.addr}).Dial(context.Background(), "example.com:443", netip.AddrPort{})
 		wantOpError(t, err, "socks connect", p.addr, "example.com:443")
 		var re socksReplyError
 		if !errors.As(err, &re) || byte(re) != tc.rep || !strings.Contains(err.Error(), tc.want) {
@@ -208,7 +210,7 @@ func TestSOCKS5ReplyCodes(t *testing.T) {
 }
 
 func TestSOCKS5EncodesTargets(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	srv := &socksServer{seen: make(chan socksSeen, 1)}
 	p := srv.start(t)
 	for _, tc := range []struct {
@@ -221,7 +223,7 @@ func TestSOCKS5EncodesTargets(t *testing.T) {
 		{"198.18.0.1:443", []byte{1, 198, 18, 0, 1}},
 		{strings.Repeat("a", 255) + ":443", append([]byte{3, 255}, strings.Repeat("a", 255)...)},
 	} {
-		c, err := (&SOCKS5{Proxy: p.addr}).DialContext(context.Background(), "tcp", tc.address)
+		c, err := (&SOCKS5{Proxy: p.addr}).Dial(context.Background(), tc.address, netip.AddrPort{})
 		if err != nil {
 			t.Fatalf("%s: %v", tc.address, err)
 		}
@@ -237,7 +239,7 @@ func TestSOCKS5EncodesTargets(t *testing.T) {
 // bytes right behind it (here with a domain and an IPv6 bound address)
 // stay in the returned *net.TCPConn.
 func TestSOCKS5KeepsBytesAfterReply(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	for _, bound := range [][]byte{
 		{1, 10, 0, 0, 1, 0x04, 0x38},
 		{4, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x04, 0x38},
@@ -245,7 +247,7 @@ func TestSOCKS5KeepsBytesAfterReply(t *testing.T) {
 		{3, 0, 0, 0},
 	} {
 		p := (&socksServer{bound: bound, after: "SSH-2.0-OpenSSH_9.6\r\n"}).start(t)
-		c, err := (&SOCKS5{Proxy: p.addr}).DialContext(context.Background(), "tcp", "example.com:22")
+		c, err := (&SOCKS5{Proxy: p.addr}).Dial(context.Background(), "example.com:22", netip.AddrPort{})
 		if err != nil {
 			t.Fatalf("bound %x: %v", bound, err)
 		}
@@ -290,7 +292,7 @@ func TestSOCKS5RogueServer(t *testing.T) {
 		{"reply cut in the name", "", []step{{3, []byte{5, 0}}, {reqLen, []byte{5, 0, 0, 3, 20, 'a'}}}, "reading reply: unexpected EOF"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkGoroutines(t)
+			testkit.CheckGoroutines(t)
 			p := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
 				for _, s := range tc.steps {
 					if _, err := io.ReadFull(c, make([]byte, s.read)); err != nil {
@@ -301,7 +303,7 @@ func TestSOCKS5RogueServer(t *testing.T) {
 				// Let the client read what was sent before the FIN.
 				time.Sleep(10 * time.Millisecond)
 			})
-			c, err := (&SOCKS5{Proxy: p.addr, User: tc.user, Forward: &net.Dialer{Timeout: 5 * time.Second}}).DialContext(context.Background(), "tcp", "example.com:443")
+			c, err := (&SOCKS5{Proxy: p.addr, User: tc.user, Forward: &net.Dialer{Timeout: 5 * time.Second}}).Dial(context.Background(), "example.com:443", netip.AddrPort{})
 			if err == nil {
 				c.Close()
 				t.Fatal("dial succeeded")

@@ -1,6 +1,10 @@
-package tunnel
+package upstream
 
 import (
+	"net/netip"
+
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"context"
 	"net"
 	"strings"
@@ -43,16 +47,17 @@ func TestGroupClientChosenFailuresBenchNobody(t *testing.T) {
 		{"http 504", httpRefusing("504 Gateway Timeout"), false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkGoroutines(t)
+			testkit.CheckGoroutines(t)
 			a := tc.upstream(t)
 			b := socksUpstream("b", (&socksServer{}).start(t).addr)
 			g, _, logs := newTestGroup(a, b)
 			for i := range 20 {
 				// Round-robin starts at a on every other dial.
-				c, u, err := g.DialContext(context.Background(), "tcp", "bad.test:443", "")
+				lease, err := g.Dial(context.Background(), "bad.test:443", netip.AddrPort{}, "")
+				c, u := lease.Conn, lease.Upstream
 				if c != nil {
 					c.Close()
-					u.Release()
+					lease.Release()
 				}
 				switch {
 				case u == a && tc.failover:
@@ -73,19 +78,19 @@ func TestGroupClientChosenFailuresBenchNobody(t *testing.T) {
 // Failures no target could cause still bench: the proxy refusing our
 // credentials.
 func TestGroupProxyAuthFailureBenches(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	p := startFakeProxy(t, func(_ *fakeProxy, c *net.TCPConn) {
 		replyWith("HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")(c)
 	})
 	a := &Upstream{Name: "auth", Dialer: &HTTPConnect{Proxy: p.addr, Forward: &net.Dialer{Timeout: 5 * time.Second}}}
 	b := socksUpstream("b", (&socksServer{}).start(t).addr)
 	g, _, logs := newTestGroup(a, b)
-	c, u, err := g.DialContext(context.Background(), "tcp", "site.test:443", "")
-	if err != nil || u != b {
-		t.Fatalf("dial = %v, %v; want failover to b", u, err)
+	lease, err := g.Dial(context.Background(), "site.test:443", netip.AddrPort{}, "")
+	if err != nil || lease.Upstream != b {
+		t.Fatalf("dial = %v, %v; want failover to b", lease.Upstream, err)
 	}
-	c.Close()
-	u.Release()
+	lease.Conn.Close()
+	lease.Release()
 	if a.Up() || !strings.Contains(logs.String(), "upstream down") {
 		t.Fatalf("a up %v after a 407; log: %s", a.Up(), logs)
 	}
