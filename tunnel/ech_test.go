@@ -106,7 +106,7 @@ func TestECHOuterNameSentUpstream(t *testing.T) {
 		}
 		for _, mode := range []NameMode{Override, RouteOnly} {
 			t.Run(tc.name+"/"+mode.String(), func(t *testing.T) {
-				checkGoroutines(t)
+				testkit.CheckGoroutines(t)
 				dst := netip.MustParseAddrPort("198.18.2.2:443")
 				proxy, seen := socksRecorder(t)
 				group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{{Name: "socks", Dialer: &upstream.SOCKS5{Proxy: proxy}}}}
@@ -132,7 +132,7 @@ func TestECHOuterNameSentUpstream(t *testing.T) {
 				case <-time.After(5 * time.Second):
 					t.Fatal("the upstream was never asked")
 				}
-				logs.waitFor(t, "msg=conn")
+				logs.WaitFor(t, "msg=conn")
 				for _, w := range []string{"host=" + tc.outer, "proto=tls", "sniff=found", "ech=true", "target=" + want} {
 					if !strings.Contains(logs.String(), w) {
 						t.Errorf("access line lacks %q: %s", w, logs.String())

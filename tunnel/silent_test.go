@@ -31,7 +31,7 @@ func greeter(t *testing.T, banner string) netip.AddrPort {
 
 // silentTunnel serves connections to dst with a short sniff timeout; it
 // returns the tunnel for its silent cache.
-func silentTunnel(t *testing.T, dst netip.AddrPort) (*fakeListener, *Tunnel, *syncBuffer) {
+func silentTunnel(t *testing.T, dst netip.AddrPort) (*fakeListener, *Tunnel, *testkit.LogBuffer) {
 	t.Helper()
 	ln := newFakeListener(t, dst, nil)
 	tun := &Tunnel{Sniff: SniffOptions{Timeout: 100 * time.Millisecond}}
@@ -39,7 +39,7 @@ func silentTunnel(t *testing.T, dst netip.AddrPort) (*fakeListener, *Tunnel, *sy
 }
 
 // connLines are the access lines logged so far.
-func connLines(logs *syncBuffer) []string {
+func connLines(logs *testkit.LogBuffer) []string {
 	var out []string
 	for _, l := range strings.Split(logs.String(), "\n") {
 		if strings.Contains(l, "msg=conn") {
@@ -50,7 +50,7 @@ func connLines(logs *syncBuffer) []string {
 }
 
 // waitLines waits for n access lines and returns the nth.
-func waitLines(t *testing.T, logs *syncBuffer, n int) string {
+func waitLines(t *testing.T, logs *testkit.LogBuffer, n int) string {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for len(connLines(logs)) < n {
@@ -85,7 +85,7 @@ func readBanner(t *testing.T, c *net.TCPConn, banner string) {
 // next one is not sniffed (no wait). The first client of it seen speaking
 // first ends the entry.
 func TestServerFirstLearnedThenForgotten(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	const banner = "220 greeter ready\r\n"
 	dst := greeter(t, banner)
 	ln, tun, logs := silentTunnel(t, dst)
@@ -141,7 +141,7 @@ func roundTripAfterBanner(t *testing.T, c *net.TCPConn, banner string) {
 // A client that says nothing, like a browser's preconnected socket, teaches
 // nothing: the next clients of that destination are sniffed, by name.
 func TestSilentClientTeachesNothing(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	dst, _ := echoServer(t)
 	ln, tun, logs := silentTunnel(t, dst)
 
@@ -197,7 +197,7 @@ func TestLateServerBytesTeachNothing(t *testing.T) {
 // One source opening silent connections holds only its share of the
 // sniffing slots: another source's connection is still sniffed.
 func TestMaxSniffingPerSource(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	dst, _ := echoServer(t)
 	ln := newFakeListener(t, dst, nil)
 	obs := newCountingObserver()
@@ -228,7 +228,7 @@ func TestMaxSniffingPerSource(t *testing.T) {
 	c.Write([]byte(req))
 	readEcho(t, c, req)
 	c.Close()
-	logs.waitFor(t, "host=other.test")
+	logs.WaitFor(t, "host=other.test")
 	wantIn(t, logs.String(), "sniff=found")
 	if n := obs.get(func(o *countingObserver) int { return o.sniffOutcomes["busy"] }); n != maxSniffing-2 {
 		t.Errorf("busy = %d, want %d", n, maxSniffing-2)

@@ -25,6 +25,7 @@ import (
 
 	"github.com/detour-proxy/detour/ports"
 	"github.com/detour-proxy/detour/sniff"
+	"github.com/detour-proxy/detour/tunnel/relay"
 	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
@@ -92,9 +93,16 @@ type Tunnel struct {
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
-	active    map[*relay]struct{}
+	active    map[*conn]struct{}
 	shutdown  bool
 	wg        sync.WaitGroup
+	// engine relays the connections; made by the first Serve, closed by
+	// Shutdown once the last connection is gone.
+	engine *relay.Engine
+	// dials is the parent of every dial's context; Shutdown cancels it
+	// when it cuts the connections left.
+	dials      context.Context
+	cancelDial context.CancelFunc
 }
 
 // SniffOptions configure sniffing. The zero value sniffs every connection
@@ -159,7 +167,6 @@ func (t *Tunnel) Serve(ln Listener) error {
 		return ErrServerClosed
 	}
 	defer t.untrack(ln)
-	startIdlePoller()
 	t.once.Do(func() {
 		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
 		t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control, KeepAlive: -1}}
@@ -185,8 +192,8 @@ func (t *Tunnel) Serve(ln Listener) error {
 			continue
 		}
 		backoff = 0
-		r := newRelay(c)
-		switch t.add(r) {
+		cn := &conn{client: c}
+		switch t.add(cn) {
 		case addShutdown:
 			c.Close()
 			return ErrServerClosed
@@ -199,12 +206,12 @@ func (t *Tunnel) Serve(ln Listener) error {
 		if t.Observer != nil {
 			t.Observer.Accepted()
 		}
-		go t.serveConn(ln, r)
+		go t.serveConn(ln, cn)
 	}
 }
 
 // serveConn is the data path of one connection, top to bottom.
-func (t *Tunnel) serveConn(ln Listener, r *relay) {
+func (t *Tunnel) serveConn(ln Listener, r *conn) {
 	start := time.Now()
 	client := r.client
 
@@ -212,7 +219,7 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 	dst, err := ln.OriginalDst(client)
 	if err != nil {
 		defer t.remove(r)
-		r.abort(err)
+		r.end(false)
 		if t.Observer != nil {
 			t.Observer.Refused("not_redirected")
 		}
@@ -260,6 +267,9 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		if a, final := router.RouteByAddr(dst); final && a.Kind == ActionDirect {
 			route, dialed = a, true
 			server, lease, target, err = t.connect(r, route, dst, found)
+			if err == nil {
+				err = r.setServer(server) // Shutdown resets it while the client is sniffed
+			}
 		}
 		var serr error
 		var o sniff.Outcome
@@ -304,28 +314,34 @@ func (t *Tunnel) serveConn(ln Listener, r *relay) {
 		// sees a reset, the closest a proxy that already accepted can
 		// come to "connection refused". (Or the client reset while
 		// sniffed after the destination was connected: it gets one too.)
-		if server != nil {
-			r.setServer(server)
-		}
-		r.abort(syscall.ECONNRESET)
+		r.end(true)
 		t.finish(r, info, 0, 0, err)
-	case !r.setServer(server):
-		t.finish(r, info, 0, 0, r.close()) // aborted (shutdown) while dialling
 	default:
+		if !dialed {
+			if err := r.setServer(server); err != nil {
+				t.finish(r, info, 0, 0, err) // cut (shutdown) while dialling
+				return
+			}
+		}
 		replayed := int64(len(first))
 		if replayed > 0 {
 			if _, werr := server.Write(first); werr != nil {
-				r.abort(werr)
+				r.end(isReset(werr))
 				t.finish(r, info, 0, 0, fmt.Errorf("client->server: replaying %d sniffed bytes: %w", replayed, werr))
 				return
 			}
 		}
+		var first func(server bool)
 		if watch {
-			r.onFirst = t.watchFirst(dst, src, time.Now())
+			first = t.watchFirst(dst, src, time.Now())
 		}
-		r.start(t.idleTimeout(), func(up, down int64, err error) {
+		err := r.startRelay(t.engine, t.idleTimeout(), first, func(up, down int64, err error) {
 			t.finish(r, info, up+replayed, down, err)
 		})
+		if err != nil {
+			r.end(true)
+			t.finish(r, info, 0, 0, err)
+		}
 	}
 }
 
@@ -345,7 +361,7 @@ type connInfo struct {
 
 // finish is step 6 of the data path: the connection is over; write its
 // access line and forget it.
-func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
+func (t *Tunnel) finish(r *conn, c *connInfo, up, down int64, err error) {
 	defer t.remove(r)
 	c.lease.Release()
 	if t.Observer != nil {
@@ -381,14 +397,15 @@ func (t *Tunnel) finish(r *relay, c *connInfo, up, down int64, err error) {
 // connect dials route's next hop for dst: the original destination, or an
 // upstream of the route's group asked for target (the sniffed name when the
 // route trusts it, else dst; "" for a direct route). A dial cut by the
-// relay's abort is reported as errShutdown.
-func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
+// cut by Shutdown is reported as errShutdown.
+func (t *Tunnel) connect(r *conn, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
 	start := time.Now()
 	proxied := route.Kind == ActionProxy && route.Group != nil
-	ctx, ok := r.dialContext(context.Background(), t.dialTimeout())
-	if !ok {
+	if t.dials.Err() != nil {
 		return nil, upstream.Lease{}, "", errShutdown
 	}
+	ctx, cancel := context.WithTimeout(t.dials, t.dialTimeout())
+	defer cancel()
 	if proxied {
 		target = t.proxyTarget(ctx, route.Name, dst, found)
 		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
@@ -397,7 +414,9 @@ func (t *Tunnel) connect(r *relay, route Action, dst netip.AddrPort, found sniff
 	} else {
 		server, err = t.directDialer.Dial(ctx, dst.String(), dst)
 	}
-	err = r.dialEnded(err)
+	if err != nil && t.dials.Err() != nil && errors.Is(err, context.Canceled) {
+		err = errShutdown
+	}
 	if t.Observer != nil {
 		t.Observer.Dialed(route.String(), time.Since(start), err)
 	}
@@ -568,20 +587,26 @@ func (t *Tunnel) Shutdown(ctx context.Context) error {
 	go func() { t.wg.Wait(); close(done) }()
 	select {
 	case <-done:
+		t.closeEngine()
 		return nil
 	case <-ctx.Done():
 	}
-	// Abort outside the lock: a relay that ends at once removes itself.
+	// Cut outside the lock: a relay that ends at once removes itself.
 	t.mu.Lock()
-	left := make([]*relay, 0, len(t.active))
-	for r := range t.active {
-		left = append(left, r)
+	left := make([]*conn, 0, len(t.active))
+	for c := range t.active {
+		left = append(left, c)
 	}
+	cancelDials := t.cancelDial
 	t.mu.Unlock()
-	for _, r := range left {
-		r.abort(errShutdown)
+	if cancelDials != nil {
+		cancelDials()
+	}
+	for _, c := range left {
+		c.cutOff(errShutdown)
 	}
 	<-done
+	t.closeEngine()
 	return ctx.Err()
 }
 
@@ -600,9 +625,34 @@ func (t *Tunnel) track(ln Listener) bool {
 	}
 	if t.listeners == nil {
 		t.listeners = make(map[Listener]struct{})
+		t.engine = relay.New()
+		t.dials, t.cancelDial = context.WithCancel(context.Background())
 	}
 	t.listeners[ln] = struct{}{}
 	return true
+}
+
+// closeEngine stops the relay engine's poller once the last connection is
+// gone; Serve will not start another.
+func (t *Tunnel) closeEngine() {
+	t.mu.Lock()
+	e := t.engine
+	t.engine = nil
+	t.mu.Unlock()
+	if e != nil {
+		e.Close()
+	}
+}
+
+// RelayStats is what the relay engine holds now (zero before Serve).
+func (t *Tunnel) RelayStats() relay.Stats {
+	t.mu.Lock()
+	e := t.engine
+	t.mu.Unlock()
+	if e == nil {
+		return relay.Stats{}
+	}
+	return e.Stats()
 }
 
 func (t *Tunnel) untrack(ln Listener) {
@@ -623,7 +673,7 @@ const (
 	addFull
 )
 
-func (t *Tunnel) add(r *relay) int {
+func (t *Tunnel) add(r *conn) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.shutdown {
@@ -633,14 +683,14 @@ func (t *Tunnel) add(r *relay) int {
 		return addFull
 	}
 	if t.active == nil {
-		t.active = make(map[*relay]struct{})
+		t.active = make(map[*conn]struct{})
 	}
 	t.active[r] = struct{}{}
 	t.wg.Add(1)
 	return added
 }
 
-func (t *Tunnel) remove(r *relay) {
+func (t *Tunnel) remove(r *conn) {
 	t.mu.Lock()
 	delete(t.active, r)
 	t.mu.Unlock()

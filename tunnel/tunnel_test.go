@@ -1,7 +1,8 @@
 package tunnel
 
 import (
-	"bytes"
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"context"
 	"errors"
 	"io"
@@ -41,38 +42,9 @@ func newFakeListener(t *testing.T, dst netip.AddrPort, err error) *fakeListener 
 	return &fakeListener{TCPListener: ln, dst: dst, err: err}
 }
 
-// syncBuffer collects log output from several goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func (s *syncBuffer) waitFor(t *testing.T, substr string) {
+func startTunnel(t *testing.T, ln Listener, tun *Tunnel) *testkit.LogBuffer {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !strings.Contains(s.String(), substr) {
-		if time.Now().After(deadline) {
-			t.Fatalf("log never said %q; log:\n%s", substr, s.String())
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-func startTunnel(t *testing.T, ln Listener, tun *Tunnel) *syncBuffer {
-	t.Helper()
-	logs := &syncBuffer{}
+	logs := &testkit.LogBuffer{}
 	tun.Log = slog.New(slog.NewTextHandler(logs, nil))
 	done := make(chan error, 1)
 	go func() { done <- tun.Serve(ln) }()
@@ -86,41 +58,7 @@ func startTunnel(t *testing.T, ln Listener, tun *Tunnel) *syncBuffer {
 }
 
 // echoServer accepts connections and echoes them until EOF, then closes.
-func echoServer(t *testing.T) (netip.AddrPort, *int32Counter) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	accepted := &int32Counter{}
-	go func() {
-		for {
-			c, err := ln.AcceptTCP()
-			if err != nil {
-				return
-			}
-			accepted.add()
-			go func() {
-				io.Copy(c, c)
-				c.Close()
-			}()
-		}
-	}()
-	return ln.Addr().(*net.TCPAddr).AddrPort(), accepted
-}
-
-type int32Counter struct {
-	mu sync.Mutex
-	n  int
-}
-
-func (c *int32Counter) add() { c.mu.Lock(); c.n++; c.mu.Unlock() }
-func (c *int32Counter) get() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.n
-}
+var echoServer = testkit.EchoServer
 
 func TestServeCarriesToOriginalDst(t *testing.T) {
 	dst, _ := echoServer(t)
@@ -138,7 +76,7 @@ func TestServeCarriesToOriginalDst(t *testing.T) {
 	if err != nil || string(got) != "hello" {
 		t.Fatalf("echo = %q, %v", got, err)
 	}
-	logs.waitFor(t, "msg=conn")
+	logs.WaitFor(t, "msg=conn")
 	for _, want := range []string{"dst=" + dst.String(), "mode=redirect", "up=5", "down=5", `error=""`} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("access line lacks %q: %s", want, logs.String())
@@ -160,11 +98,11 @@ func TestServeRefusesWithoutDialling(t *testing.T) {
 	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, syscall.EAGAIN) {
 		t.Fatalf("refused connection read = %d, %v; want it closed", n, err)
 	}
-	logs.waitFor(t, "msg=refused")
+	logs.WaitFor(t, "msg=refused")
 	if !strings.Contains(logs.String(), "not redirected") {
 		t.Errorf("refusal not logged with its reason: %s", logs.String())
 	}
-	if n := accepted.get(); n != 0 {
+	if n := accepted.Load(); n != 0 {
 		t.Fatalf("destination saw %d connections; a refused one must not be dialled", n)
 	}
 }
@@ -186,14 +124,14 @@ func TestServeDialFailureResetsClient(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("client read = %v, want a reset when the destination refuses", err)
 	}
-	logs.waitFor(t, "connection refused")
+	logs.WaitFor(t, "connection refused")
 }
 
 func TestShutdownWaitsThenCuts(t *testing.T) {
 	dst, _ := echoServer(t)
 	ln := newFakeListener(t, dst, nil)
 	tun := &Tunnel{}
-	logs := &syncBuffer{}
+	logs := &testkit.LogBuffer{}
 	tun.Log = slog.New(slog.NewTextHandler(logs, nil))
 	served := make(chan error, 1)
 	go func() { served <- tun.Serve(ln) }()
@@ -296,7 +234,7 @@ func TestMaxConnsResetsBeyondLimit(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("third connection over a limit of 2: %v, want a reset", err)
 	}
-	logs.waitFor(t, "connection limit reached")
+	logs.WaitFor(t, "connection limit reached")
 	if n := obs.get(func(o *countingObserver) int { return o.refused["limit"] }); n != 1 {
 		t.Errorf("refused for limit = %d, want 1", n)
 	}
@@ -407,7 +345,7 @@ func echoOnce(t *testing.T, c *net.TCPConn, want string) {
 // sniffingTunnel serves a fake listener whose connections go to a fresh
 // accepting destination, routed by router, with a sniff timeout long enough
 // that a test fails on what it checks, not on the timeout.
-func sniffingTunnel(t *testing.T, router *Router) (*fakeListener, <-chan *net.TCPConn, *syncBuffer) {
+func sniffingTunnel(t *testing.T, router *Router) (*fakeListener, <-chan *net.TCPConn, *testkit.LogBuffer) {
 	t.Helper()
 	dst, conns := acceptingServer(t)
 	ln := newFakeListener(t, dst, nil)
@@ -449,7 +387,7 @@ func TestServeDialsDirectWhileSniffing(t *testing.T) {
 		}, Default: Action{Kind: ActionDirect}},
 	} {
 		t.Run(name, func(t *testing.T) {
-			checkGoroutines(t)
+			testkit.CheckGoroutines(t)
 			ln, conns, logs := sniffingTunnel(t, router)
 
 			c := dialTunnel(t, ln)
@@ -459,7 +397,7 @@ func TestServeDialsDirectWhileSniffing(t *testing.T) {
 			readEcho(t, c, earlyRequest)
 			c.Close()
 			server.Close()
-			logs.waitFor(t, "msg=conn")
+			logs.WaitFor(t, "msg=conn")
 			for _, want := range []string{"host=early.test", "proto=http", "sniff=found", "route=direct", `error=""`} {
 				if !strings.Contains(logs.String(), want) {
 					t.Errorf("access line lacks %q: %s", want, logs.String())
@@ -492,7 +430,7 @@ func TestServeDialsAfterSniffForNameRules(t *testing.T) {
 		readEcho(t, c, earlyRequest)
 		c.Close()
 		server.Close()
-		logs.waitFor(t, "msg=conn")
+		logs.WaitFor(t, "msg=conn")
 		if !strings.Contains(logs.String(), "route=direct") {
 			t.Errorf("access line: %s", logs.String())
 		}
@@ -506,7 +444,7 @@ func TestServeDialsAfterSniffForNameRules(t *testing.T) {
 		if _, err := c.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
 			t.Fatalf("rejected client read = %v, want a reset", err)
 		}
-		logs.waitFor(t, "msg=conn")
+		logs.WaitFor(t, "msg=conn")
 		if !strings.Contains(logs.String(), "route=reject") {
 			t.Errorf("access line: %s", logs.String())
 		}
@@ -535,7 +473,7 @@ func TestServeClientGoneDuringEarlyDial(t *testing.T) {
 		{"close", false, []error{io.EOF}, `error=""`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			checkGoroutines(t)
+			testkit.CheckGoroutines(t)
 			dst, conns := acceptingServer(t)
 			ln := newFakeListener(t, dst, nil)
 			logs := startTunnel(t, ln, &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}})
@@ -552,7 +490,7 @@ func TestServeClientGoneDuringEarlyDial(t *testing.T) {
 				t.Fatalf("destination read = %d, %v; want one of %v", n, err, tc.serverErrs)
 			}
 			server.Close()
-			logs.waitFor(t, "msg=conn")
+			logs.WaitFor(t, "msg=conn")
 			for _, want := range []string{"sniff=closed", "route=direct", "up=0", tc.logErr} {
 				if !strings.Contains(logs.String(), want) {
 					t.Errorf("access line lacks %q: %s", want, logs.String())
@@ -565,7 +503,7 @@ func TestServeClientGoneDuringEarlyDial(t *testing.T) {
 // Shutdown cutting a connection during its sniff resets the connection
 // dialled early, as it resets a relayed one.
 func TestShutdownResetsEarlyDial(t *testing.T) {
-	checkGoroutines(t)
+	testkit.CheckGoroutines(t)
 	dst, conns := acceptingServer(t)
 	ln := newFakeListener(t, dst, nil)
 	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
@@ -582,7 +520,7 @@ func TestShutdownResetsEarlyDial(t *testing.T) {
 	if _, err := server.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("destination read = %v, want a reset at the end of the grace period", err)
 	}
-	logs.waitFor(t, "msg=conn")
+	logs.WaitFor(t, "msg=conn")
 	if !strings.Contains(logs.String(), "closed by shutdown") {
 		t.Errorf("access line: %s", logs.String())
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/detour-proxy/detour/sniff"
 	"github.com/detour-proxy/detour/tunnel"
+	"github.com/detour-proxy/detour/tunnel/relay"
 	"github.com/detour-proxy/detour/tunnel/upstream"
 )
 
@@ -36,9 +37,9 @@ type metrics struct {
 var _ tunnel.Observer = (*metrics)(nil)
 
 // newMetrics registers detour's metrics. active reports the connections
-// being served; groups the upstream groups in use now (they change on
-// reload).
-func newMetrics(active func() int, groups func() []*upstream.Group) *metrics {
+// being served; relays what the relay engine holds; groups the upstream
+// groups in use now (they change on reload).
+func newMetrics(active func() int, relays func() relay.Stats, groups func() []*upstream.Group) *metrics {
 	m := &metrics{reg: prometheus.NewRegistry()}
 	f := func(c prometheus.Collector) { m.reg.MustRegister(c) }
 	m.accepted = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_connections_accepted_total", Help: "Connections accepted and served."})
@@ -57,6 +58,10 @@ func newMetrics(active func() int, groups func() []*upstream.Group) *metrics {
 	}
 	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_connections_active", Help: "Connections being served."},
 		func() float64 { return float64(active()) }))
+	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_relay_parked", Help: "Relay directions waiting for bytes without a goroutine (two per idle connection)."},
+		func() float64 { return float64(relays().Parked) }))
+	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_relay_pipes", Help: "Splice pipes open, in use or pooled (two descriptors each)."},
+		func() float64 { return float64(relays().Pipes) }))
 	f(&upstreamCollector{groups: groups})
 	f(collectors.NewGoCollector())
 	f(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

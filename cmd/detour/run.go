@@ -379,7 +379,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	var m *metrics
 	var servers []io.Closer // metrics and profiles, closed on handover
 	if cfg.metricsAddr != "" {
-		m = newMetrics(t.Active, groups.get)
+		m = newMetrics(t.Active, t.RelayStats, groups.get)
 		t.Observer = m
 		mln, err := inh.listenTCP(fdMetrics, cfg.metricsAddr, log)
 		if err != nil {
@@ -533,7 +533,9 @@ func logStats(log *slog.Logger, t *tunnel.Tunnel) {
 	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
 		fds = len(ents)
 	}
-	log.Info("stats", "active", t.Active(), "goroutines", runtime.NumGoroutine(), "fds", fds)
+	rs := t.RelayStats()
+	log.Info("stats", "active", t.Active(), "goroutines", runtime.NumGoroutine(), "fds", fds,
+		"parked", rs.Parked, "pipes", rs.Pipes)
 }
 
 func ruleCount(r *tunnel.Router) int {

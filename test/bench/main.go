@@ -324,9 +324,9 @@ func (b *bench) run(cands []candidate) error {
 	}
 
 	if b.opts.micro {
-		b.logf("Go microbenchmarks (./sniff, ./tunnel, -benchtime %s)", b.opts.benchtime)
+		b.logf("Go microbenchmarks (./sniff, ./tunnel/..., -benchtime %s)", b.opts.benchtime)
 		out, err := runCmd(b.ctx, 5*time.Minute, "go", "-C", b.root, "test", "-run", "^$", "-bench", ".", "-benchmem",
-			"-benchtime", b.opts.benchtime, "./sniff/", "./tunnel/")
+			"-benchtime", b.opts.benchtime, "./sniff/", "./tunnel/...")
 		if err != nil {
 			b.res.Micro = "FAILED: " + err.Error() + "\n" + out
 		} else {

@@ -1,4 +1,4 @@
-package tunnel
+package relay
 
 import (
 	"errors"
@@ -13,8 +13,37 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sys is what a direction keeps on Linux.
+// sys is an Engine's part on Linux: the idle poller, the pools, the pipe
+// factory.
 type sys struct {
+	poller poller
+	bufs   sync.Pool // *pipe with a buffer, empty
+	pipes  sync.Pool // *pipe with a splice pipe, empty
+	// pipe2 makes a pipe; nil means unix.Pipe2. Tests set it to count
+	// pipes or to run out of them.
+	pipe2 func(fds []int, flags int) error
+}
+
+// New returns an Engine whose idle poller runs already (one goroutine, one
+// epoll descriptor), so a caller counting them sees them before its first
+// relay.
+func New() *Engine {
+	e := &Engine{}
+	e.startPoller()
+	return e
+}
+
+// startPoller starts the idle poller if it is not running. Without it
+// (epoll unavailable), directions wait in the runtime's poller, holding
+// their goroutines.
+func (e *Engine) startPoller() { e.poller.start() }
+
+// Close stops e's idle poller and closes its descriptor. Call it once no
+// relay is running and none will start.
+func (e *Engine) Close() error { return e.poller.close() }
+
+// dirSys is what a direction keeps on Linux.
+type dirSys struct {
 	srcRC, dstRC syscall.RawConn
 	p            *pipe     // nil while src is idle
 	bulk         bool      // src once filled a whole buffer: splice from now on
@@ -36,87 +65,19 @@ type sys struct {
 // full dst (its peer not reading) keeps a goroutine waiting with bytes in
 // hand. The relay's idle timer ends directions stuck either way.
 func (d *direction) pump() {
-	if d.srcRC == nil {
-		var err error
-		if d.srcRC, err = d.src.SyscallConn(); err == nil {
-			d.dstRC, err = d.dst.SyscallConn()
-		}
-		if err != nil {
-			d.end(err)
-			return
-		}
+	if d.srcRC == nil && !d.setup() {
+		return
 	}
-	var (
-		away bool  // parked: d belongs to the poller now
-		eof  bool  // src is at EOF
-		serr error // the splice's own error, from inside the callbacks
-	)
-	fill := func(fd uintptr) bool {
-		if d.bulk && d.p != nil && d.p.buf != nil {
-			d.p.release() // a buffer, but bulk: try for a pipe
-			d.p = nil
-		}
-		if d.p == nil {
-			if d.bulk {
-				d.p = getPipe()
-			} else {
-				d.p = getBuf()
-			}
-		}
-		for {
-			n, err := d.p.fill(int(fd))
-			switch {
-			case err == unix.EINTR:
-				continue
-			case err == unix.EAGAIN:
-				d.p.release() // nothing queued: park without a pipe
-				d.p = nil
-				if !d.linger.IsZero() {
-					return false // a bulk transfer pausing: wait here, see bulkLinger
-				}
-				if idlePoller.park(d, int(fd)) {
-					away = true
-					return true
-				}
-				return false // no poller: wait in the runtime's
-			case err != nil:
-				serr = os.NewSyscallError(d.p.syscall("read"), err)
-			case n == 0:
-				eof = true
-			case d.p.buf != nil && n == len(d.p.buf):
-				d.bulk = true
-			}
-			return true
-		}
-	}
-	drain := func(fd uintptr) bool {
-		for d.p.n > 0 {
-			n, err := d.p.drain(int(fd))
-			switch {
-			case err == unix.EINTR:
-			case err == unix.EAGAIN:
-				return false // dst's send buffer is full: wait for room
-			case err != nil:
-				serr = os.NewSyscallError(d.p.syscall("write"), err)
-				return true
-			default:
-				d.n += int64(n)
-			}
-		}
-		return true
-	}
+	var rd round
+	fill := func(fd uintptr) bool { return d.fill(int(fd), &rd) }
+	drain := func(fd uintptr) bool { return d.drain(int(fd), &rd) }
 	for {
 		if d.bulk {
-			// Renew the linger when half of it is gone: a deadline per
-			// round would cost more than it saves.
-			if now := time.Now(); d.linger.Sub(now) < bulkLinger/2 {
-				d.linger = now.Add(bulkLinger)
-				d.src.SetReadDeadline(d.linger)
-			}
+			d.renewLinger()
 		}
 		err := d.srcRC.Read(fill)
 		switch {
-		case away:
+		case rd.away:
 			return // d is not ours any more
 		case errors.Is(err, os.ErrDeadlineExceeded) && !d.linger.IsZero():
 			// Nothing came for bulkLinger: park at the next pause.
@@ -130,10 +91,10 @@ func (d *direction) pump() {
 		case err != nil:
 			d.end(err)
 			return
-		case serr != nil:
-			d.end(opError("read", d.src, serr))
+		case rd.serr != nil:
+			d.end(opError("read", d.src, rd.serr))
 			return
-		case eof:
+		case rd.eof:
 			d.end(nil)
 			return
 		}
@@ -146,11 +107,101 @@ func (d *direction) pump() {
 		case err != nil:
 			d.end(err)
 			return
-		case serr != nil:
-			d.end(opError("write", d.dst, serr))
+		case rd.serr != nil:
+			d.end(opError("write", d.dst, rd.serr))
 			return
 		}
 	}
+}
+
+// round is what one pump call learns inside the RawConn callbacks. It is
+// the goroutine's own: once d is parked, another pump may run on d.
+type round struct {
+	away bool  // parked: d belongs to the poller now
+	eof  bool  // src is at EOF
+	serr error // the read, write or splice's own error
+}
+
+// setup takes both sockets' RawConns, on d's first run.
+func (d *direction) setup() bool {
+	var err error
+	if d.srcRC, err = d.src.SyscallConn(); err == nil {
+		d.dstRC, err = d.dst.SyscallConn()
+	}
+	if err != nil {
+		d.end(err)
+		return false
+	}
+	return true
+}
+
+// renewLinger moves a bulk direction's read deadline on when half of
+// bulkLinger is gone: a deadline per round would cost more than it saves.
+func (d *direction) renewLinger() {
+	if now := time.Now(); d.linger.Sub(now) < bulkLinger/2 {
+		d.linger = now.Add(bulkLinger)
+		d.src.SetReadDeadline(d.linger)
+	}
+}
+
+// fill runs inside src's RawConn.Read: it moves what src has queued into
+// d's pipe or buffer, and reports false to wait in the runtime's poller.
+// With nothing queued it gives the pipe back and parks d in the idle
+// poller (rd.away), unless a bulk transfer is lingering.
+func (d *direction) fill(fd int, rd *round) bool {
+	e := d.r.e
+	if d.bulk && d.p != nil && d.p.buf != nil {
+		e.release(d.p) // a buffer, but bulk: try for a pipe
+		d.p = nil
+	}
+	if d.p == nil {
+		if d.bulk {
+			d.p = e.getPipe()
+		} else {
+			d.p = e.getBuf()
+		}
+	}
+	for {
+		n, err := d.p.fill(fd)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			e.release(d.p) // nothing queued: park without a pipe
+			d.p = nil
+			if !d.linger.IsZero() {
+				return false // a bulk transfer pausing: wait here, see bulkLinger
+			}
+			rd.away = e.poller.park(d, fd)
+			return rd.away // false: no poller, wait in the runtime's
+		case err != nil:
+			rd.serr = os.NewSyscallError(d.p.syscall("read"), err)
+		case n == 0:
+			rd.eof = true
+		case d.p.buf != nil && n == len(d.p.buf):
+			d.bulk = true
+		}
+		return true
+	}
+}
+
+// drain runs inside dst's RawConn.Write: it moves d's bytes on, and reports
+// false to wait for room when dst's send buffer is full.
+func (d *direction) drain(fd int, rd *round) bool {
+	for d.p.n > 0 {
+		n, err := d.p.drain(fd)
+		switch {
+		case err == unix.EINTR:
+		case err == unix.EAGAIN:
+			return false
+		case err != nil:
+			rd.serr = os.NewSyscallError(d.p.syscall("write"), err)
+			return true
+		default:
+			d.n += int64(n)
+		}
+	}
+	return true
 }
 
 // bulkLinger is how long a bulk direction waits for more bytes in the
@@ -162,20 +213,13 @@ const bulkLinger = time.Second
 
 // release gives back what d holds once it has ended.
 func (d *direction) release() {
-	d.p.release()
+	e := d.r.e
+	e.release(d.p)
 	d.p = nil
 	if d.id != 0 {
-		idlePoller.forget(d.id)
+		e.poller.forget(d.id)
 	}
 }
-
-// idlePoller holds the parked directions of every relay.
-var idlePoller poller
-
-// startIdlePoller starts the idle poller (Serve calls it, so its goroutine
-// and epoll descriptor exist before the first connection). Without it,
-// directions wait in the runtime's poller, holding their goroutines.
-func startIdlePoller() { idlePoller.start() }
 
 // poller waits, in one epoll set, for the sources of parked directions to
 // become readable, and starts a goroutine to pump each one that does.
@@ -184,7 +228,9 @@ func startIdlePoller() { idlePoller.start() }
 // itself, and its number may be reused before a stale event is read.
 type poller struct {
 	once sync.Once
-	epfd int // -1 if the poller could not start
+	epfd int           // -1 if the poller could not start
+	file *os.File      // epfd, as the runtime's poller waits on it
+	gone chan struct{} // closed when loop has returned
 	mu   sync.Mutex
 	dirs map[uint64]*direction
 	next uint64
@@ -202,13 +248,14 @@ func (p *poller) start() bool {
 		// goroutine it wakes runs at once, on the same thread.
 		var rc syscall.RawConn
 		if err = unix.SetNonblock(fd, true); err == nil {
-			rc, err = os.NewFile(uintptr(fd), "detour-idle-poller").SyscallConn()
+			p.file = os.NewFile(uintptr(fd), "detour-idle-poller")
+			rc, err = p.file.SyscallConn()
 		}
 		if err != nil {
 			unix.Close(fd)
 			return
 		}
-		p.epfd, p.dirs = fd, make(map[uint64]*direction)
+		p.epfd, p.dirs, p.gone = fd, make(map[uint64]*direction), make(chan struct{})
 		go p.loop(rc)
 	})
 	return p.epfd >= 0
@@ -236,15 +283,31 @@ func (p *poller) park(d *direction, fd int) bool {
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(d.id), Pad: int32(d.id >> 32)}
 	// Parked before armed: the event may come at once, and the poller
 	// only wakes a parked direction.
+	parkedCount := &d.r.e.parked
+	parkedCount.Add(1)
 	d.state.Store(parked)
 	if err := unix.EpollCtl(p.epfd, op, fd, &ev); err != nil {
 		if !d.state.CompareAndSwap(parked, running) {
 			return true // aborted meanwhile: ended, not ours
 		}
+		parkedCount.Add(-1)
 		d.polled = op == unix.EPOLL_CTL_MOD
 		return false
 	}
 	return true
+}
+
+// close stops the loop (its wait on the closed file fails), closes the
+// epoll descriptor and waits for the loop to return. A poller that never
+// started has nothing to close.
+func (p *poller) close() error {
+	p.once.Do(func() { p.epfd = -1 }) // never start after this
+	if p.file == nil {
+		return nil
+	}
+	err := p.file.Close()
+	<-p.gone
+	return err
 }
 
 // forget drops an ended direction.
@@ -255,6 +318,7 @@ func (p *poller) forget(id uint64) {
 }
 
 func (p *poller) loop(rc syscall.RawConn) {
+	defer close(p.gone)
 	events := make([]unix.EpollEvent, 256)
 	var ready []*direction
 	collect := func(fd uintptr) bool {
@@ -266,6 +330,7 @@ func (p *poller) loop(rc syscall.RawConn) {
 		for _, ev := range events[:n] {
 			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
 			if d := p.dirs[id]; d != nil && d.state.CompareAndSwap(parked, running) {
+				d.r.e.parked.Add(-1)
 				ready = append(ready, d)
 			}
 		}
@@ -273,7 +338,9 @@ func (p *poller) loop(rc syscall.RawConn) {
 		return true
 	}
 	for {
-		rc.Read(collect) // no deadline, never closed: it returns with events
+		if err := rc.Read(collect); err != nil { // no deadline: closed
+			return
+		}
 		for i, d := range ready {
 			go d.pump()
 			ready[i] = nil
@@ -378,54 +445,56 @@ func rawSplice(in, out, n int) (int, error) {
 // when pipe2 fails).
 const bufSize = 16 << 10
 
-// bufs keeps the buffers of idle directions.
-var bufs = sync.Pool{New: func() any { return &pipe{buf: make([]byte, bufSize)} }}
-
 // getBuf returns an empty buffer.
-func getBuf() *pipe { return bufs.Get().(*pipe) }
-
-// pipe2 makes a pipe; tests replace it to run out of them.
-var pipe2 = unix.Pipe2
-
-// pipes keeps empty pipes for reuse. Pipes the pool lets go (it drops
-// what sits unused across garbage collections) are closed by their
-// cleanup, so a burst of transfers does not hold its pipes for ever.
-var pipes sync.Pool
+func (e *Engine) getBuf() *pipe {
+	if p, ok := e.bufs.Get().(*pipe); ok {
+		return p
+	}
+	return &pipe{buf: make([]byte, bufSize)}
+}
 
 // getPipe returns an empty pipe: from the pool, new, or (out of file
-// descriptors) a buffer.
-func getPipe() *pipe {
-	if p, ok := pipes.Get().(*pipe); ok {
+// descriptors) a buffer. Pipes the pool lets go (it drops what sits unused
+// across garbage collections) are closed by their cleanup, so a burst of
+// transfers does not hold its pipes for ever.
+func (e *Engine) getPipe() *pipe {
+	if p, ok := e.pipes.Get().(*pipe); ok {
 		return p
+	}
+	pipe2 := e.pipe2
+	if pipe2 == nil {
+		pipe2 = unix.Pipe2
 	}
 	var fds [2]int
 	if err := pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-		return getBuf()
+		return e.getBuf()
 	}
 	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize)
 	p := &pipe{r: fds[0], w: fds[1]}
-	p.cleanup = runtime.AddCleanup(p, closePipe, fds)
+	e.pipeCount.Add(1)
+	p.cleanup = runtime.AddCleanup(p, e.closePipe, fds)
 	return p
 }
 
-// release puts p back in the pool if it is an empty pipe, else closes it.
-// A nil p is fine.
-func (p *pipe) release() {
+// release puts p back in its pool if it is empty, else closes it (a pipe
+// with bytes in it cannot be reused). A nil p is fine.
+func (e *Engine) release(p *pipe) {
 	switch {
 	case p == nil:
 	case p.buf != nil:
 		if p.n == 0 {
-			bufs.Put(p)
+			e.bufs.Put(p)
 		}
 	case p.n == 0:
-		pipes.Put(p)
+		e.pipes.Put(p)
 	default:
 		p.cleanup.Stop()
-		closePipe([2]int{p.r, p.w})
+		e.closePipe([2]int{p.r, p.w})
 	}
 }
 
-func closePipe(fds [2]int) {
+func (e *Engine) closePipe(fds [2]int) {
 	syscall.Close(fds[0])
 	syscall.Close(fds[1])
+	e.pipeCount.Add(-1)
 }

@@ -1,14 +1,25 @@
 //go:build !linux
 
-package tunnel
+package relay
 
 import (
 	"io"
 	"time"
 )
 
-// sys is what a direction keeps elsewhere than on Linux: nothing.
+// sys is an Engine's part elsewhere than on Linux: nothing.
 type sys struct{}
+
+// dirSys is what a direction keeps elsewhere than on Linux: nothing.
+type dirSys struct{}
+
+// New returns an Engine.
+func New() *Engine { return &Engine{} }
+
+func (e *Engine) startPoller() {}
+
+// Close does nothing: there is no poller.
+func (e *Engine) Close() error { return nil }
 
 // chunk bounds one io.Copy call, so progress is recorded between calls.
 const chunk = 256 << 10
@@ -38,5 +49,3 @@ func (d *direction) pump() {
 }
 
 func (d *direction) release() {}
-
-func startIdlePoller() {}

@@ -1,4 +1,4 @@
-package tunnel
+package relay
 
 import (
 	"bytes"
@@ -11,17 +11,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/detour-proxy/detour/internal/testkit"
 	"golang.org/x/sys/unix"
 )
 
 // Out of file descriptors for pipes, the relay carries the bytes through a
 // buffer instead of failing the connection.
 func TestRelayWithoutPipes(t *testing.T) {
-	emptyPipePool()
-	pipe2 = func([]int, int) error { return unix.EMFILE }
-	t.Cleanup(func() { pipe2 = unix.Pipe2 })
+	e := testEngine(t)
+	e.pipe2 = func([]int, int) error { return unix.EMFILE }
 
-	client, server, done := startRelay(t, time.Minute)
+	client, server, _, done := startRelay(t, e, time.Minute)
 	up, down := randomBytes(3<<20, 1), randomBytes(2<<20, 2)
 	go func() { client.Write(up); client.CloseWrite() }()
 	go func() { server.Write(down); server.CloseWrite() }()
@@ -36,16 +36,11 @@ func TestRelayWithoutPipes(t *testing.T) {
 	if res := wait(t, done, 5*time.Second); res.err != nil || res.up != int64(len(up)) || res.down != int64(len(down)) {
 		t.Fatalf("relay = up %d down %d err %v", res.up, res.down, res.err)
 	}
-	if p, ok := pipes.Get().(*pipe); ok {
+	if p, ok := e.pipes.Get().(*pipe); ok {
 		t.Fatalf("a pipe (%d, %d) in the pool, want none made", p.r, p.w)
 	}
-}
-
-// emptyPipePool closes the pipes in the pool, so the next getPipe makes one.
-func emptyPipePool() {
-	for p, ok := pipes.Get().(*pipe); ok; p, ok = pipes.Get().(*pipe) {
-		p.cleanup.Stop()
-		closePipe([2]int{p.r, p.w})
+	if n := e.Stats().Pipes; n != 0 {
+		t.Fatalf("%d pipes open, want none", n)
 	}
 }
 
@@ -59,18 +54,22 @@ func TestPipesClosedWhenDropped(t *testing.T) {
 		}
 		return len(ents)
 	}
+	e := testEngine(t)
 	runtime.GC()
 	runtime.GC()
 	before := openFDs()
 	var ps []*pipe
 	for range 20 {
-		ps = append(ps, getPipe())
+		ps = append(ps, e.getPipe())
+	}
+	if n := e.Stats().Pipes; n != 20 {
+		t.Fatalf("Stats().Pipes = %d after making 20, want 20", n)
 	}
 	if n := openFDs(); n < before+40 {
 		t.Fatalf("%d open files after making 20 pipes, want at least %d", n, before+40)
 	}
 	for _, p := range ps {
-		p.release()
+		e.release(p)
 	}
 	ps = nil
 	deadline := time.Now().Add(5 * time.Second)
@@ -83,24 +82,22 @@ func TestPipesClosedWhenDropped(t *testing.T) {
 	}
 }
 
-// startRelayNoWait is startRelay without a goroutine waiting for the end;
-// before is the goroutine count just before the relay started.
-func startRelayNoWait(t *testing.T) (client, server *net.TCPConn, before int, done <-chan relayResult) {
-	checkGoroutines(t)
-	client, proxyClient := pair(t)
-	proxyServer, server := pair(t)
+// startRelayCounting is startRelay that also returns the goroutine count
+// just before the relay started.
+func startRelayCounting(t *testing.T) (client, server *net.TCPConn, e *Engine, before int, done <-chan relayResult) {
+	e = testEngine(t)
+	client, proxyClient := testkit.TCPPair(t)
+	proxyServer, server := testkit.TCPPair(t)
 	before = runtime.NumGoroutine()
-	r := newRelay(proxyClient)
-	r.setServer(proxyServer)
 	ch := make(chan relayResult, 1)
-	r.start(time.Minute, func(up, down int64, err error) { ch <- relayResult{up, down, err} })
-	return client, server, before, ch
+	e.Start(proxyClient, proxyServer, time.Minute, func(up, down int64, err error) { ch <- relayResult{up, down, err} })
+	return client, server, e, before, ch
 }
 
 // An idle relay parks both directions in the idle poller: no goroutine
 // (and no stack) is held for it until bytes come.
 func TestRelayIdleHoldsNoGoroutine(t *testing.T) {
-	client, server, before, done := startRelayNoWait(t)
+	client, server, e, before, done := startRelayCounting(t)
 
 	idle := func(when string) {
 		t.Helper()
@@ -110,6 +107,9 @@ func TestRelayIdleHoldsNoGoroutine(t *testing.T) {
 		}
 		if n := runtime.NumGoroutine(); n > before {
 			t.Fatalf("%s: %d goroutines held by an idle relay, want 0", when, n-before)
+		}
+		if s := e.Stats(); s.Parked != 2 || s.Relays != 1 {
+			t.Fatalf("%s: stats %+v, want 1 relay with 2 directions parked", when, s)
 		}
 	}
 	idle("before any byte")
@@ -130,17 +130,19 @@ func TestRelayIdleHoldsNoGoroutine(t *testing.T) {
 	if res := wait(t, done, 5*time.Second); res.up != 3 || res.down != 6 {
 		t.Fatalf("relay = up %d down %d err %v; want 3 and 6", res.up, res.down, res.err)
 	}
+	if s := e.Stats(); s.Parked != 0 || s.Relays != 0 {
+		t.Fatalf("stats after the end %+v, want nothing held", s)
+	}
 }
 
 // Small exchanges go through a buffer; a direction that fills one whole
 // buffer moves on to splice, with a pipe.
 func TestRelaySplicesOnlyBulk(t *testing.T) {
 	var made atomic.Int32
-	pipe2 = func(fds []int, flags int) error { made.Add(1); return unix.Pipe2(fds, flags) }
-	t.Cleanup(func() { pipe2 = unix.Pipe2 })
-	emptyPipePool()
+	e := testEngine(t)
+	e.pipe2 = func(fds []int, flags int) error { made.Add(1); return unix.Pipe2(fds, flags) }
 
-	client, server, done := startRelay(t, time.Minute)
+	client, server, _, done := startRelay(t, e, time.Minute)
 	buf := make([]byte, 1000)
 	for range 20 {
 		client.Write(buf)
@@ -173,7 +175,7 @@ func TestRelaySplicesOnlyBulk(t *testing.T) {
 // A bulk direction that pauses keeps its goroutine for bulkLinger, then
 // parks like any idle one.
 func TestRelayBulkParksAfterLinger(t *testing.T) {
-	client, server, before, done := startRelayNoWait(t)
+	client, server, _, before, done := startRelayCounting(t)
 
 	bulk := randomBytes(4<<20, 4)
 	go client.Write(bulk)
@@ -201,5 +203,37 @@ func TestRelayBulkParksAfterLinger(t *testing.T) {
 	server.Close()
 	if res := wait(t, done, 5*time.Second); res.up != int64(len(bulk))+4 {
 		t.Fatalf("relay = up %d err %v, want %d", res.up, res.err, len(bulk)+4)
+	}
+}
+
+// StartWatching reports whose bytes moved first, once.
+func TestRelayReportsFirstSpeaker(t *testing.T) {
+	for _, serverFirst := range []bool{true, false} {
+		t.Run(fmt.Sprint("server first ", serverFirst), func(t *testing.T) {
+			e := testEngine(t)
+			client, proxyClient := testkit.TCPPair(t)
+			proxyServer, server := testkit.TCPPair(t)
+			heard := make(chan bool, 2)
+			done := make(chan relayResult, 1)
+			e.StartWatching(proxyClient, proxyServer, time.Minute, func(s bool) { heard <- s },
+				func(up, down int64, err error) { done <- relayResult{up, down, err} })
+			first, second := server, client
+			if !serverFirst {
+				first, second = client, server
+			}
+			first.Write([]byte("hello"))
+			io.ReadFull(second, make([]byte, 5))
+			second.Write([]byte("reply"))
+			io.ReadFull(first, make([]byte, 5))
+			client.Close()
+			server.Close()
+			wait(t, done, 5*time.Second)
+			if got := <-heard; got != serverFirst {
+				t.Fatalf("first speaker reported as server=%v, want %v", got, serverFirst)
+			}
+			if len(heard) != 0 {
+				t.Fatal("first speaker reported twice")
+			}
+		})
 	}
 }

@@ -1,44 +1,31 @@
-package tunnel
+package relay
 
 import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net"
-	"os"
-	"runtime"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/detour-proxy/detour/internal/testkit"
 )
 
-func TestMain(m *testing.M) {
-	// The idle poller's goroutine lives as long as the process (Serve
-	// starts it); start it before any test counts goroutines.
-	startIdlePoller()
-	os.Exit(m.Run())
-}
+// errCut is what the tests abort relays with.
+var errCut = errors.New("cut by the test")
 
-// pair returns the two ends of a fresh loopback TCP connection.
-func pair(t *testing.T) (dialed, accepted *net.TCPConn) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
+// testEngine is an Engine of the test's own, closed when the test ends.
+// A test (not a benchmark) also checks then that every goroutine it started
+// is gone, the engine's poller included.
+func testEngine(tb testing.TB) *Engine {
+	if t, ok := tb.(*testing.T); ok {
+		testkit.CheckGoroutines(t)
 	}
-	defer ln.Close()
-	d, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.Close(); a.Close() })
-	return d, a
+	e := New()
+	tb.Cleanup(func() { e.Close() })
+	return e
 }
 
 type relayResult struct {
@@ -47,46 +34,17 @@ type relayResult struct {
 }
 
 // startRelay wires app client ⇄ relay ⇄ app server over loopback and runs
-// the relay in the background.
-func startRelay(t *testing.T, idle time.Duration) (client, server *net.TCPConn, done <-chan relayResult) {
+// the relay on e (a fresh testEngine if nil) in the background.
+func startRelay(t *testing.T, e *Engine, idle time.Duration) (client, server *net.TCPConn, r *Relay, done <-chan relayResult) {
 	t.Helper()
-	checkGoroutines(t)
-	client, proxyClient := pair(t)
-	proxyServer, server := pair(t)
-	r := newRelay(proxyClient)
-	if !r.setServer(proxyServer) {
-		t.Fatal("setServer refused on a fresh relay")
+	if e == nil {
+		e = testEngine(t)
 	}
+	client, proxyClient := testkit.TCPPair(t)
+	proxyServer, server := testkit.TCPPair(t)
 	ch := make(chan relayResult, 1)
-	go func() {
-		up, down, err := r.run(idle)
-		ch <- relayResult{up, down, err}
-	}()
-	return client, server, ch
-}
-
-// run is start, waiting for the end (the tests' way to drive a relay).
-func (r *relay) run(idle time.Duration) (up, down int64, err error) {
-	ch := make(chan relayResult, 1)
-	r.start(idle, func(up, down int64, err error) { ch <- relayResult{up, down, err} })
-	res := <-ch
-	return res.up, res.down, res.err
-}
-
-// checkGoroutines fails the test if goroutines started during it are still
-// running shortly after it ends.
-func checkGoroutines(t *testing.T) {
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(2 * time.Second)
-		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
-		if n := runtime.NumGoroutine(); n > before {
-			buf := make([]byte, 1<<16)
-			t.Errorf("%d goroutines leaked:\n%s", n-before, buf[:runtime.Stack(buf, true)])
-		}
-	})
+	r = e.Start(proxyClient, proxyServer, idle, func(up, down int64, err error) { ch <- relayResult{up, down, err} })
+	return client, server, r, ch
 }
 
 func wait(t *testing.T, done <-chan relayResult, within time.Duration) relayResult {
@@ -100,15 +58,10 @@ func wait(t *testing.T, done <-chan relayResult, within time.Duration) relayResu
 	}
 }
 
-func randomBytes(n int, seed uint64) []byte {
-	b := make([]byte, n)
-	r := rand.NewChaCha8([32]byte{byte(seed)})
-	r.Read(b)
-	return b
-}
+var randomBytes = testkit.RandomBytes
 
 func TestRelayBothWaysByteExact(t *testing.T) {
-	client, server, done := startRelay(t, time.Minute)
+	client, server, _, done := startRelay(t, nil, time.Minute)
 	upData, downData := randomBytes(8<<20, 1), randomBytes(8<<20, 2)
 
 	got := make(chan [32]byte, 2)
@@ -144,7 +97,7 @@ func TestRelayBothWaysByteExact(t *testing.T) {
 // The regression test every relay needs (tcpproxy's TestBufferedClose): the
 // client half-closes after its request; the reply still arrives whole.
 func TestRelayHalfClose(t *testing.T) {
-	client, server, done := startRelay(t, time.Minute)
+	client, server, _, done := startRelay(t, nil, time.Minute)
 	reply := randomBytes(1<<20, 3)
 	client.Write([]byte("request"))
 	client.CloseWrite()
@@ -168,7 +121,7 @@ func TestRelayHalfClose(t *testing.T) {
 func TestRelayPassesResets(t *testing.T) {
 	for _, from := range []string{"server", "client"} {
 		t.Run("from "+from, func(t *testing.T) {
-			client, server, done := startRelay(t, time.Minute)
+			client, server, _, done := startRelay(t, nil, time.Minute)
 			resetter, victim := server, client
 			if from == "client" {
 				resetter, victim = client, server
@@ -185,7 +138,7 @@ func TestRelayPassesResets(t *testing.T) {
 			if !errors.Is(err, syscall.ECONNRESET) {
 				t.Fatalf("%s side read error = %v, want connection reset", map[bool]string{true: "client", false: "server"}[victim == client], err)
 			}
-			if res := wait(t, done, 5*time.Second); !isReset(res.err) {
+			if res := wait(t, done, 5*time.Second); !IsReset(res.err) {
 				t.Fatalf("relay error = %v, want a reset", res.err)
 			}
 		})
@@ -194,10 +147,10 @@ func TestRelayPassesResets(t *testing.T) {
 
 func TestRelayIdleTimeout(t *testing.T) {
 	const idle = 200 * time.Millisecond
-	client, _, done := startRelay(t, idle)
+	client, _, _, done := startRelay(t, nil, idle)
 	start := time.Now()
 	res := wait(t, done, 10*idle)
-	if !errors.Is(res.err, errIdle) {
+	if !errors.Is(res.err, ErrIdle) {
 		t.Fatalf("relay error = %v, want idle timeout", res.err)
 	}
 	if d := time.Since(start); d < idle {
@@ -213,12 +166,12 @@ func TestRelayIdleTimeout(t *testing.T) {
 // forever.
 func TestRelayIdleHalfClosed(t *testing.T) {
 	const idle = 200 * time.Millisecond
-	client, server, done := startRelay(t, idle)
+	client, server, _, done := startRelay(t, nil, idle)
 	client.CloseWrite()
 	if _, err := io.ReadAll(server); err != nil { // FIN passed on
 		t.Fatal(err)
 	}
-	if res := wait(t, done, 10*idle); !errors.Is(res.err, errIdle) {
+	if res := wait(t, done, 10*idle); !errors.Is(res.err, ErrIdle) {
 		t.Fatalf("relay error = %v, want idle timeout", res.err)
 	}
 }
@@ -230,7 +183,7 @@ func TestRelaySlowDownloadOutlivesIdle(t *testing.T) {
 	// Generous margins: the gap between writes is a fifth of the idle
 	// timeout, so a loaded machine cannot make it look idle.
 	const idle = 400 * time.Millisecond
-	client, server, done := startRelay(t, idle)
+	client, server, _, done := startRelay(t, nil, idle)
 	client.CloseWrite()
 	io.ReadAll(server)
 	go func() {
@@ -250,34 +203,24 @@ func TestRelaySlowDownloadOutlivesIdle(t *testing.T) {
 }
 
 func TestRelayAbortWhileRunning(t *testing.T) {
-	client, proxyClient := pair(t)
-	proxyServer, _ := pair(t)
-	r := newRelay(proxyClient)
-	r.setServer(proxyServer)
-	done := make(chan error, 1)
-	go func() { _, _, err := r.run(time.Minute); done <- err }()
+	client, _, r, done := startRelay(t, nil, time.Minute)
 	time.Sleep(20 * time.Millisecond)
-	r.abort(errShutdown)
-	select {
-	case err := <-done:
-		if !errors.Is(err, errShutdown) {
-			t.Fatalf("err = %v, want shutdown", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("relay did not stop after abort")
+	r.Abort(errCut)
+	if res := wait(t, done, 5*time.Second); !errors.Is(res.err, errCut) {
+		t.Fatalf("err = %v, want the abort's", res.err)
 	}
+	r.Abort(errors.New("again")) // a second abort changes nothing
 	client.SetReadDeadline(time.Now().Add(time.Second))
 	if _, err := client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
-		t.Fatalf("client read = %v, want reset after a forced shutdown", err)
+		t.Fatalf("client read = %v, want reset after an abort", err)
 	}
 }
 
 func BenchmarkRelayLoopback(b *testing.B) {
-	client, proxyClient := benchPair(b)
-	proxyServer, server := benchPair(b)
-	r := newRelay(proxyClient)
-	r.setServer(proxyServer)
-	go r.run(time.Minute)
+	e := testEngine(b)
+	client, proxyClient := testkit.TCPPair(b)
+	proxyServer, server := testkit.TCPPair(b)
+	e.Start(proxyClient, proxyServer, time.Minute, func(int64, int64, error) {})
 	buf := make([]byte, 256<<10)
 	go io.Copy(io.Discard, server)
 	b.SetBytes(int64(len(buf)))
@@ -287,22 +230,4 @@ func BenchmarkRelayLoopback(b *testing.B) {
 	}
 	b.StopTimer()
 	client.Close()
-}
-
-func benchPair(b *testing.B) (*net.TCPConn, *net.TCPConn) {
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	d, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		b.Fatal(err)
-	}
-	a, err := ln.AcceptTCP()
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { d.Close(); a.Close() })
-	return d, a
 }

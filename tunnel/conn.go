@@ -1,0 +1,106 @@
+package tunnel
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/detour-proxy/detour/tunnel/relay"
+)
+
+// errShutdown ends a connection still open when the shutdown grace period
+// ran out.
+var errShutdown = errors.New("closed by shutdown")
+
+// conn is one accepted connection from accept to its access line, as
+// Shutdown sees it: the client, the server once dialled, the relay once
+// started. Shutdown may cut it in any stage; a cut connection starts
+// nothing more.
+type conn struct {
+	client *net.TCPConn
+
+	mu     sync.Mutex
+	server *net.TCPConn // once dialled
+	relay  *relay.Relay // once relaying
+	cut    error        // why Shutdown cut it; nil until then
+}
+
+// cutOff resets whatever c holds now: the relay, or the client and the
+// server dialled so far. The stage that is running notices (its socket is
+// closed) and ends with err.
+func (c *conn) cutOff(err error) {
+	c.mu.Lock()
+	if c.cut != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.cut = err
+	r := c.relay
+	if r == nil {
+		resetClose(c.client)
+		resetClose(c.server)
+	}
+	c.mu.Unlock()
+	if r != nil {
+		r.Abort(err) // outside the lock: its end calls back into the tunnel
+	}
+}
+
+// setServer attaches the dialled server. When c was cut meanwhile it resets
+// server and returns the cut's error.
+func (c *conn) setServer(server *net.TCPConn) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cut != nil {
+		resetClose(server)
+		return c.cut
+	}
+	c.server = server
+	return nil
+}
+
+// startRelay hands c's client and server to the engine, unless c was cut
+// (then it returns the cut's error). first, if not nil, hears whose bytes
+// came first (relay.Engine.StartWatching).
+func (c *conn) startRelay(e *relay.Engine, idle time.Duration, first func(server bool), done func(up, down int64, err error)) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cut != nil {
+		return c.cut
+	}
+	if first != nil {
+		c.relay = e.StartWatching(c.client, c.server, idle, first, done)
+	} else {
+		c.relay = e.Start(c.client, c.server, idle, done)
+	}
+	return nil
+}
+
+// end closes what c holds when it ends before relaying: with a reset (the
+// closest a proxy that accepted can come to "connection refused", and how a
+// client's reset is passed on), or plainly.
+func (c *conn) end(reset bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range []*net.TCPConn{c.client, c.server} {
+		if s == nil {
+			continue
+		}
+		if reset {
+			s.SetLinger(0)
+		}
+		s.Close()
+	}
+}
+
+// resetClose closes s with a reset; nil is fine.
+func resetClose(s *net.TCPConn) {
+	if s != nil {
+		s.SetLinger(0)
+		s.Close()
+	}
+}
+
+// isReset reports whether err means the peer reset the connection.
+func isReset(err error) bool { return relay.IsReset(err) }
