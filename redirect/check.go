@@ -113,10 +113,14 @@ func probes(o RuleOptions, f Family) map[string][]probe {
 		return map[string][]probe{"nat": append(base, probe{name, target})}
 	}
 	mark := hex(o.TProxyMark) + "/" + hex(o.TProxyMark)
-	return map[string][]probe{"mangle": append(base,
+	ps := append(base,
 		probe{"socket match (xt_socket)", append(Rule{"-p", "tcp", "-m", "socket", "--transparent"}, append(c, "-j", "RETURN")...)},
 		probe{"MARK target (xt_mark)", append(append(Rule{}, c...), "-j", "MARK", "--set-xmark", mark)},
 		probe{"conntrack match (xt_conntrack)", append(Rule{"-m", "conntrack", "--ctdir", "REPLY"}, append(c, "-j", "RETURN")...)},
 		probe{"TPROXY target (xt_TPROXY)", target},
-	)}
+	)
+	if o.UDP {
+		ps = append(ps, probe{"TPROXY target for UDP (xt_TPROXY)", append(append(Rule{"-p", "udp"}, c...), o.target(f)...)})
+	}
+	return map[string][]probe{"mangle": ps}
 }

@@ -14,6 +14,12 @@ import (
 // TPROXY's policy routing, through a netlink.Handle. Every rule and route
 // detour adds carries proto RouteProtocol, by which Remove finds them again.
 
+// routing adds, finds and removes detour's policy routing; both rules
+// backends use it.
+type routing struct {
+	nl routingAPI
+}
+
 // routingAPI is the part of *netlink.Handle the installer uses.
 type routingAPI interface {
 	RuleAdd(*netlink.Rule) error
@@ -47,7 +53,7 @@ func allAddrs(f Family) *net.IPNet {
 }
 
 // addRoute adds pr's rule and route.
-func (in *Installer) addRoute(pr PolicyRoute) error {
+func (in *routing) addRoute(pr PolicyRoute) error {
 	cmds := pr.Commands()
 	mask := pr.Mark
 	rule := netlink.NewRule()
@@ -82,7 +88,7 @@ func (in *Installer) addRoute(pr PolicyRoute) error {
 
 // ownedRouting lists detour's ip rules and routes of family f (or of both,
 // with netlink.FAMILY_ALL).
-func (in *Installer) ownedRouting(nlf int) ([]netlink.Rule, []netlink.Route, error) {
+func (in *routing) ownedRouting(nlf int) ([]netlink.Rule, []netlink.Route, error) {
 	// ip rule show (all of them: the filter cannot select a protocol)
 	all, err := in.nl.RuleListFiltered(nlf, nil, 0)
 	if err != nil {
@@ -106,7 +112,7 @@ func (in *Installer) ownedRouting(nlf int) ([]netlink.Rule, []netlink.Route, err
 
 // routeMatches reports whether detour's ip rules and routes of family f
 // are exactly want (none, when want is nil).
-func (in *Installer) routeMatches(f Family, want *PolicyRoute) (bool, string, error) {
+func (in *routing) routeMatches(f Family, want *PolicyRoute) (bool, string, error) {
 	rules, routes, err := in.ownedRouting(nlFamily(f))
 	if err != nil {
 		return false, "", err
@@ -137,7 +143,7 @@ func (in *Installer) routeMatches(f Family, want *PolicyRoute) (bool, string, er
 }
 
 // removeRoutes deletes detour's ip rules and routes of both families.
-func (in *Installer) removeRoutes() error {
+func (in *routing) removeRoutes() error {
 	rules, routes, err := in.ownedRouting(netlink.FAMILY_ALL)
 	if err != nil {
 		return err
@@ -160,7 +166,7 @@ func (in *Installer) removeRoutes() error {
 
 // tableUsers lists the ip rules and routes of family f that use table and
 // are not detour's.
-func (in *Installer) tableUsers(f Family, table int) ([]string, error) {
+func (in *routing) tableUsers(f Family, table int) ([]string, error) {
 	// ip rule show table TABLE
 	rules, err := in.nl.RuleListFiltered(nlFamily(f), &netlink.Rule{Table: table}, netlink.RT_FILTER_TABLE)
 	if err != nil {
@@ -187,7 +193,7 @@ func (in *Installer) tableUsers(f Family, table int) ([]string, error) {
 
 // routeLines lists detour's ip rules and routes like `ip rule` and
 // `ip route show table all` would.
-func (in *Installer) routeLines() ([]string, error) {
+func (in *routing) routeLines() ([]string, error) {
 	rules, routes, err := in.ownedRouting(netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, err

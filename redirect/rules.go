@@ -56,6 +56,11 @@ type RuleOptions struct {
 	// (nat OUTPUT for REDIRECT; mangle OUTPUT mark and reroute to lo for
 	// TPROXY).
 	Output bool
+	// UDP also captures UDP (TPROXY mode only; REDIRECT has no UDP data
+	// path): the same exemptions, interfaces, sources and ports, with the
+	// TPROXY target and the same mark and policy route. False captures TCP
+	// only. `detour run --udp` sets it once the UDP data path serves.
+	UDP bool
 }
 
 // Defaults for RuleOptions' zero fields.
@@ -151,11 +156,16 @@ type Chain struct {
 	Name  string
 	Hook  string // PREROUTING or OUTPUT
 	Rules []Rule
+	// UDP: the chain captures UDP too, so its jump takes every protocol.
+	UDP bool
 }
 
-// Jump is the single rule in the hook that sends TCP to the chain; it is
-// inserted first in the hook.
+// Jump is the single rule in the hook that sends TCP (and with UDP, every
+// packet) to the chain; it is inserted first in the hook.
 func (c Chain) Jump() Rule {
+	if c.UDP {
+		return Rule{"-m", "comment", "--comment", commentJump, "-j", c.Name}
+	}
 	return Rule{"-p", "tcp", "-m", "comment", "--comment", commentJump, "-j", c.Name}
 }
 
@@ -253,6 +263,9 @@ func (o RuleOptions) Validate() error {
 	if o.Port == 0 {
 		return optErr("Port", "no listening port")
 	}
+	if o.UDP && o.Mode != TProxy {
+		return optErr("UDP", "UDP is captured only in tproxy mode (REDIRECT has no UDP data path)")
+	}
 	if o.Mode == TProxy {
 		if o.Mark&o.TProxyMark != 0 {
 			return optErr("TProxyMark", "%#x shares bits %#x with the socket mark %#x: detour's own packets would be routed back to it",
@@ -344,18 +357,20 @@ func (o RuleOptions) ruleSet(f Family) RuleSet {
 	var capture []Rule
 	for _, in := range orAny(o.Interfaces) {
 		for _, src := range orAny(o.sources(f)) {
-			for _, ports := range o.portMatches() {
-				var r Rule
-				if in != "" {
-					r = append(r, "-i", in)
+			for _, proto := range o.protocols() {
+				for _, ports := range o.portMatches() {
+					var r Rule
+					if in != "" {
+						r = append(r, "-i", in)
+					}
+					if src != "" {
+						r = append(r, "-s", src)
+					}
+					r = append(r, "-p", proto)
+					r = append(r, ports...)
+					r = append(r, "-m", "comment", "--comment", commentCapture)
+					capture = append(capture, append(r, target...))
 				}
-				if src != "" {
-					r = append(r, "-s", src)
-				}
-				r = append(r, "-p", "tcp")
-				r = append(r, ports...)
-				r = append(r, "-m", "comment", "--comment", commentCapture)
-				capture = append(capture, append(r, target...))
 			}
 		}
 	}
@@ -396,27 +411,31 @@ func (o RuleOptions) ruleSet(f Family) RuleSet {
 		if o.Output {
 			// The gateway's own connections, marked in OUTPUT and rerouted
 			// to lo by the policy route, come back in here.
-			for _, ports := range o.portMatches() {
-				r := Rule{"-i", "lo", "-p", "tcp", "-m", "mark", "--mark", mark}
-				r = append(r, ports...)
-				r = append(r, "-m", "comment", "--comment", commentOutput)
-				fromLo = append(fromLo, append(r, target...))
+			for _, proto := range o.protocols() {
+				for _, ports := range o.portMatches() {
+					r := Rule{"-i", "lo", "-p", proto, "-m", "mark", "--mark", mark}
+					r = append(r, ports...)
+					r = append(r, "-m", "comment", "--comment", commentOutput)
+					fromLo = append(fromLo, append(r, target...))
+				}
 			}
 		}
 		rs.Chains = append(rs.Chains, Chain{Table: "mangle", Name: ChainTProxy, Hook: "PREROUTING",
-			Rules: concat(established, replies, exempt, fromLo, capture)})
+			Rules: concat(established, replies, exempt, fromLo, capture), UDP: o.UDP})
 		if o.Output {
 			// What detour's transparent sockets send to the clients it
 			// accepted is the reply direction of the client's connection:
 			// marking it would route it back to lo instead of the client.
 			var out []Rule
-			for _, ports := range o.portMatches() {
-				r := append(Rule{"-p", "tcp"}, ports...)
-				r = append(r, "-m", "comment", "--comment", commentOutput, "-j", "MARK", "--set-xmark", mark)
-				out = append(out, r)
+			for _, proto := range o.protocols() {
+				for _, ports := range o.portMatches() {
+					r := append(Rule{"-p", proto}, ports...)
+					r = append(r, "-m", "comment", "--comment", commentOutput, "-j", "MARK", "--set-xmark", mark)
+					out = append(out, r)
+				}
 			}
 			rs.Chains = append(rs.Chains, Chain{Table: "mangle", Name: ChainTProxyOutput, Hook: "OUTPUT",
-				Rules: concat(replies, exempt, out)})
+				Rules: concat(replies, exempt, out), UDP: o.UDP})
 		}
 		rs.Route = &PolicyRoute{Family: f, Mark: o.TProxyMark, Table: o.Table}
 	}
@@ -439,6 +458,14 @@ func (o RuleOptions) target(f Family) Rule {
 		return Rule{"-j", "DNAT", "--to-destination", netip.AddrPortFrom(o.ListenIP, o.Port).String()}
 	}
 	return Rule{"-j", "REDIRECT", "--to-ports", port}
+}
+
+// protocols are the transport protocols captured: TCP, and UDP with o.UDP.
+func (o RuleOptions) protocols() []string {
+	if o.UDP {
+		return []string{"tcp", "udp"}
+	}
+	return []string{"tcp"}
 }
 
 func (o RuleOptions) sources(f Family) []string {

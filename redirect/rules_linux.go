@@ -39,8 +39,8 @@ type iptablesAPI interface {
 type Installer struct {
 	ipt    map[Family]iptablesAPI
 	iptErr map[Family]error // why a family has no iptables command
-	nl     routingAPI
-	close  func()
+	routing
+	close func()
 	// sysctl reads /proc/sys/PATH ("net/ipv4/ip_forward") and tells
 	// whether it exists.
 	sysctl func(path string) (string, bool)
@@ -69,7 +69,7 @@ func NewInstaller() (*Installer, error) {
 	in := &Installer{
 		ipt:        map[Family]iptablesAPI{},
 		iptErr:     map[Family]error{},
-		nl:         h,
+		routing:    routing{nl: h},
 		close:      h.Close,
 		sysctl:     readProcSys,
 		interfaces: interfaceNames,
@@ -300,7 +300,7 @@ func equalRuleSet(a, b RuleSet) bool {
 		return false
 	}
 	return slices.EqualFunc(a.Chains, b.Chains, func(x, y Chain) bool {
-		return x.Table == y.Table && x.Name == y.Name && x.Hook == y.Hook &&
+		return x.Table == y.Table && x.Name == y.Name && x.Hook == y.Hook && x.UDP == y.UDP &&
 			slices.EqualFunc(x.Rules, y.Rules, func(r, s Rule) bool { return slices.Equal(r, s) })
 	})
 }

@@ -324,9 +324,9 @@ func newFakeKernel() *fakeKernel {
 	k.nl.routes = []netlink.Route{{Family: netlink.FAMILY_V4, Table: 50, Protocol: unix.RTPROT_BOOT,
 		Dst: &net.IPNet{IP: net.IPv4(198, 19, 0, 0).To4(), Mask: net.CIDRMask(16, 32)}, Type: unix.RTN_UNREACHABLE}}
 	k.in = &Installer{
-		ipt:    map[Family]iptablesAPI{IPv4: k.v4, IPv6: k.v6},
-		iptErr: map[Family]error{},
-		nl:     k.nl,
+		ipt:     map[Family]iptablesAPI{IPv4: k.v4, IPv6: k.v6},
+		iptErr:  map[Family]error{},
+		routing: routing{nl: k.nl},
 		sysctl: func(path string) (string, bool) { // a gateway: forwarding on, rp_filter loose
 			if strings.HasSuffix(path, "rp_filter") {
 				return "2", true

@@ -10,6 +10,8 @@ set -euo pipefail
 packages=(
 	iproute2    # ip netns, veth, policy routing
 	iptables    # iptables/ip6tables (nft backend) for the capture rules
+	nftables    # nft, to read and flush the ruleset in the tests (detour itself talks netlink)
+	lintian     # checks the .deb of `make deb` in the package test
 	curl        # real client in the demo and tests
 	openssl     # TLS server and client in the demo and sniff corpus
 	gnutls-bin  # gnutls-cli, for the sniff corpus

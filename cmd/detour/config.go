@@ -24,6 +24,8 @@ type fileConfig struct {
 	IdleTimeout duration `yaml:"idle_timeout"`
 	Grace       duration `yaml:"grace"`
 	LogFormat   string   `yaml:"log_format"`
+	// Firewall is the rules backend: auto, iptables or nftables.
+	Firewall string `yaml:"firewall"`
 
 	Sniff  *sniffConfig  `yaml:"sniff"`
 	Groups []groupConfig `yaml:"groups"`
@@ -120,7 +122,7 @@ func parseConfig(data []byte) (*fileConfig, error) {
 
 func (c *fileConfig) UnmarshalYAML(n *yaml.Node) error {
 	if err := checkKeys(n, "the top level", "listen", "mode", "mark", "dial_timeout", "idle_timeout",
-		"grace", "log_format", "sniff", "groups", "rules", "default"); err != nil {
+		"grace", "log_format", "firewall", "sniff", "groups", "rules", "default"); err != nil {
 		return err
 	}
 	type plain fileConfig

@@ -25,9 +25,14 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 		mark, err = redirect.ParseMark(s)
 		return err
 	})
+	firewall := redirect.FirewallAuto
+	fs.Func("firewall", "rules `backend` to check: auto, iptables or nftables", func(s string) (err error) {
+		firewall, err = redirect.ParseFirewall(s)
+		return err
+	})
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(stdout, "usage: detour doctor [--mark MARK]\n\nChecks the kernel features, sysctls, iptables, ip rules and detour's rules on this machine.")
+			fmt.Fprintln(stdout, "usage: detour doctor [--mark MARK] [--firewall auto|iptables|nftables]\n\nChecks the kernel features, sysctls, the rules backend, ip rules and detour's rules on this machine.")
 			fs.SetOutput(stdout)
 			fs.PrintDefaults()
 			return exitOK
@@ -47,9 +52,16 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "%-4s  %s\n", status, msg)
 	}
 
+	// The rules backend, and why.
+	fw, why := redirect.ChooseFirewall(firewall)
+	line("ok", fmt.Sprintf("firewall: %s (%s)", fw, why))
+
 	// iptables and its backend.
 	missing := false
 	for _, bin := range []string{"iptables", "ip6tables"} {
+		if fw == redirect.FirewallNftables {
+			break // in nftables mode no iptables command is run
+		}
 		out, err := exec.Command(bin, "-V").CombinedOutput()
 		switch v := strings.TrimSpace(string(out)); {
 		case err != nil:
@@ -65,9 +77,9 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 	if missing {
 		return exitFailure // nothing below can be checked without it
 	}
-	in, err := redirect.NewInstaller()
+	in, _, _, err := openBackend(fw)
 	if err != nil {
-		line("FAIL", fmt.Sprintf("iptables: %v", err))
+		line("FAIL", fmt.Sprintf("%s: %v", fw, err))
 		return exitFailure
 	}
 	defer in.Close()
@@ -83,7 +95,7 @@ func doctorCommand(args []string, stdout, stderr io.Writer) int {
 			fatal = fatal || p.Fatal
 		}
 		if !fatal {
-			line("ok", fmt.Sprintf("%s mode: the kernel has every match and target detour uses", mode))
+			line("ok", fmt.Sprintf("%s mode: the kernel has every match and target detour uses (%s)", mode, fw))
 		}
 		for _, p := range problems {
 			if seen[p.Msg] {

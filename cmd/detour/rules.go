@@ -38,6 +38,7 @@ type captureFlags struct {
 	table      int
 	tproxyMark uint32
 	output     bool
+	firewall   redirect.Firewall // --firewall: auto, iptables or nftables
 
 	given []string // the rule flags on the command line, by name
 
@@ -46,11 +47,17 @@ type captureFlags struct {
 }
 
 // ruleFlagNames are the flags that shape the rules.
-var ruleFlagNames = []string{"interface", "source", "bypass", "ports", "ipv6", "table", "tproxy-mark", "output"}
+var ruleFlagNames = []string{"interface", "source", "bypass", "ports", "ipv6", "table", "tproxy-mark", "output", "firewall"}
 
 // register adds the rule flags to fs.
 func (cf *captureFlags) register(fs *flag.FlagSet) {
 	cf.ipv6 = true
+	cf.firewall = redirect.FirewallAuto
+	fs.Func("firewall", "rules `backend`: auto, iptables or nftables (auto: nftables where there is no iptables command "+
+		"or the host's firewall is nftables-native, else iptables)", func(s string) (err error) {
+		cf.firewall, err = redirect.ParseFirewall(s)
+		return err
+	})
 	fs.Func("interface", "capture only connections arriving on interface `IF` (repeatable; eth+ matches a prefix)", func(s string) error {
 		for name := range strings.SplitSeq(s, ",") {
 			cf.interfaces = append(cf.interfaces, strings.TrimSpace(name))
@@ -203,6 +210,37 @@ var optionFlag = map[string]string{
 	"Sources":    "--source",
 	"Ports":      "--ports",
 	"NoIPv6":     "--ipv6",
+	"UDP":        "--udp",
+}
+
+// rulesBackend is what `detour rules`, `run --install-rules` and `doctor`
+// need of a rules backend: *redirect.Installer (iptables) or
+// *redirect.NFTInstaller (nftables).
+type rulesBackend interface {
+	Check(redirect.RuleOptions) []redirect.Problem
+	Install(redirect.RuleOptions) (changed bool, warnings []redirect.Problem, err error)
+	Ensure(redirect.RuleOptions) (restored bool, missing string, err error)
+	Remove() error
+	Show(io.Writer) error
+	Close()
+}
+
+// openBackend resolves --firewall (auto decides by what this host has) and
+// opens that backend. It returns the backend chosen and why.
+func openBackend(fw redirect.Firewall) (rulesBackend, redirect.Firewall, string, error) {
+	fw, why := redirect.ChooseFirewall(fw)
+	if fw == redirect.FirewallNftables {
+		in, err := redirect.NewNFTInstaller()
+		if err != nil {
+			return nil, fw, why, err
+		}
+		return in, fw, why, nil
+	}
+	in, err := redirect.NewInstaller()
+	if err != nil {
+		return nil, fw, why, err
+	}
+	return in, fw, why, nil
 }
 
 func isSet(fs *flag.FlagSet, name string) bool {
@@ -223,7 +261,7 @@ func flagError(err error) error {
 const rulesUsage = `usage: detour rules install|remove|show|check [flags]
 
   install   install the kernel rules for the flags (replacing any earlier set of detour's);
-            --dry-run prints them as iptables and ip commands instead
+            --dry-run prints them as iptables and ip commands (or, for nftables, an nft script) instead
   remove    remove every rule, chain, ip rule and route of detour's, whatever made them
   show      print what of detour's the kernel holds now
   check     print what on this machine would keep the rules from working
@@ -278,11 +316,29 @@ func rulesCommand(args []string, stdout, stderr io.Writer) int {
 	o := ra.capture.opts
 
 	if verb == "install" && ra.capture.dryRun {
+		fw, why := redirect.ChooseFirewall(ra.capture.firewall)
 		sets, err := o.RuleSets()
 		if err != nil {
 			fmt.Fprintf(stderr, "detour rules install: %v\n", err)
 			return exitUsage
 		}
+		if fw == redirect.FirewallNftables {
+			script, err := o.NFTScript()
+			if err != nil {
+				fmt.Fprintf(stderr, "detour rules install: %v\n", err)
+				return exitUsage
+			}
+			fmt.Fprintf(stdout, "# firewall nftables (%s)\n", why)
+			fmt.Fprintln(stdout, "# detour rules install would apply this table in one batch (replacing any earlier table inet detour):")
+			fmt.Fprint(stdout, script)
+			for _, rs := range sets {
+				if rs.Route != nil {
+					fmt.Fprintln(stdout, "# "+strings.Join(rs.Route.Commands(), "\n# "))
+				}
+			}
+			return exitOK
+		}
+		fmt.Fprintf(stdout, "# firewall iptables (%s)\n", why)
 		fmt.Fprintln(stdout, "# detour rules install would run (after removing any earlier set of detour's):")
 		for _, rs := range sets {
 			for _, c := range rs.Commands() {
@@ -292,7 +348,7 @@ func rulesCommand(args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	}
 
-	in, err := redirect.NewInstaller()
+	in, _, _, err := openBackend(ra.capture.firewall)
 	if err != nil {
 		fmt.Fprintf(stderr, "detour rules %s: %v\n", verb, err)
 		return exitFailure
@@ -366,7 +422,7 @@ func rulesFlagSet(ra *rulesArgs) *flag.FlagSet {
 // successor of an upgrade, or the predecessor still draining) holds the
 // rules lease: only the last one out removes them.
 type ruleKeeper struct {
-	in     *redirect.Installer
+	in     rulesBackend
 	opts   redirect.RuleOptions
 	log    *slog.Logger
 	lease  *rulesLease
@@ -392,10 +448,11 @@ func startRuleKeeper(log *slog.Logger, cf captureFlags, lease *os.File) (*ruleKe
 	if err != nil {
 		return nil, err
 	}
-	in, err := redirect.NewInstaller()
+	in, fw, why, err := openBackend(cf.firewall)
 	if err != nil {
 		return nil, err
 	}
+	log.Info("rules backend", "firewall", string(fw), "why", why)
 	changed, warnings, err := in.Install(cf.opts)
 	for _, w := range warnings {
 		log.Warn("rules check", "problem", w.Msg)

@@ -189,6 +189,11 @@ func (cfg *runConfig) applyFile(fc *fileConfig, set map[string]bool) error {
 			*d.dst = d.v.Duration
 		}
 	}
+	if fc.Firewall != "" && !set["firewall"] {
+		if cfg.capture.firewall, err = redirect.ParseFirewall(fc.Firewall); err != nil {
+			return fmt.Errorf("%s: %v", field("firewall"), err)
+		}
+	}
 	if fc.LogFormat != "" && !set["log-format"] {
 		if fc.LogFormat != "text" && fc.LogFormat != "json" {
 			return fmt.Errorf("%s: %q: want text or json", field("log_format"), fc.LogFormat)
