@@ -348,7 +348,7 @@ func rulesCommand(args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	}
 
-	in, _, _, err := openBackend(ra.capture.firewall)
+	in, fw, why, err := openBackend(ra.capture.firewall)
 	if err != nil {
 		fmt.Fprintf(stderr, "detour rules %s: %v\n", verb, err)
 		return exitFailure
@@ -367,16 +367,16 @@ func rulesCommand(args []string, stdout, stderr io.Writer) int {
 			return exitFailure
 		}
 		if changed {
-			fmt.Fprintf(stdout, "detour rules installed (%s mode, port %d)\n", o.Mode, o.Port)
+			fmt.Fprintf(stdout, "detour rules installed (%s mode, port %d, firewall %s: %s)\n", o.Mode, o.Port, fw, why)
 		} else {
-			fmt.Fprintf(stdout, "detour rules already installed (%s mode, port %d): nothing changed\n", o.Mode, o.Port)
+			fmt.Fprintf(stdout, "detour rules already installed (%s mode, port %d, firewall %s): nothing changed\n", o.Mode, o.Port, fw)
 		}
 	case "remove":
 		if err := in.Remove(); err != nil {
 			fmt.Fprintf(stderr, "detour rules remove: %v\n", err)
 			return exitFailure
 		}
-		fmt.Fprintln(stdout, "detour rules removed")
+		fmt.Fprintf(stdout, "detour rules removed (firewall %s)\n", fw)
 	case "show":
 		if err := in.Show(stdout); err != nil {
 			fmt.Fprintf(stderr, "detour rules show: %v\n", err)
