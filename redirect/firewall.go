@@ -54,7 +54,7 @@ func chooseFirewall(iptablesPath string, iptablesErr error, tables []NFTTableNam
 		return FirewallNftables, "no iptables command (" + iptablesErr.Error() + ")"
 	}
 	if tablesErr != nil {
-		return FirewallIptables, fmt.Sprintf("%s found, and the nftables ruleset cannot be read (%v)", iptablesPath, tablesErr)
+		return FirewallIptables, fmt.Sprintf("%s found, and the nftables tables cannot be listed (%v)", iptablesPath, tablesErr)
 	}
 	var native []string
 	for _, t := range tables {
@@ -66,7 +66,7 @@ func chooseFirewall(iptablesPath string, iptablesErr error, tables []NFTTableNam
 		}
 	}
 	if len(native) > 0 {
-		return FirewallNftables, fmt.Sprintf("the host uses nftables-native rules (table %s)", native[0])
+		return FirewallNftables, fmt.Sprintf("the host's firewall is nftables-native (table %s)", native[0])
 	}
-	return FirewallIptables, fmt.Sprintf("%s found and the nftables ruleset holds no nftables-native table", iptablesPath)
+	return FirewallIptables, fmt.Sprintf("%s found, and every nftables table is one iptables-nft makes", iptablesPath)
 }

@@ -1594,15 +1594,20 @@ func TestOperateMetrics(t *testing.T) {
 
 // TestOperateDoctor: `detour doctor` prints one line per check: in a ready
 // gateway nothing fatal (exit 0), detour's rules reported once a detour runs;
-// forwarding off is a warning, iptables missing is fatal (exit 1).
+// forwarding off is a warning; iptables missing makes auto choose nftables,
+// and is fatal (exit 1) with --firewall iptables.
 func TestOperateDoctor(t *testing.T) {
 	tp := newTopo(t)
 	doctor := func(ns string, env ...string) (string, int) {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
+		args := []string{"doctor"}
+		if len(env) > 0 && strings.HasPrefix(env[len(env)-1], "--") {
+			args, env = append(args, env[len(env)-1]), env[:len(env)-1]
+		}
 		argv := append([]string{"netns", "exec", ns, "env"}, env...)
-		out, err := exec.CommandContext(ctx, "ip", append(argv, detourBin, "doctor")...).CombinedOutput()
+		out, err := exec.CommandContext(ctx, "ip", append(append(argv, detourBin), args...)...).CombinedOutput()
 		code := 0
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
@@ -1650,10 +1655,15 @@ func TestOperateDoctor(t *testing.T) {
 		t.Errorf("detour doctor where forwarding is off: exit %d, line about ip_forward %q; want exit 0 and a warning", code, line(client, "ip_forward"))
 	}
 
-	// No iptables to be found: fatal, and says what to install.
-	missing, code := doctor(tp.G, "PATH=/var/empty")
+	// No iptables to be found: --firewall auto takes nftables and says why.
+	noIpt, code := doctor(tp.G, "PATH=/var/empty")
+	if code != 0 || line(noIpt, "firewall: nftables", "no iptables command") == "" {
+		t.Errorf("detour doctor without iptables: exit %d, %q; want exit 0 and nftables chosen", code, line(noIpt, "firewall"))
+	}
+	// Asked for iptables that is not there: fatal, and says what to install.
+	missing, code := doctor(tp.G, "PATH=/var/empty", "--firewall=iptables")
 	if code != 1 || line(missing, "iptables", "install") == "" {
-		t.Errorf("detour doctor without iptables: exit %d, %q; want exit 1 and a line saying to install iptables", code, line(missing, "iptables", "install"))
+		t.Errorf("detour doctor --firewall iptables without iptables: exit %d, %q; want exit 1 and a line saying to install iptables", code, line(missing, "iptables", "install"))
 	}
 
 	startOp(t, tp)
