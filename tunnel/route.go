@@ -88,7 +88,37 @@ type Rule struct {
 	CIDRs    []netip.Prefix
 	Ports    []ports.Range
 	Protos   []sniff.Proto
+	// Inbounds limits the rule to connections that came in this way
+	// (transparent: redirected by the kernel; proxy: the explicit proxy
+	// port). Empty means any.
+	Inbounds []Inbound
 	Action   Action
+}
+
+// Inbound is how a connection reached detour.
+type Inbound uint8
+
+const (
+	Transparent  Inbound = iota // redirected by the kernel (REDIRECT, TPROXY)
+	ProxyInbound                // the explicit proxy port (HTTP, CONNECT, SOCKS)
+)
+
+func (i Inbound) String() string {
+	if i == ProxyInbound {
+		return "proxy"
+	}
+	return "transparent"
+}
+
+// ParseInbound parses "transparent" or "proxy".
+func ParseInbound(s string) (Inbound, error) {
+	switch s {
+	case "transparent":
+		return Transparent, nil
+	case "proxy":
+		return ProxyInbound, nil
+	}
+	return 0, fmt.Errorf("%q is not an inbound (want transparent or proxy)", s)
 }
 
 // Router is an ordered rule list: the first matching rule wins, and Default
@@ -103,11 +133,18 @@ type Router struct {
 // proto and host ("" when unknown). It returns the index of the matching rule,
 // or -1 for the default.
 func (r *Router) Route(host string, proto sniff.Proto, dst netip.AddrPort) (Action, int) {
+	return r.RouteFor(Transparent, host, proto, dst)
+}
+
+// RouteFor is Route for a connection that came in through in. On the proxy
+// port dst's address is not valid when the client asked for a name: CIDR
+// conditions then do not hold.
+func (r *Router) RouteFor(in Inbound, host string, proto sniff.Proto, dst netip.AddrPort) (Action, int) {
 	if r == nil {
 		return Action{}, -1
 	}
 	for i := range r.Rules {
-		if r.Rules[i].match(host, proto, dst) {
+		if r.Rules[i].matchInbound(in) && r.Rules[i].match(host, proto, dst) {
 			return r.Rules[i].Action, i
 		}
 	}
@@ -127,7 +164,7 @@ func (r *Router) RouteByAddr(dst netip.AddrPort) (a Action, final bool) {
 	}
 	for i := range r.Rules {
 		ru := &r.Rules[i]
-		if !ru.matchAddr(dst) {
+		if !ru.matchInbound(Transparent) || !ru.matchAddr(dst) {
 			continue
 		}
 		if ru.needsSniff() {
@@ -160,6 +197,18 @@ func (ru *Rule) match(host string, proto sniff.Proto, dst netip.AddrPort) bool {
 		}
 	}
 	return true
+}
+
+func (ru *Rule) matchInbound(in Inbound) bool {
+	if len(ru.Inbounds) == 0 {
+		return true
+	}
+	for _, i := range ru.Inbounds {
+		if i == in {
+			return true
+		}
+	}
+	return false
 }
 
 // needsSniff reports whether the rule sets a condition on what the client

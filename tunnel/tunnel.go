@@ -203,6 +203,13 @@ func (t *Tunnel) Serve(ln Listener) error {
 			t.refusedForLimit(c)
 			continue
 		}
+		if pl, ok := ln.(*proxyListener); ok {
+			if obs := pl.observer(t); obs != nil {
+				obs.Accepted()
+			}
+			go t.serveProxy(pl.port, cn)
+			continue
+		}
 		if t.Observer != nil {
 			t.Observer.Accepted()
 		}
@@ -357,25 +364,68 @@ type connInfo struct {
 	route     Action
 	lease     upstream.Lease
 	target    string
+
+	// The proxy port's (inbound proxy): request is what the client asked
+	// for (http, connect, socks5, socks4); sni the TLS name peeked in a
+	// tunnel to port 443; noRoute marks a request refused before routing.
+	inbound Inbound
+	request string
+	status  int // the HTTP response's status
+	sni     string
+	noRoute bool
 }
 
 // finish is step 6 of the data path: the connection is over; write its
 // access line and forget it.
 func (t *Tunnel) finish(r *conn, c *connInfo, up, down int64, err error) {
+	t.finishWith(r, c, t.Observer, up, down, err)
+}
+
+// finishWith is finish for an inbound with its own observer.
+func (t *Tunnel) finishWith(r *conn, c *connInfo, obs Observer, up, down int64, err error) {
 	defer t.remove(r)
 	c.lease.Release()
-	if t.Observer != nil {
-		t.Observer.Closed(c.route.String(), up, down)
+	if obs != nil {
+		obs.Closed(c.route.String(), up, down)
+	}
+	t.logConn(c, up, down, err)
+}
+
+// logConn writes a connection's access line.
+func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
+	route := c.route.String()
+	if c.noRoute {
+		route = ""
+	}
+	dst := ""
+	if c.dst.Addr().IsValid() {
+		dst = c.dst.String()
 	}
 	attrs := []slog.Attr{
 		slog.String("client", c.client.RemoteAddr().String()),
-		slog.String("dst", c.dst.String()),
-		slog.String("mode", t.Mode),
+		slog.String("dst", dst),
+		slog.String("inbound", c.inbound.String()),
+	}
+	if c.inbound == Transparent {
+		attrs = append(attrs, slog.String("mode", t.Mode))
+	}
+	attrs = append(attrs,
 		slog.String("host", c.found.Host),
 		slog.String("proto", c.found.Proto.String()),
 		slog.String("sniff", c.outcome),
 		slog.Duration("sniff_time", c.sniffTook),
-		slog.String("route", c.route.String()),
+		slog.String("route", route))
+	if c.inbound == ProxyInbound {
+		attrs = append(attrs, slog.String("request", c.request))
+		if c.status != 0 {
+			attrs = append(attrs, slog.Int("status", c.status))
+		}
+		if c.sni != "" {
+			attrs = append(attrs, slog.String("sni", c.sni))
+			if c.sni != c.found.Host {
+				attrs = append(attrs, slog.Bool("sni_mismatch", true))
+			}
+		}
 	}
 	if alpn := c.found.ALPN(); alpn != nil {
 		attrs = append(attrs, slog.String("alpn", strings.Join(alpn, ",")))
@@ -396,9 +446,14 @@ func (t *Tunnel) finish(r *conn, c *connInfo, up, down int64, err error) {
 
 // connect dials route's next hop for dst: the original destination, or an
 // upstream of the route's group asked for target (the sniffed name when the
-// route trusts it, else dst; "" for a direct route). A dial cut by the
+// route trusts it, else dst; "" for a direct route). A dial
 // cut by Shutdown is reported as errShutdown.
 func (t *Tunnel) connect(r *conn, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
+	return t.connectFor(r, route, dst, found, t.Observer)
+}
+
+// connectFor is connect for an inbound with its own observer.
+func (t *Tunnel) connectFor(r *conn, route Action, dst netip.AddrPort, found sniff.Result, obs Observer) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
 	start := time.Now()
 	proxied := route.Kind == ActionProxy && route.Group != nil
 	if t.dials.Err() != nil {
@@ -417,8 +472,8 @@ func (t *Tunnel) connect(r *conn, route Action, dst netip.AddrPort, found sniff.
 	if err != nil && t.dials.Err() != nil && errors.Is(err, context.Canceled) {
 		err = errShutdown
 	}
-	if t.Observer != nil {
-		t.Observer.Dialed(route.String(), time.Since(start), err)
+	if obs != nil {
+		obs.Dialed(route.String(), time.Since(start), err)
 	}
 	if err != nil {
 		return nil, upstream.Lease{}, target, err

@@ -28,6 +28,7 @@ type fileConfig struct {
 	Firewall string `yaml:"firewall"`
 
 	Sniff  *sniffConfig  `yaml:"sniff"`
+	Proxy  *proxyConfig  `yaml:"proxy"`
 	Groups []groupConfig `yaml:"groups"`
 	Rules  []ruleConfig  `yaml:"rules"`
 	// Default is the action when no rule matches: direct, reject or a
@@ -84,6 +85,7 @@ type ruleConfig struct {
 	CIDR          stringList `yaml:"cidr"`
 	Port          stringList `yaml:"port"`
 	Protocol      stringList `yaml:"protocol"`
+	Inbound       stringList `yaml:"inbound"`
 	Action        string     `yaml:"action"`
 	// SendName: override (default), route-only or verify.
 	SendName string `yaml:"send_name"`
@@ -122,7 +124,7 @@ func parseConfig(data []byte) (*fileConfig, error) {
 
 func (c *fileConfig) UnmarshalYAML(n *yaml.Node) error {
 	if err := checkKeys(n, "the top level", "listen", "mode", "mark", "dial_timeout", "idle_timeout",
-		"grace", "log_format", "firewall", "sniff", "groups", "rules", "default"); err != nil {
+		"grace", "log_format", "firewall", "sniff", "proxy", "groups", "rules", "default"); err != nil {
 		return err
 	}
 	type plain fileConfig
@@ -178,7 +180,7 @@ func (p *probeConfig) UnmarshalYAML(n *yaml.Node) error {
 
 func (r *ruleConfig) UnmarshalYAML(n *yaml.Node) error {
 	if err := checkKeys(n, "a rule", "domain", "domain_suffix", "domain_keyword", "cidr", "port",
-		"protocol", "action", "send_name"); err != nil {
+		"protocol", "inbound", "action", "send_name"); err != nil {
 		return err
 	}
 	type plain ruleConfig

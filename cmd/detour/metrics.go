@@ -32,6 +32,12 @@ type metrics struct {
 	dialDur  *prometheus.HistogramVec
 	dialFail *prometheus.CounterVec
 	reloads  *prometheus.CounterVec
+
+	// per inbound (transparent, proxy)
+	inAccepted *prometheus.CounterVec
+	inRefused  *prometheus.CounterVec
+	inClosed   *prometheus.CounterVec
+	inBytes    *prometheus.CounterVec
 }
 
 var _ tunnel.Observer = (*metrics)(nil)
@@ -53,7 +59,12 @@ func newMetrics(active func() int, relays func() relay.Stats, groups func() []*u
 		Buckets: []float64{.0005, .001, .005, .01, .05, .1, .5, 1, 5}}, []string{"route"})
 	m.dialFail = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_dial_failures_total", Help: "Failed dials, by route."}, []string{"route"})
 	m.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reloads_total", Help: "Configuration reloads on SIGHUP, by result."}, []string{"result"})
-	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffDur, m.dialDur, m.dialFail, m.reloads} {
+	m.inAccepted = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_accepted_total", Help: "Connections accepted, by inbound (transparent: redirected by the kernel; proxy: the explicit proxy port)."}, []string{"inbound"})
+	m.inRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_refused_total", Help: "Connections or requests refused before routing, by inbound and reason (proxy: not_allowed, auth, bad_request)."}, []string{"inbound", "reason"})
+	m.inClosed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_closed_total", Help: "Routed connections (for the proxy port's HTTP forwarding: requests) that ended, by inbound and route."}, []string{"inbound", "route"})
+	m.inBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_bytes_total", Help: "Bytes carried by inbound: up is client to destination, down the reverse."}, []string{"inbound", "direction"})
+	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffDur, m.dialDur, m.dialFail, m.reloads,
+		m.inAccepted, m.inRefused, m.inClosed, m.inBytes} {
 		f(c)
 	}
 	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_connections_active", Help: "Connections being served."},
@@ -86,6 +97,30 @@ func (m *metrics) Closed(route string, up, down int64) {
 	m.closed.WithLabelValues(route).Inc()
 	m.bytes.WithLabelValues("up").Add(float64(up))
 	m.bytes.WithLabelValues("down").Add(float64(down))
+}
+
+// inbound is the observer for one inbound: detour's totals, and the
+// inbound's own counters.
+func (m *metrics) inbound(name string) tunnel.Observer { return inboundObserver{m, name} }
+
+type inboundObserver struct {
+	*metrics
+	name string
+}
+
+func (o inboundObserver) Accepted() {
+	o.metrics.Accepted()
+	o.inAccepted.WithLabelValues(o.name).Inc()
+}
+func (o inboundObserver) Refused(reason string) {
+	o.metrics.Refused(reason)
+	o.inRefused.WithLabelValues(o.name, reason).Inc()
+}
+func (o inboundObserver) Closed(route string, up, down int64) {
+	o.metrics.Closed(route, up, down)
+	o.inClosed.WithLabelValues(o.name, route).Inc()
+	o.inBytes.WithLabelValues(o.name, "up").Add(float64(up))
+	o.inBytes.WithLabelValues(o.name, "down").Add(float64(down))
 }
 
 // upstreamCollector reports each upstream's state at scrape time.

@@ -165,8 +165,15 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 			}
 			r.Protos = append(r.Protos, proto)
 		}
-		if len(r.Domains)+len(r.Suffixes)+len(r.Keywords)+len(r.CIDRs)+len(r.Ports)+len(r.Protos) == 0 {
-			return routing{}, usageError{where + ": no condition (domain, domain_suffix, domain_keyword, cidr, port or protocol); use default for a catch-all"}
+		for _, in := range rc.Inbound {
+			inbound, err := tunnel.ParseInbound(strings.ToLower(strings.TrimSpace(in)))
+			if err != nil {
+				return routing{}, usageError{fmt.Sprintf("%s: inbound %v", where, err)}
+			}
+			r.Inbounds = append(r.Inbounds, inbound)
+		}
+		if len(r.Domains)+len(r.Suffixes)+len(r.Keywords)+len(r.CIDRs)+len(r.Ports)+len(r.Protos)+len(r.Inbounds) == 0 {
+			return routing{}, usageError{where + ": no condition (domain, domain_suffix, domain_keyword, cidr, port, protocol or inbound); use default for a catch-all"}
 		}
 		for _, d := range append(append(append([]string{}, r.Domains...), r.Suffixes...), r.Keywords...) {
 			if d == "" {

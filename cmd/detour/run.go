@@ -42,6 +42,7 @@ type runConfig struct {
 	strategy   string      // --strategy
 	sniff      tunnel.SniffOptions
 	routing    routing
+	proxy      proxyFlags // --proxy-listen, --proxy-allow, --proxy-users
 
 	metricsAddr string // --metrics
 	pprofAddr   string // --pprof
@@ -101,6 +102,7 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	fs.IntVar(&cfg.maxConns, "max-conns", 0, "connections served at once; beyond it new ones are reset (0: as many as the open-file limit allows)")
 	fs.IntVar(&cfg.maxSniffing, "max-sniffing", 1024, "connections waiting for their first bytes at once; beyond it new ones are routed by IP")
 	cfg.capture.registerRun(fs)
+	cfg.proxy.register(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(stdout, "usage: detour run [flags]")
@@ -199,6 +201,9 @@ func (cfg *runConfig) applyFile(fc *fileConfig, set map[string]bool) error {
 			return fmt.Errorf("%s: %q: want text or json", field("log_format"), fc.LogFormat)
 		}
 		cfg.logFormat = fc.LogFormat
+	}
+	if err := cfg.proxy.applyFile(fc.Proxy, set); err != nil {
+		return err
 	}
 	if sc := fc.Sniff; sc != nil {
 		where := fmt.Sprintf("sniff (line %d)", sc.line)
@@ -383,9 +388,11 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	use(cfg.routing)
 	var m *metrics
 	var servers []io.Closer // metrics and profiles, closed on handover
+	var proxyObs tunnel.Observer
 	if cfg.metricsAddr != "" {
 		m = newMetrics(t.Active, t.RelayStats, groups.get)
-		t.Observer = m
+		t.Observer = m.inbound("transparent")
+		proxyObs = m.inbound("proxy")
 		mln, err := inh.listenTCP(fdMetrics, cfg.metricsAddr, log)
 		if err != nil {
 			ln.Close()
@@ -414,8 +421,19 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	log.Info("listening", "addr", ln.Addr().String(), "mode", cfg.mode.String(),
 		"mark", fmt.Sprintf("%#x", cfg.mark), "version", versionString(), "pid", os.Getpid(), "inherited", inh.upgrade())
 
-	serveErr := make(chan error, 1)
+	proxyLns, err := listenProxy(inh, &pass, cfg.proxy.listen, log)
+	if err != nil {
+		ln.Close()
+		log.Error("cannot start", "error", err.Error())
+		return exitFailure
+	}
+	serveErr := make(chan error, 1+len(proxyLns))
 	go func() { serveErr <- t.Serve(ln) }()
+	port := cfg.proxy.port(proxyObs)
+	for _, pl := range proxyLns {
+		log.Info("proxy port listening", "addr", pl.Addr().String(), "users", len(cfg.proxy.users), "allow", allowString(cfg.proxy.allow))
+		go func() { serveErr <- t.ServeProxy(pl, port) }()
+	}
 	if inh.upgrade() {
 		// The old process hands over (and tells systemd our PID) once it
 		// reads this.
@@ -438,7 +456,7 @@ wait:
 	for {
 		select {
 		case err := <-serveErr:
-			log.Error("listener failed", "addr", ln.Addr().String(), "error", err.Error())
+			log.Error("listener failed", "error", err.Error())
 			return exitFailure
 		case <-usr1:
 			logStats(log, t)
