@@ -19,6 +19,9 @@ type proxyFlags struct {
 	listen []string
 	allow  []netip.Prefix // nil: tunnel.DefaultProxyAllow
 	users  proxyport.Users
+	// usersErr is a bad --proxy-users value, reported after parsing: the
+	// flag package's own message would quote the password.
+	usersErr error
 }
 
 // proxyConfig is the config file's proxy section.
@@ -56,7 +59,10 @@ func (pf *proxyFlags) register(fs *flag.FlagSet) {
 		return nil
 	})
 	fs.Func("proxy-users", "require proxy-port credentials `name:password` (repeatable; Basic for HTTP, RFC 1929 for SOCKS5; prefer the config file, the command line is visible to other users)", func(s string) error {
-		return pf.addUser(s)
+		if err := pf.addUser(s); err != nil && pf.usersErr == nil {
+			pf.usersErr = err
+		}
+		return nil
 	})
 }
 

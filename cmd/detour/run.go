@@ -121,6 +121,9 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	if fs.NArg() > 0 {
 		return cfg, usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
 	}
+	if cfg.proxy.usersErr != nil {
+		return cfg, usageError{fmt.Sprintf("--proxy-users: %v", cfg.proxy.usersErr)}
+	}
 	switch {
 	case cfg.dialTimeout <= 0:
 		return cfg, usageError{fmt.Sprintf("--dial-timeout %s: must be positive", cfg.dialTimeout)}
