@@ -223,7 +223,7 @@ func (pc *proxyConn) refused(reason string, err error) {
 	if pc.obs != nil {
 		pc.obs.Refused(reason)
 	}
-	if ok, held := pc.t.refusals.allow(time.Now()); ok {
+	if ok, held := pc.t.refusals.allowFrom(time.Now(), sniff.SourceKey(addrPort(pc.r.client.RemoteAddr()).Addr()), true); ok {
 		pc.t.log().LogAttrs(context.Background(), slog.LevelWarn, "refused",
 			slog.String("client", pc.r.client.RemoteAddr().String()),
 			slog.String("inbound", "proxy"),
@@ -299,7 +299,7 @@ func (pc *proxyConn) connect(info *connInfo, route Action, idx int) (*net.TCPCon
 	case ActionDirect:
 		if host != "" {
 			ctx, cancel := context.WithTimeout(context.Background(), pc.t.dialTimeout())
-			ips, err := pc.t.resolver().LookupNetIP(ctx, "ip", host)
+			ips, err := pc.t.lookup(ctx, host)
 			cancel()
 			if err != nil {
 				return nil, fmt.Errorf("resolving %s: %w", host, err)

@@ -241,7 +241,7 @@ func TestProxyTarget(t *testing.T) {
 		{Override, sniff.Result{Proto: sniff.HTTP, Host: "next.test", ViaProxy: true}, "198.18.2.2:443"},
 		{Override, sniff.Result{Proto: sniff.Unknown}, "198.18.2.2:443"},
 	} {
-		if got := tun.proxyTarget(t.Context(), tc.mode, dst, tc.found); got != tc.want {
+		if got := tun.proxyTarget(t.Context(), tc.mode, netip.MustParseAddr("198.18.1.2"), dst, tc.found); got != tc.want {
 			t.Errorf("proxyTarget(%v, %+v) = %s, want %s", tc.mode, tc.found, got, tc.want)
 		}
 	}

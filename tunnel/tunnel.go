@@ -64,7 +64,11 @@ type Tunnel struct {
 	// net.DefaultResolver.
 	Resolver *net.Resolver
 	// MaxConns caps the connections served at once; one accepted beyond it
-	// is reset at once and reported as refused ("limit"). Zero means no cap.
+	// is reset at once and reported as refused ("limit"). Unless its source
+	// (an IPv4 address, an IPv6 /64) holds at least two fewer than the
+	// source holding the most: then one of that source's connections is
+	// reset to make room, so one client opening connections cannot lock the
+	// others out, and shares even out under pressure. Zero means no cap.
 	MaxConns int
 	// MaxSniffing caps the connections in the sniffing stage at once; one
 	// beyond it is routed by IP without waiting for its first bytes (sniff
@@ -87,6 +91,7 @@ type Tunnel struct {
 	directDialer *upstream.Direct
 	refusals     warnLimiter // "refused" lines
 	acceptLog    warnLimiter // "accept failed" lines
+	evictions    warnLimiter // "resetting a connection of the client holding the most" lines
 	nameWarns    warnLimiter // "sniffed name does not resolve" lines
 	verify       verifyCache
 	once         sync.Once
@@ -94,6 +99,7 @@ type Tunnel struct {
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
 	active    map[*conn]struct{}
+	bySource  map[netip.Prefix]map[*conn]struct{} // the same, per source; with MaxConns
 	shutdown  bool
 	wg        sync.WaitGroup
 	// engine relays the connections; made by the first Serve, closed by
@@ -193,7 +199,8 @@ func (t *Tunnel) Serve(ln Listener) error {
 		}
 		backoff = 0
 		cn := &conn{client: c}
-		switch t.add(cn) {
+		result, evicted := t.add(cn)
+		switch result {
 		case addShutdown:
 			c.Close()
 			return ErrServerClosed
@@ -202,6 +209,10 @@ func (t *Tunnel) Serve(ln Listener) error {
 			c.Close()
 			t.refusedForLimit(c)
 			continue
+		}
+		if evicted != nil {
+			evicted.cutOff(errEvicted)
+			t.evictedForLimit(evicted, c)
 		}
 		if pl, ok := ln.(*proxyListener); ok {
 			if obs := pl.observer(t); obs != nil {
@@ -230,7 +241,7 @@ func (t *Tunnel) serveConn(ln Listener, r *conn) {
 		if t.Observer != nil {
 			t.Observer.Refused("not_redirected")
 		}
-		if ok, held := t.refusals.allow(time.Now()); ok {
+		if ok, held := t.refusals.allowFrom(time.Now(), sniff.SourceKey(addrPort(client.RemoteAddr()).Addr()), true); ok {
 			t.log().LogAttrs(context.Background(), slog.LevelWarn, "refused",
 				slog.String("client", client.RemoteAddr().String()),
 				slog.String("dst", addrOrEmpty(dst)),
@@ -462,7 +473,7 @@ func (t *Tunnel) connectFor(r *conn, route Action, dst netip.AddrPort, found sni
 	ctx, cancel := context.WithTimeout(t.dials, t.dialTimeout())
 	defer cancel()
 	if proxied {
-		target = t.proxyTarget(ctx, route.Name, dst, found)
+		target = t.proxyTarget(ctx, route.Name, addrPort(r.client.RemoteAddr()).Addr(), dst, found)
 		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
 		lease, err = route.Group.Dial(ctx, target, dst, key)
 		server = lease.Conn
@@ -578,6 +589,18 @@ func (c *sourceCount) done(src netip.Prefix) {
 	}
 }
 
+// errEvicted ends a connection reset to make room for another source's.
+var errEvicted = errors.New("reset for another client's connection: the connection limit was reached, and this client held the most")
+
+// evictedForLimit reports that evicted was reset to admit c, in a warning
+// rate-limited like the others (each connection's access line says it).
+func (t *Tunnel) evictedForLimit(evicted *conn, c *net.TCPConn) {
+	if ok, held := t.evictions.allow(time.Now()); ok {
+		t.log().Warn("connection limit reached; resetting a connection of the client holding the most", "max_conns", t.MaxConns,
+			"reset_client", evicted.client.RemoteAddr().String(), "client", c.RemoteAddr().String(), "suppressed", held)
+	}
+}
+
 // refusedForLimit reports a connection reset because MaxConns were being
 // served, logging at most one warning a second (the counter has them all).
 func (t *Tunnel) refusedForLimit(c *net.TCPConn) {
@@ -612,13 +635,13 @@ func (t *Tunnel) skipPort(port uint16) bool {
 // A request meant for an explicit proxy (CONNECT, or an absolute-form
 // target) names the proxy's next hop, not dst: such a name routes but is not
 // sent.
-func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, dst netip.AddrPort, found sniff.Result) string {
+func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, src netip.Addr, dst netip.AddrPort, found sniff.Result) string {
 	if found.Host == "" || found.ViaProxy || mode == RouteOnly {
 		return dst.String()
 	}
 	named := net.JoinHostPort(found.Host, fmt.Sprint(dst.Port()))
-	if mode == Verify && !t.verify.resolvesTo(ctx, t.resolver(), found.Host, dst.Addr()) {
-		if ok, held := t.nameWarns.allow(time.Now()); ok {
+	if mode == Verify && !t.verify.resolvesTo(ctx, t.lookup, src, found.Host, dst.Addr()) {
+		if ok, held := t.nameWarns.allowFrom(time.Now(), sniff.SourceKey(src), true); ok {
 			t.log().LogAttrs(ctx, slog.LevelWarn, "sniffed name does not resolve to the destination; sending the IP",
 				slog.String("host", found.Host), slog.String("dst", dst.String()), slog.Int("suppressed", held))
 		}
@@ -728,26 +751,68 @@ const (
 	addFull
 )
 
-func (t *Tunnel) add(r *conn) int {
+// add counts r as served, unless MaxConns are. Then, if r's source holds
+// at least two fewer than the source holding the most (the hog), it is
+// added anyway and one of the hog's connections is returned, for the
+// caller to cut: one source cannot lock the others out. Finding the hog
+// costs a pass over the sources, only when the limit is reached.
+func (t *Tunnel) add(r *conn) (result int, evict *conn) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.shutdown {
-		return addShutdown
+		return addShutdown, nil
 	}
-	if t.MaxConns > 0 && len(t.active) >= t.MaxConns {
-		return addFull
+	var src netip.Prefix
+	if t.MaxConns > 0 {
+		src = sniff.SourceKey(addrPort(r.client.RemoteAddr()).Addr())
+		if len(t.active) >= t.MaxConns {
+			mine := len(t.bySource[src])
+			var hog map[*conn]struct{}
+			for _, rs := range t.bySource {
+				if len(rs) > len(hog) {
+					hog = rs
+				}
+			}
+			if len(hog) < mine+2 {
+				return addFull, nil
+			}
+			for v := range hog {
+				evict = v // any one: map order is random
+				break
+			}
+		}
 	}
 	if t.active == nil {
 		t.active = make(map[*conn]struct{})
 	}
 	t.active[r] = struct{}{}
+	if t.MaxConns > 0 {
+		if t.bySource == nil {
+			t.bySource = make(map[netip.Prefix]map[*conn]struct{})
+		}
+		rs := t.bySource[src]
+		if rs == nil {
+			rs = make(map[*conn]struct{})
+			t.bySource[src] = rs
+		}
+		rs[r] = struct{}{}
+	}
 	t.wg.Add(1)
-	return added
+	return added, evict
 }
 
 func (t *Tunnel) remove(r *conn) {
 	t.mu.Lock()
 	delete(t.active, r)
+	if t.MaxConns > 0 {
+		src := sniff.SourceKey(addrPort(r.client.RemoteAddr()).Addr())
+		if rs := t.bySource[src]; rs != nil {
+			delete(rs, r)
+			if len(rs) == 0 {
+				delete(t.bySource, src)
+			}
+		}
+	}
 	t.mu.Unlock()
 	t.wg.Done()
 }
@@ -759,11 +824,13 @@ func (t *Tunnel) log() *slog.Logger {
 	return slog.Default()
 }
 
-func (t *Tunnel) resolver() *net.Resolver {
-	if t.Resolver != nil {
-		return t.Resolver
+// lookup resolves a sniffed name with Resolver, for Verify routes.
+func (t *Tunnel) lookup(ctx context.Context, host string) ([]netip.Addr, error) {
+	r := t.Resolver
+	if r == nil {
+		r = net.DefaultResolver
 	}
-	return net.DefaultResolver
+	return r.LookupNetIP(ctx, "ip", host)
 }
 
 func (t *Tunnel) dialTimeout() time.Duration {

@@ -1,6 +1,7 @@
 package upstream
 
 import (
+	"fmt"
 	"net/netip"
 
 	"github.com/detour-proxy/detour/internal/testkit"
@@ -94,4 +95,34 @@ func TestGroupProxyAuthFailureBenches(t *testing.T) {
 	if a.Up() || !strings.Contains(logs.String(), "upstream down") {
 		t.Fatalf("a up %v after a 407; log: %s", a.Up(), logs)
 	}
+}
+
+// One client's many connections on its upstream of a consistent-hash group
+// (bounded load) cost the others only what bounded load is for: every key
+// still gets an upstream, keys at home elsewhere stay there, and only keys
+// sharing the busy upstream move, each to one other upstream.
+func TestConsistentHashOneHotClient(t *testing.T) {
+	ups := testUpstreams(3)
+	c := &ConsistentHash{}
+	hosts := make([]string, 1000)
+	for i := range hosts {
+		hosts[i] = fmt.Sprintf("site%d.test", i)
+	}
+	before := hostMap(c, ups, hosts)
+	hot := c.Pick("hog.test", ups, nil)
+	hot.active.Add(1000) // one client's connections to one host
+	defer hot.active.Add(-1000)
+	after := hostMap(c, ups, hosts)
+	moved := 0
+	for i, u := range after {
+		switch {
+		case u == nil:
+			t.Fatalf("%s got no upstream beside the hot client", hosts[i])
+		case before[i] != hot && u != before[i]:
+			t.Fatalf("%s moved from %s though only %s is busy", hosts[i], before[i].Name, hot.Name)
+		case before[i] == hot:
+			moved++
+		}
+	}
+	t.Logf("%d of %d keys shared the hot upstream and moved", moved, len(hosts))
 }
