@@ -3,6 +3,7 @@ package tunnel
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -19,6 +20,7 @@ var errShutdown = errors.New("closed by shutdown")
 // nothing more.
 type conn struct {
 	client *net.TCPConn
+	src    netip.Prefix // the client's sniff.SourceKey, with MaxConns
 
 	mu     sync.Mutex
 	server *net.TCPConn // once dialled

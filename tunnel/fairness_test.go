@@ -140,3 +140,29 @@ func TestVerifyCacheOneSourceCannotFlushOthers(t *testing.T) {
 		t.Fatal("a failed lookup verified or was kept")
 	}
 }
+
+// The per-source bookkeeping on the path of every connection: a sniffing
+// slot taken and given back, and a connection counted in and out with and
+// without MaxConns (go test -bench 'Slots|AddRemove' ./tunnel).
+func BenchmarkSniffingSlots(b *testing.B) {
+	var tun Tunnel
+	src := netip.MustParseAddr("198.18.1.2")
+	for b.Loop() {
+		tun.enterSniffing(src)
+		tun.leaveSniffing(src)
+	}
+}
+
+func BenchmarkAddRemove(b *testing.B) {
+	client, _ := testkit.TCPPair(b)
+	for _, maxConns := range []int{0, 1 << 20} {
+		b.Run(fmt.Sprintf("MaxConns=%d", maxConns), func(b *testing.B) {
+			tun := Tunnel{MaxConns: maxConns}
+			cn := &conn{client: client}
+			for b.Loop() {
+				tun.add(cn)
+				tun.remove(cn)
+			}
+		})
+	}
+}

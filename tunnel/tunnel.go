@@ -100,6 +100,7 @@ type Tunnel struct {
 	listeners map[Listener]struct{}
 	active    map[*conn]struct{}
 	bySource  map[netip.Prefix]map[*conn]struct{} // the same, per source; with MaxConns
+	spare     []map[*conn]struct{}                // emptied per-source maps, for reuse
 	shutdown  bool
 	wg        sync.WaitGroup
 	// engine relays the connections; made by the first Serve, closed by
@@ -762,11 +763,10 @@ func (t *Tunnel) add(r *conn) (result int, evict *conn) {
 	if t.shutdown {
 		return addShutdown, nil
 	}
-	var src netip.Prefix
 	if t.MaxConns > 0 {
-		src = sniff.SourceKey(addrPort(r.client.RemoteAddr()).Addr())
+		r.src = sniff.SourceKey(addrPort(r.client.RemoteAddr()).Addr())
 		if len(t.active) >= t.MaxConns {
-			mine := len(t.bySource[src])
+			mine := len(t.bySource[r.src])
 			var hog map[*conn]struct{}
 			for _, rs := range t.bySource {
 				if len(rs) > len(hog) {
@@ -790,10 +790,14 @@ func (t *Tunnel) add(r *conn) (result int, evict *conn) {
 		if t.bySource == nil {
 			t.bySource = make(map[netip.Prefix]map[*conn]struct{})
 		}
-		rs := t.bySource[src]
+		rs := t.bySource[r.src]
 		if rs == nil {
-			rs = make(map[*conn]struct{})
-			t.bySource[src] = rs
+			if n := len(t.spare); n > 0 {
+				rs, t.spare = t.spare[n-1], t.spare[:n-1]
+			} else {
+				rs = make(map[*conn]struct{})
+			}
+			t.bySource[r.src] = rs
 		}
 		rs[r] = struct{}{}
 	}
@@ -805,11 +809,13 @@ func (t *Tunnel) remove(r *conn) {
 	t.mu.Lock()
 	delete(t.active, r)
 	if t.MaxConns > 0 {
-		src := sniff.SourceKey(addrPort(r.client.RemoteAddr()).Addr())
-		if rs := t.bySource[src]; rs != nil {
+		if rs := t.bySource[r.src]; rs != nil {
 			delete(rs, r)
 			if len(rs) == 0 {
-				delete(t.bySource, src)
+				delete(t.bySource, r.src)
+				if len(t.spare) < 64 {
+					t.spare = append(t.spare, rs)
+				}
 			}
 		}
 	}
