@@ -44,7 +44,7 @@ const helperNofile = 200000
 
 func runHelper(args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: bench helper socks5|holdserver|holdclient|tlsserver|tlsclient|minproxy|ctflush [flags]")
+		return errors.New("usage: bench helper socks5|holdserver|holdclient|tlsserver|tlsclient|minproxy|source|connectload|ctflush [flags]")
 	}
 	raiseNofile(helperNofile)
 	switch args[0] {
@@ -60,6 +60,10 @@ func runHelper(args []string) error {
 		return tlsClientMain(args[1:])
 	case "minproxy":
 		return minProxyMain(args[1:])
+	case "source":
+		return sourceMain(args[1:])
+	case "connectload":
+		return connectLoadMain(args[1:])
 	case "ctflush":
 		// conntrack -F: a candidate must not inherit the NAT bindings of
 		// the one before (a reused client port would follow them).

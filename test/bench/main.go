@@ -5,7 +5,9 @@
 // bulk throughput (iperf3, one and eight streams each way), new connections
 // per second and latency with a new TCP connection per request (wrk against
 // nginx), CPU seconds per GB, RSS and descriptors per held idle connection,
-// and the cost of sniffing a TLS ClientHello. Candidates run interleaved
+// the cost of sniffing a TLS ClientHello, and CONNECT through detour's
+// explicit proxy port against squid and the transparent path (new
+// connections per second, one stream). Candidates run interleaved
 // within each repetition (more repetitions run when other work on the
 // machine disturbed some); the table shows medians of the least disturbed
 // and ratios to kernel forwarding, and the raw numbers go to
@@ -407,6 +409,9 @@ func (b *bench) run(cands []candidate) error {
 	}
 
 	if err := b.sniffCost(cands); err != nil {
+		return err
+	}
+	if err := b.proxyPortCost(cands); err != nil {
 		return err
 	}
 	return b.ctx.Err()

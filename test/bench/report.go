@@ -25,8 +25,11 @@ type results struct {
 	Medians  map[string]*medianSet `json:"medians"`
 	Hold     []holdRun             `json:"hold"`
 	Sniff    []sniffResult         `json:"sniff"`
-	Targets  []target              `json:"targets"`
-	Micro    string                `json:"go_microbenchmarks,omitempty"`
+	// ProxyPort compares CONNECT through detour's proxy port, squid and
+	// the transparent path.
+	ProxyPort []proxyPortResult `json:"proxy_port"`
+	Targets   []target          `json:"targets"`
+	Micro     string            `json:"go_microbenchmarks,omitempty"`
 }
 
 // repResult is one candidate in one repetition.
@@ -309,6 +312,18 @@ func (b *bench) report(w io.Writer) {
 			st := s.Ports[p]
 			fmt.Fprintf(tw, "%s\t%s\t%d\t%.0f\t%.0f\t%.0f\t%.0f\t\n", s.Setup, p, st.N, st.FirstP50us, st.FirstP99us, st.HandshakeP50, st.HandshakeP99)
 		}
+	}
+	tw.Flush()
+
+	fmt.Fprintf(w, "\nexplicit proxy port: a new connection per request (CONNECT, then GET with Connection: close; transparent: the GET alone), %d workers; one stream through CONNECT\n", b.opts.concurrency)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "setup\tconn/s\terrors\tstream Gbit/s\t")
+	for _, p := range b.res.ProxyPort {
+		if p.Error != "" {
+			fmt.Fprintf(w, "%s FAILED: %s\n", p.Setup, firstLine(p.Error))
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%.0f\t%d\t%.2f\t\n", p.Setup, p.Conns.PerSec, p.Conns.Errors, p.Flow.Gbps)
 	}
 	tw.Flush()
 
