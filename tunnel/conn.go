@@ -26,6 +26,7 @@ type conn struct {
 	server *net.TCPConn // once dialled
 	relay  *relay.Relay // once relaying
 	cut    error        // why Shutdown cut it; nil until then
+	ended  bool         // its sockets are closed
 }
 
 // cutOff resets whatever c holds now: the relay, or the client and the
@@ -39,7 +40,8 @@ func (c *conn) cutOff(err error) {
 	}
 	c.cut = err
 	r := c.relay
-	if r == nil {
+	if r == nil && !c.ended {
+		c.ended = true
 		resetClose(c.client)
 		resetClose(c.server)
 	}
@@ -81,10 +83,15 @@ func (c *conn) startRelay(e *relay.Engine, idle time.Duration, first func(server
 
 // end closes what c holds when it ends before relaying: with a reset (the
 // closest a proxy that accepted can come to "connection refused", and how a
-// client's reset is passed on), or plainly.
+// client's reset is passed on), or plainly. Only the first call (or a cut)
+// closes.
 func (c *conn) end(reset bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.ended {
+		return
+	}
+	c.ended = true
 	for _, s := range []*net.TCPConn{c.client, c.server} {
 		if s == nil {
 			continue

@@ -1,13 +1,18 @@
-// Package tunnel carries each redirected connection from accept to close:
-// it learns the original destination from the listener, peeks at the
-// client's first bytes for a host name (package sniff), picks a route
-// (direct, an upstream proxy group, or reject), dials, writes the peeked
-// bytes on and splices both directions until both sides are done, writing
-// one access-log line per connection.
+// Package tunnel is the data path of one redirected connection, from
+// accept to its access line, as named stages (serveConn): the original
+// destination from the listener, a peek at the client's first bytes for a
+// host name (package sniff), a route by the routing rules (route.go:
+// direct, an upstream group, or reject), the connection to the destination
+// or through an upstream (package tunnel/upstream), the replay of the
+// peeked bytes, and the relay (package tunnel/relay) until both sides are
+// done. It owns the rules, the per-connection limits, the memory of
+// server-first destinations, and Shutdown.
 //
 // It does not touch the kernel's redirection rules or socket options: the
-// listener (package redirect) and the socket-mark Control function for
-// outbound dials are handed in by the caller.
+// listener (package redirect, which tunnel never imports) and the
+// socket-mark Control function for outbound dials are handed in by the
+// caller. How bytes are moved is the relay's business, how an upstream is
+// spoken to is upstream's.
 package tunnel
 
 import (
@@ -229,143 +234,265 @@ func (t *Tunnel) Serve(ln Listener) error {
 	}
 }
 
-// serveConn is the data path of one connection, top to bottom.
-func (t *Tunnel) serveConn(ln Listener, r *conn) {
+// serveConn is the data path of one connection: the stages below, in
+// order, each a function of its own. The first error skips the rest; then,
+// or when the relay ends, finish writes the access line.
+func (t *Tunnel) serveConn(ln Listener, c *conn) {
 	start := time.Now()
-	client := r.client
-
-	// 1. Where was the client going?
-	dst, err := ln.OriginalDst(client)
-	if err != nil {
-		defer t.remove(r)
-		r.end(false)
-		if t.Observer != nil {
-			t.Observer.Refused("not_redirected")
-		}
-		if ok, held := t.refusals.allowFrom(time.Now(), sniff.SourceKey(addrPort(client.RemoteAddr()).Addr()), true); ok {
-			t.log().LogAttrs(context.Background(), slog.LevelWarn, "refused",
-				slog.String("client", client.RemoteAddr().String()),
-				slog.String("dst", addrOrEmpty(dst)),
-				slog.String("mode", t.Mode),
-				slog.String("error", err.Error()),
-				slog.Int("suppressed", held))
-		}
-		return
+	dst, ok := t.originalDst(ln, c)
+	if !ok {
+		return // refused
 	}
 	// One routing table for the whole connection, though a reload may
 	// install another while it is sniffed.
 	router := t.router.Load()
-	src := addrPort(client.RemoteAddr()).Addr()
-	var (
-		route  Action
-		dialed bool // connected before the sniff
-		watch  bool // may teach the silent cache: see watchFirst
-		server *net.TCPConn
-		lease  upstream.Lease
-		target string
-	)
-
-	// 2. Which name is it asking for? Peek at its first bytes; they are
-	// kept and written on before relaying.
-	var first []byte
-	var found sniff.Result
-	outcome := "off"
-	var sniffTook time.Duration
-	switch {
-	case t.Sniff.Disabled:
-	case t.skipPort(dst.Port()):
-		outcome = "skipped"
-	case t.silent.Silent(dst):
-		outcome, watch = "skipped", true
-	case !t.enterSniffing(src):
-		outcome = "busy"
-	default:
-		// When the name cannot change the route and the route is direct,
-		// connect first: the client's first bytes arrive meanwhile, so the
-		// peek finds them queued instead of parking until they come.
-		if a, final := router.RouteByAddr(dst); final && a.Kind == ActionDirect {
-			route, dialed = a, true
-			server, lease, target, err = t.connect(r, route, dst, found)
-			if err == nil {
-				err = r.setServer(server) // Shutdown resets it while the client is sniffed
-			}
-		}
-		var serr error
-		var o sniff.Outcome
-		sniffStart := time.Now()
-		first, found, o, serr = sniff.Peek(client, sniff.Options{Timeout: t.Sniff.Timeout, MaxBytes: t.Sniff.MaxBytes})
-		t.leaveSniffing(src)
-		sniffTook = time.Since(sniffStart)
-		outcome = o.String()
-		// A client silent until the timeout may be waiting for its
-		// server to greet, or be a preconnect that speaks later: the
-		// relay will tell.
-		watch = o == sniff.Timeout && len(first) == 0
-		if err == nil && o == sniff.Closed && isReset(serr) {
-			err = fmt.Errorf("client: %w", serr)
+	sn, h, err := t.sniff(c, router, dst)
+	if err == nil && h.server == nil { // not connected early
+		h.route, err = route(router, dst, sn.found)
+		if err == nil {
+			h, err = t.connect(c, h.route, dst, sn.found)
 		}
 	}
-	if t.Observer != nil {
-		t.Observer.Sniffed(found.Proto, outcome, sniffTook)
+	line := &connInfo{start: start, client: c.client, dst: dst, found: sn.found, outcome: sn.outcome,
+		sniffTook: sn.took, route: h.route, lease: h.lease, target: h.target}
+	if err == nil {
+		err = replay(c, sn.first)
 	}
-
-	// 3. Route: the first matching rule, else the default.
-	if err == nil && !dialed {
-		route, _ = router.Route(found.Host, found.Proto, dst)
-		if route.Kind == ActionReject {
-			err = errRejected
-		}
+	if err == nil {
+		err = t.relay(c, line, sn)
 	}
-
-	// 4. Connect: to the original destination, or through an upstream asked
-	// for the sniffed name when the route trusts it.
-	if err == nil && !dialed {
-		server, lease, target, err = t.connect(r, route, dst, found)
-	}
-	// 5. Replay what was peeked, then splice until both sides are done.
-	// The relay runs on without this goroutine and calls back once both
-	// directions have ended; then step 6 writes the access line.
-	info := &connInfo{start: start, client: client, dst: dst, found: found, outcome: outcome,
-		sniffTook: sniffTook, route: route, lease: lease, target: target}
-	switch {
-	case err != nil:
-		// Rejected, or the destination cannot be reached: the client
-		// sees a reset, the closest a proxy that already accepted can
-		// come to "connection refused". (Or the client reset while
-		// sniffed after the destination was connected: it gets one too.)
-		r.end(true)
-		t.finish(r, info, 0, 0, err)
-	default:
-		if !dialed {
-			if err := r.setServer(server); err != nil {
-				t.finish(r, info, 0, 0, err) // cut (shutdown) while dialling
-				return
-			}
-		}
-		replayed := int64(len(first))
-		if replayed > 0 {
-			if _, werr := server.Write(first); werr != nil {
-				r.end(isReset(werr))
-				t.finish(r, info, 0, 0, fmt.Errorf("client->server: replaying %d sniffed bytes: %w", replayed, werr))
-				return
-			}
-		}
-		var first func(server bool)
-		if watch {
-			first = t.watchFirst(dst, src, time.Now())
-		}
-		err := r.startRelay(t.engine, t.idleTimeout(), first, func(up, down int64, err error) {
-			t.finish(r, info, up+replayed, down, err)
-		})
-		if err != nil {
-			r.end(true)
-			t.finish(r, info, 0, 0, err)
-		}
+	if err != nil {
+		// Rejected, the destination cannot be reached, the client reset
+		// while sniffed, or Shutdown cut it: the client sees a reset, the
+		// closest a proxy that already accepted can come to "connection
+		// refused".
+		c.end(true)
+		t.finish(c, line, 0, 0, err)
 	}
 }
 
+// originalDst is stage 1: where was the client going? A connection the
+// listener cannot say (not redirected: addressed to detour itself) is
+// refused: closed at once, counted and logged, never dialled.
+//
+// Any other check that must refuse a connection before it is served (one
+// from detour's own outbound sockets, looping back) belongs here too,
+// refusing with a reason of its own.
+func (t *Tunnel) originalDst(ln Listener, c *conn) (netip.AddrPort, bool) {
+	dst, err := ln.OriginalDst(c.client)
+	if err != nil {
+		t.refuse(c, dst, "not_redirected", err)
+		return dst, false
+	}
+	return dst, true
+}
+
+// refuse ends a connection that will not be served: it is closed (no
+// access line: it was never routed), counted under reason and logged as
+// "refused", at most warnBurst lines a second.
+func (t *Tunnel) refuse(c *conn, dst netip.AddrPort, reason string, err error) {
+	defer t.remove(c)
+	c.end(false)
+	if t.Observer != nil {
+		t.Observer.Refused(reason)
+	}
+	if ok, held := t.refusals.allowFrom(time.Now(), sniff.SourceKey(addrPort(c.client.RemoteAddr()).Addr()), true); ok {
+		t.log().LogAttrs(context.Background(), slog.LevelWarn, "refused",
+			slog.String("client", c.client.RemoteAddr().String()),
+			slog.String("dst", addrOrEmpty(dst)),
+			slog.String("mode", t.Mode),
+			slog.String("error", err.Error()),
+			slog.Int("suppressed", held))
+	}
+}
+
+// sniffed is what stage 2 learned from the client's first bytes.
+type sniffed struct {
+	first   []byte        // the bytes read, to be replayed
+	found   sniff.Result  // what they said
+	outcome string        // a sniff.Outcome's name, or skipped, busy, off
+	took    time.Duration // time spent waiting for them
+	watch   bool          // the relay may teach the silent cache: see watchFirst
+}
+
+// sniff is stage 2: which name is the client asking for? It peeks at the
+// client's first bytes, which are kept and replayed, unless sniffing is
+// off, the port is a server-first one, dst is known to speak first, or too
+// many connections are being sniffed.
+//
+// When the name cannot change the route and the route is direct, it
+// connects first (see connectEarly), and returns that hop.
+func (t *Tunnel) sniff(c *conn, router *Router, dst netip.AddrPort) (sn sniffed, h hop, err error) {
+	src := addrPort(c.client.RemoteAddr()).Addr()
+	switch {
+	case t.Sniff.Disabled:
+		sn.outcome = "off"
+	case t.skipPort(dst.Port()):
+		sn.outcome = "skipped"
+	case t.silent.Silent(dst):
+		sn.outcome, sn.watch = "skipped", true
+	case !t.enterSniffing(src):
+		sn.outcome = "busy"
+	default:
+		h, err = t.connectEarly(c, router, dst)
+		sn, err = t.peek(c, src, err)
+	}
+	if t.Observer != nil {
+		t.Observer.Sniffed(sn.found.Proto, sn.outcome, sn.took)
+	}
+	return sn, h, err
+}
+
+// connectEarly connects before the client's first bytes are read when they
+// cannot change the route and the route is direct: the bytes arrive
+// meanwhile, so the peek finds them queued instead of parking until they
+// come. Otherwise it does nothing and returns no hop.
+func (t *Tunnel) connectEarly(c *conn, router *Router, dst netip.AddrPort) (hop, error) {
+	a, final := router.RouteByAddr(dst)
+	if !final || a.Kind != ActionDirect {
+		return hop{}, nil
+	}
+	return t.connect(c, a, dst, sniff.Result{})
+}
+
+// peek reads the client's first bytes for sniff, which holds one of the
+// sniffing slots for src and gives it back here. err is the early dial's;
+// a client that reset while sniffed makes one if there is none.
+func (t *Tunnel) peek(c *conn, src netip.Addr, err error) (sniffed, error) {
+	start := time.Now()
+	first, found, o, serr := sniff.Peek(c.client, sniff.Options{Timeout: t.Sniff.Timeout, MaxBytes: t.Sniff.MaxBytes})
+	t.leaveSniffing(src)
+	sn := sniffed{first: first, found: found, outcome: o.String(), took: time.Since(start),
+		// A client silent until the timeout may be waiting for its
+		// server to greet, or be a preconnect that speaks later: the
+		// relay will tell.
+		watch: o == sniff.Timeout && len(first) == 0}
+	if err == nil && o == sniff.Closed && isReset(serr) {
+		err = fmt.Errorf("client: %w", serr)
+	}
+	return sn, err
+}
+
+// route is stage 3: the first matching rule, else the default. A reject is
+// an error.
+func route(router *Router, dst netip.AddrPort, found sniff.Result) (Action, error) {
+	a, _ := router.Route(found.Host, found.Proto, dst)
+	if a.Kind == ActionReject {
+		return a, errRejected
+	}
+	return a, nil
+}
+
+// hop is the way to the destination: the route, and once connected the
+// server connection with what the access line says about it.
+type hop struct {
+	route  Action
+	server *net.TCPConn   // nil until connected
+	lease  upstream.Lease // for a proxied route: the upstream carrying it
+	target string         // what the upstream was asked for
+}
+
+// connect is stage 4: it dials route's next hop for dst (see connectFor)
+// and attaches the server to c.
+func (t *Tunnel) connect(c *conn, route Action, dst netip.AddrPort, found sniff.Result) (hop, error) {
+	server, lease, target, err := t.connectFor(c, route, dst, found, t.Observer)
+	h := hop{route: route, lease: lease, target: target}
+	if err != nil {
+		return h, err
+	}
+	if err := c.setServer(server); err != nil {
+		return h, err // cut while dialling; finish releases the lease
+	}
+	h.server = server
+	return h, nil
+}
+
+// connectFor dials route's next hop for dst: the original destination, or
+// an upstream of the route's group asked for target (see proxyTarget), and
+// tells obs. A dial cut by Shutdown is reported as errShutdown.
+func (t *Tunnel) connectFor(r *conn, route Action, dst netip.AddrPort, found sniff.Result, obs Observer) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
+	start := time.Now()
+	proxied := route.Kind == ActionProxy && route.Group != nil
+	if t.dials.Err() != nil {
+		return nil, upstream.Lease{}, "", errShutdown
+	}
+	ctx, cancel := context.WithTimeout(t.dials, t.dialTimeout())
+	defer cancel()
+	if proxied {
+		target = t.proxyTarget(ctx, route.Name, addrPort(r.client.RemoteAddr()).Addr(), dst, found)
+		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
+		lease, err = route.Group.Dial(ctx, target, dst, key)
+		server = lease.Conn
+	} else {
+		server, err = t.directDialer.Dial(ctx, dst.String(), dst)
+	}
+	if err != nil && t.dials.Err() != nil && errors.Is(err, context.Canceled) {
+		err = errShutdown
+	}
+	if obs != nil {
+		obs.Dialed(route.String(), time.Since(start), err)
+	}
+	if err != nil {
+		return nil, upstream.Lease{}, target, err
+	}
+	return server, lease, target, nil
+}
+
+// proxyTarget is what an upstream is asked to connect to: the sniffed name
+// with the original port when the route's name mode allows it, else the
+// original IP and port. A ClientHello with encrypted_client_hello is no
+// exception: its outer name is where the TLS connection really goes (the
+// site itself under GREASE ECH, which every Chromium and Firefox hello
+// carries; the client-facing server that decrypts the inner hello under real
+// ECH), so the upstream is asked for it like for any other name.
+//
+// A request meant for an explicit proxy (CONNECT, or an absolute-form
+// target) names the proxy's next hop, not dst: such a name routes but is not
+// sent.
+func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, src netip.Addr, dst netip.AddrPort, found sniff.Result) string {
+	if found.Host == "" || found.ViaProxy || mode == RouteOnly {
+		return dst.String()
+	}
+	named := net.JoinHostPort(found.Host, fmt.Sprint(dst.Port()))
+	if mode == Verify && !t.verify.resolvesTo(ctx, t.lookup, src, found.Host, dst.Addr()) {
+		if ok, held := t.nameWarns.allowFrom(time.Now(), sniff.SourceKey(src), true); ok {
+			t.log().LogAttrs(ctx, slog.LevelWarn, "sniffed name does not resolve to the destination; sending the IP",
+				slog.String("host", found.Host), slog.String("dst", dst.String()), slog.Int("suppressed", held))
+		}
+		return dst.String()
+	}
+	return named
+}
+
+// replay is stage 5: the bytes peeked go to the server first; sniffing
+// never consumes or changes the stream.
+func replay(c *conn, first []byte) error {
+	if len(first) == 0 {
+		return nil
+	}
+	if _, err := c.server.Write(first); err != nil {
+		c.end(isReset(err))
+		return fmt.Errorf("client->server: replaying %d sniffed bytes: %w", len(first), err)
+	}
+	return nil
+}
+
+// relay is stage 6: it hands client and server to the engine, which splices
+// until both sides are done, without this goroutine, and then calls finish.
+func (t *Tunnel) relay(c *conn, line *connInfo, sn sniffed) error {
+	var first func(server bool)
+	if sn.watch {
+		first = t.watchFirst(line.dst, addrPort(c.client.RemoteAddr()).Addr(), time.Now())
+	}
+	replayed := int64(len(sn.first))
+	return c.startRelay(t.engine, t.idleTimeout(), first, func(up, down int64, err error) {
+		t.finish(c, line, up+replayed, down, err)
+	})
+}
+
 // connInfo is what the access line says about a connection besides how it
-// ended, gathered along the data path.
+// ended, gathered along the data path (the transparent one above, or the
+// proxy port's in proxy.go).
 type connInfo struct {
 	start     time.Time
 	client    *net.TCPConn
@@ -387,8 +514,8 @@ type connInfo struct {
 	noRoute bool
 }
 
-// finish is step 6 of the data path: the connection is over; write its
-// access line and forget it.
+// finish is where a served connection ends: it writes the access line and
+// forgets the connection.
 func (t *Tunnel) finish(r *conn, c *connInfo, up, down int64, err error) {
 	t.finishWith(r, c, t.Observer, up, down, err)
 }
@@ -403,7 +530,7 @@ func (t *Tunnel) finishWith(r *conn, c *connInfo, obs Observer, up, down int64, 
 	t.logConn(c, up, down, err)
 }
 
-// logConn writes a connection's access line.
+// logConn writes a connection's access line: the one place that does.
 func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 	route := c.route.String()
 	if c.noRoute {
@@ -454,373 +581,6 @@ func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 		slog.Duration("duration", time.Since(c.start)),
 		slog.String("error", errString(err)))
 	t.log().LogAttrs(context.Background(), slog.LevelInfo, "conn", attrs...)
-}
-
-// connect dials route's next hop for dst: the original destination, or an
-// upstream of the route's group asked for target (the sniffed name when the
-// route trusts it, else dst; "" for a direct route). A dial
-// cut by Shutdown is reported as errShutdown.
-func (t *Tunnel) connect(r *conn, route Action, dst netip.AddrPort, found sniff.Result) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
-	return t.connectFor(r, route, dst, found, t.Observer)
-}
-
-// connectFor is connect for an inbound with its own observer.
-func (t *Tunnel) connectFor(r *conn, route Action, dst netip.AddrPort, found sniff.Result, obs Observer) (server *net.TCPConn, lease upstream.Lease, target string, err error) {
-	start := time.Now()
-	proxied := route.Kind == ActionProxy && route.Group != nil
-	if t.dials.Err() != nil {
-		return nil, upstream.Lease{}, "", errShutdown
-	}
-	ctx, cancel := context.WithTimeout(t.dials, t.dialTimeout())
-	defer cancel()
-	if proxied {
-		target = t.proxyTarget(ctx, route.Name, addrPort(r.client.RemoteAddr()).Addr(), dst, found)
-		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
-		lease, err = route.Group.Dial(ctx, target, dst, key)
-		server = lease.Conn
-	} else {
-		server, err = t.directDialer.Dial(ctx, dst.String(), dst)
-	}
-	if err != nil && t.dials.Err() != nil && errors.Is(err, context.Canceled) {
-		err = errShutdown
-	}
-	if obs != nil {
-		obs.Dialed(route.String(), time.Since(start), err)
-	}
-	if err != nil {
-		return nil, upstream.Lease{}, target, err
-	}
-	return server, lease, target, nil
-}
-
-// serverFirstWindow bounds how long after the relay starts a server's first
-// bytes count as a greeting. Banners come at once; a server that speaks only
-// after a long silence (an HTTP server timing out a request it never got)
-// is not server-first, and must not turn sniffing off for its clients.
-const serverFirstWindow = 5 * time.Second
-
-// watchFirst is the relay's onFirst for a connection to dst from src that
-// may teach the silent cache: one whose client sent nothing until the sniff
-// timeout, or one not sniffed because dst is in the cache; the relay starts
-// at start. The side whose bytes come first decides:
-//   - the server's, within serverFirstWindow: dst greets its clients, so
-//     later ones skip the sniff (or, for a cached dst, the entry is renewed,
-//     if src is not the source that last did);
-//   - the client's: dst is not server-first, whatever was learned before;
-//     the entry ends at once.
-//
-// Neither side speaking teaches nothing. So only evidence writes the
-// cache, any client can end an entry, and one source cannot fill it or keep
-// an entry alive (sniff.SilentCache bounds each source).
-func (t *Tunnel) watchFirst(dst netip.AddrPort, src netip.Addr, start time.Time) func(server bool) {
-	return func(server bool) {
-		switch {
-		case !server:
-			t.silent.Forget(dst)
-		case time.Since(start) < serverFirstWindow:
-			t.silent.Learn(dst, src)
-		}
-	}
-}
-
-// sniffLimits are the MaxSniffing slots, in all and for one source.
-func (t *Tunnel) sniffLimits() (all, perSource int) {
-	all = t.MaxSniffing
-	if all == 0 {
-		all = 1024
-	}
-	return all, max(all/16, 1)
-}
-
-// enterSniffing takes one of MaxSniffing slots for a connection from src,
-// unless they are all taken or src holds its share; the caller gives it back
-// with leaveSniffing.
-func (t *Tunnel) enterSniffing(src netip.Addr) bool {
-	all, perSource := t.sniffLimits()
-	if all < 0 {
-		return true
-	}
-	if n := t.sniffing.Add(1); n > int64(all) {
-		t.sniffing.Add(-1)
-		return false
-	}
-	if !t.sniffers.add(sniff.SourceKey(src), perSource) {
-		t.sniffing.Add(-1)
-		return false
-	}
-	return true
-}
-
-// leaveSniffing gives back the slot enterSniffing took.
-func (t *Tunnel) leaveSniffing(src netip.Addr) {
-	if all, _ := t.sniffLimits(); all < 0 {
-		return
-	}
-	t.sniffers.done(sniff.SourceKey(src))
-	t.sniffing.Add(-1)
-}
-
-// sourceCount counts what each source holds, for per-source limits. The
-// zero value is ready to use.
-type sourceCount struct {
-	mu sync.Mutex
-	n  map[netip.Prefix]int
-}
-
-// add counts one more for src unless it holds limit already.
-func (c *sourceCount) add(src netip.Prefix, limit int) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.n[src] >= limit {
-		return false
-	}
-	if c.n == nil {
-		c.n = make(map[netip.Prefix]int)
-	}
-	c.n[src]++
-	return true
-}
-
-// done counts one less for src.
-func (c *sourceCount) done(src netip.Prefix) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.n[src]--; c.n[src] <= 0 {
-		delete(c.n, src)
-	}
-}
-
-// errEvicted ends a connection reset to make room for another source's.
-var errEvicted = errors.New("reset for another client's connection: the connection limit was reached, and this client held the most")
-
-// evictedForLimit reports that evicted was reset to admit c, in a warning
-// rate-limited like the others (each connection's access line says it).
-func (t *Tunnel) evictedForLimit(evicted *conn, c *net.TCPConn) {
-	if ok, held := t.evictions.allow(time.Now()); ok {
-		t.log().Warn("connection limit reached; resetting a connection of the client holding the most", "max_conns", t.MaxConns,
-			"reset_client", evicted.client.RemoteAddr().String(), "client", c.RemoteAddr().String(), "suppressed", held)
-	}
-}
-
-// refusedForLimit reports a connection reset because MaxConns were being
-// served, logging at most one warning a second (the counter has them all).
-func (t *Tunnel) refusedForLimit(c *net.TCPConn) {
-	if t.Observer != nil {
-		t.Observer.Refused("limit")
-	}
-	now := time.Now().UnixNano()
-	if last := t.limitLog.Load(); now-last >= int64(time.Second) && t.limitLog.CompareAndSwap(last, now) {
-		t.log().Warn("connection limit reached; resetting new connections", "max_conns", t.MaxConns,
-			"client", c.RemoteAddr().String())
-	}
-}
-
-// skipPort reports whether port is one of the server-first ports never
-// sniffed.
-func (t *Tunnel) skipPort(port uint16) bool {
-	skip := t.Sniff.SkipPorts
-	if skip == nil {
-		skip = DefaultSkipPorts
-	}
-	return ports.AnyContains(skip, port)
-}
-
-// proxyTarget is what an upstream is asked to connect to: the sniffed name
-// with the original port when the route's name mode allows it, else the
-// original IP and port. A ClientHello with encrypted_client_hello is no
-// exception: its outer name is where the TLS connection really goes (the
-// site itself under GREASE ECH, which every Chromium and Firefox hello
-// carries; the client-facing server that decrypts the inner hello under real
-// ECH), so the upstream is asked for it like for any other name.
-//
-// A request meant for an explicit proxy (CONNECT, or an absolute-form
-// target) names the proxy's next hop, not dst: such a name routes but is not
-// sent.
-func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, src netip.Addr, dst netip.AddrPort, found sniff.Result) string {
-	if found.Host == "" || found.ViaProxy || mode == RouteOnly {
-		return dst.String()
-	}
-	named := net.JoinHostPort(found.Host, fmt.Sprint(dst.Port()))
-	if mode == Verify && !t.verify.resolvesTo(ctx, t.lookup, src, found.Host, dst.Addr()) {
-		if ok, held := t.nameWarns.allowFrom(time.Now(), sniff.SourceKey(src), true); ok {
-			t.log().LogAttrs(ctx, slog.LevelWarn, "sniffed name does not resolve to the destination; sending the IP",
-				slog.String("host", found.Host), slog.String("dst", dst.String()), slog.Int("suppressed", held))
-		}
-		return dst.String()
-	}
-	return named
-}
-
-// Shutdown stops accepting on every listener Serve was given, waits for the
-// connections in flight to finish until ctx is done, then resets the ones
-// left. It returns ctx's error if any connection had to be cut.
-func (t *Tunnel) Shutdown(ctx context.Context) error {
-	t.mu.Lock()
-	t.shutdown = true
-	for ln := range t.listeners {
-		ln.Close()
-	}
-	t.mu.Unlock()
-
-	done := make(chan struct{})
-	go func() { t.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-		t.closeEngine()
-		return nil
-	case <-ctx.Done():
-	}
-	// Cut outside the lock: a relay that ends at once removes itself.
-	t.mu.Lock()
-	left := make([]*conn, 0, len(t.active))
-	for c := range t.active {
-		left = append(left, c)
-	}
-	cancelDials := t.cancelDial
-	t.mu.Unlock()
-	if cancelDials != nil {
-		cancelDials()
-	}
-	for _, c := range left {
-		c.cutOff(errShutdown)
-	}
-	<-done
-	t.closeEngine()
-	return ctx.Err()
-}
-
-// Active is the number of connections being served.
-func (t *Tunnel) Active() int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.active)
-}
-
-func (t *Tunnel) track(ln Listener) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.shutdown {
-		return false
-	}
-	if t.listeners == nil {
-		t.listeners = make(map[Listener]struct{})
-		t.engine = relay.New()
-		t.dials, t.cancelDial = context.WithCancel(context.Background())
-	}
-	t.listeners[ln] = struct{}{}
-	return true
-}
-
-// closeEngine stops the relay engine's poller once the last connection is
-// gone; Serve will not start another.
-func (t *Tunnel) closeEngine() {
-	t.mu.Lock()
-	e := t.engine
-	t.engine = nil
-	t.mu.Unlock()
-	if e != nil {
-		e.Close()
-	}
-}
-
-// RelayStats is what the relay engine holds now (zero before Serve).
-func (t *Tunnel) RelayStats() relay.Stats {
-	t.mu.Lock()
-	e := t.engine
-	t.mu.Unlock()
-	if e == nil {
-		return relay.Stats{}
-	}
-	return e.Stats()
-}
-
-func (t *Tunnel) untrack(ln Listener) {
-	t.mu.Lock()
-	delete(t.listeners, ln)
-	t.mu.Unlock()
-}
-
-func (t *Tunnel) isShutdown() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.shutdown
-}
-
-const (
-	added = iota
-	addShutdown
-	addFull
-)
-
-// add counts r as served, unless MaxConns are. Then, if r's source holds
-// at least two fewer than the source holding the most (the hog), it is
-// added anyway and one of the hog's connections is returned, for the
-// caller to cut: one source cannot lock the others out. Finding the hog
-// costs a pass over the sources, only when the limit is reached.
-func (t *Tunnel) add(r *conn) (result int, evict *conn) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.shutdown {
-		return addShutdown, nil
-	}
-	if t.MaxConns > 0 {
-		r.src = sniff.SourceKey(addrPort(r.client.RemoteAddr()).Addr())
-		if len(t.active) >= t.MaxConns {
-			mine := len(t.bySource[r.src])
-			var hog map[*conn]struct{}
-			for _, rs := range t.bySource {
-				if len(rs) > len(hog) {
-					hog = rs
-				}
-			}
-			if len(hog) < mine+2 {
-				return addFull, nil
-			}
-			for v := range hog {
-				evict = v // any one: map order is random
-				break
-			}
-		}
-	}
-	if t.active == nil {
-		t.active = make(map[*conn]struct{})
-	}
-	t.active[r] = struct{}{}
-	if t.MaxConns > 0 {
-		if t.bySource == nil {
-			t.bySource = make(map[netip.Prefix]map[*conn]struct{})
-		}
-		rs := t.bySource[r.src]
-		if rs == nil {
-			if n := len(t.spare); n > 0 {
-				rs, t.spare = t.spare[n-1], t.spare[:n-1]
-			} else {
-				rs = make(map[*conn]struct{})
-			}
-			t.bySource[r.src] = rs
-		}
-		rs[r] = struct{}{}
-	}
-	t.wg.Add(1)
-	return added, evict
-}
-
-func (t *Tunnel) remove(r *conn) {
-	t.mu.Lock()
-	delete(t.active, r)
-	if t.MaxConns > 0 {
-		if rs := t.bySource[r.src]; rs != nil {
-			delete(rs, r)
-			if len(rs) == 0 {
-				delete(t.bySource, r.src)
-				if len(t.spare) < 64 {
-					t.spare = append(t.spare, rs)
-				}
-			}
-		}
-	}
-	t.mu.Unlock()
-	t.wg.Done()
 }
 
 func (t *Tunnel) log() *slog.Logger {
