@@ -1,5 +1,5 @@
 # detour: make demo (a namespace gateway with real clients), make test,
-# make bench.
+# make bench, make deb.
 GO      ?= go
 BIN     := bin/detour
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
@@ -9,7 +9,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # new input (go.dev/issue/75804); a count has no deadline to race.
 FUZZEXECS ?= 300000
 
-.PHONY: all build deps demo test unit e2e fuzz clean
+.PHONY: all build deps demo test unit e2e fuzz deb clean
 
 all: build
 
@@ -60,6 +60,12 @@ bench: build
 	./bin/bench -detour $(BIN) $(BENCH_FLAGS)
 	@left=$$(ip netns list 2>/dev/null | grep -E '^db[0-9a-f]{8}-' || true); \
 	 test -z "$$left" || { echo "namespaces left behind: $$left"; exit 1; }
+
+# The Debian package bin/detour_VERSION_amd64.deb (scripts/build-deb.sh:
+# dpkg-deb, reproducible; DEB_VERSION, DEB_ARCH override). The e2e test
+# TestDebPackage installs it (CI only, or DETOUR_TEST_DEB=1).
+deb:
+	bash scripts/build-deb.sh bin
 
 clean:
 	rm -rf bin
