@@ -163,73 +163,109 @@ var (
 
 // roundTrip sends one request on o and streams the response to the client.
 func (pc *proxyConn) roundTrip(req *proxyport.Request, head []byte, hasBody bool, o *origin, cw *bufio.Writer, info *connInfo) (up, down int64, closeAfter bool, err error) {
-	client := pc.r.client
-	idle := pc.t.idleTimeout()
 	o.reusable = false
-	o.conn.SetDeadline(time.Now().Add(idle))
-	if _, err := o.bw.Write(head); err != nil {
-		return 0, 0, true, fmt.Errorf("%w: %w", errStaleOrigin, err)
+	o.conn.SetDeadline(time.Now().Add(pc.t.idleTimeout()))
+	tr := &trip{head: int64(len(head))}
+	if err := pc.sendRequest(req, head, hasBody, o, tr); err != nil {
+		return tr.up, 0, true, err
 	}
-	up = int64(len(head))
-	bodySent := !hasBody
+	resp, err := pc.finalResponse(req, o, cw, tr)
+	if err != nil {
+		return tr.up, tr.down, true, err
+	}
+	info.status = resp.Status
+	closeAfter, err = pc.sendResponse(req, resp, o, cw, tr)
+	return tr.up, tr.down, closeAfter, err
+}
+
+// trip counts one request's exchange with its origin.
+type trip struct {
+	head     int64 // the request head's length
+	up, down int64 // bytes to the origin, to the client
+	bodySent bool  // the request body (if any) went to the origin
+}
+
+// sendRequest writes the request head to the origin and, unless the client
+// waits for 100 Continue, its body.
+func (pc *proxyConn) sendRequest(req *proxyport.Request, head []byte, hasBody bool, o *origin, tr *trip) error {
+	if _, err := o.bw.Write(head); err != nil {
+		return fmt.Errorf("%w: %w", errStaleOrigin, err)
+	}
+	tr.up = int64(len(head))
+	tr.bodySent = !hasBody
 	if hasBody && !req.Expect100 {
-		client.SetReadDeadline(time.Now().Add(idle))
-		n, err := proxyport.CopyBody(o.bw, pc.br, req.Chunked, req.ContentLength)
-		up += n
-		if err != nil {
-			return up, 0, true, fmt.Errorf("%w->server: request body: %w", errClientSide, err)
+		if err := pc.sendBody(req, o, tr, false); err != nil {
+			return err
 		}
-		bodySent = true
 	}
 	if err := o.bw.Flush(); err != nil {
-		return up, 0, true, fmt.Errorf("%w: %w", errStaleOrigin, err)
+		return fmt.Errorf("%w: %w", errStaleOrigin, err)
 	}
-	var resp *proxyport.Response
+	return nil
+}
+
+// sendBody copies the request body from the client to the origin (and
+// flushes it, if flush).
+func (pc *proxyConn) sendBody(req *proxyport.Request, o *origin, tr *trip, flush bool) error {
+	pc.r.client.SetReadDeadline(time.Now().Add(pc.t.idleTimeout()))
+	n, err := proxyport.CopyBody(o.bw, pc.br, req.Chunked, req.ContentLength)
+	tr.up += n
+	if err == nil && flush {
+		err = o.bw.Flush()
+	}
+	if err != nil {
+		return fmt.Errorf("%w->server: request body: %w", errClientSide, err)
+	}
+	tr.bodySent = true
+	return nil
+}
+
+// finalResponse reads the origin's responses until the final one. Interim
+// ones (100 Continue, 103 Early Hints) are passed on to the client; after a
+// 100 Continue the request body follows.
+func (pc *proxyConn) finalResponse(req *proxyport.Request, o *origin, cw *bufio.Writer, tr *trip) (*proxyport.Response, error) {
 	for {
-		o.conn.SetReadDeadline(time.Now().Add(idle))
-		resp, err = proxyport.ReadResponse(o.br, proxyport.Limits{}, req.Method)
+		o.conn.SetReadDeadline(time.Now().Add(pc.t.idleTimeout()))
+		resp, err := proxyport.ReadResponse(o.br, proxyport.Limits{}, req.Method)
 		if err != nil {
-			if up == int64(len(head)) && (errors.Is(err, io.ErrUnexpectedEOF) || isReset(err)) {
+			if tr.up == tr.head && (errors.Is(err, io.ErrUnexpectedEOF) || isReset(err)) {
 				err = fmt.Errorf("%w: %w", errStaleOrigin, err)
 			}
-			return up, down, true, fmt.Errorf("server: %w", err)
+			return nil, fmt.Errorf("server: %w", err)
 		}
 		if resp.Status >= 200 {
-			break
+			return resp, nil
 		}
 		if resp.Status == 101 {
-			return up, down, true, errors.New("server: 101 Switching Protocols without an Upgrade request")
+			return nil, errors.New("server: 101 Switching Protocols without an Upgrade request")
 		}
-		// 100 Continue, 103 Early Hints: passed on, then the final one.
 		b := resp.AppendHead(nil, req.Minor, false)
 		cw.Write(b)
 		if err := cw.Flush(); err != nil {
-			return up, down, true, fmt.Errorf("%w: %w", errClientSide, err)
+			return nil, fmt.Errorf("%w: %w", errClientSide, err)
 		}
-		down += int64(len(b))
-		if resp.Status == 100 && !bodySent {
-			client.SetReadDeadline(time.Now().Add(idle))
-			n, err := proxyport.CopyBody(o.bw, pc.br, req.Chunked, req.ContentLength)
-			up += n
-			if err == nil {
-				err = o.bw.Flush()
+		tr.down += int64(len(b))
+		if resp.Status == 100 && !tr.bodySent {
+			if err := pc.sendBody(req, o, tr, true); err != nil {
+				return nil, err
 			}
-			if err != nil {
-				return up, down, true, fmt.Errorf("%w->server: request body: %w", errClientSide, err)
-			}
-			bodySent = true
 		}
 	}
-	info.status = resp.Status
+}
+
+// sendResponse writes the final response's head and body to the client,
+// and says whether the client connection closes after it (and whether the
+// origin's may be reused).
+func (pc *proxyConn) sendResponse(req *proxyport.Request, resp *proxyport.Response, o *origin, cw *bufio.Writer, tr *trip) (closeAfter bool, err error) {
 	delimitedByClose := !resp.NoBody && !resp.Chunked && resp.ContentLength < 0
 	// A body the client was going to send after 100 Continue and never
 	// did leaves the connection in an unknown state: close it.
-	closeAfter = req.Close || delimitedByClose || !bodySent
+	closeAfter = req.Close || delimitedByClose || !tr.bodySent
 	b := resp.AppendHead(nil, req.Minor, closeAfter)
 	if _, err := cw.Write(b); err != nil {
-		return up, down, true, fmt.Errorf("%w: %w", errClientSide, err)
+		return true, fmt.Errorf("%w: %w", errClientSide, err)
 	}
-	down += int64(len(b))
+	tr.down += int64(len(b))
 	if !resp.NoBody {
 		var n int64
 		if delimitedByClose {
@@ -237,17 +273,17 @@ func (pc *proxyConn) roundTrip(req *proxyport.Request, head []byte, hasBody bool
 		} else {
 			n, err = proxyport.CopyBody(cw, o.br, resp.Chunked, resp.ContentLength)
 		}
-		down += n
+		tr.down += n
 		if err != nil {
 			cw.Flush()
-			return up, down, true, fmt.Errorf("response body: %w", err)
+			return true, fmt.Errorf("response body: %w", err)
 		}
 	}
 	if err := cw.Flush(); err != nil {
-		return up, down, true, fmt.Errorf("%w: %w", errClientSide, err)
+		return true, fmt.Errorf("%w: %w", errClientSide, err)
 	}
-	o.reusable = !resp.Close && !delimitedByClose && bodySent
-	return up, down, closeAfter, nil
+	o.reusable = !resp.Close && !delimitedByClose && tr.bodySent
+	return closeAfter, nil
 }
 
 func isTimeoutOrClosed(err error) bool {
