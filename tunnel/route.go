@@ -78,6 +78,33 @@ func (a Action) String() string {
 	return "direct"
 }
 
+// Network is a transport a rule may be limited to.
+type Network uint8
+
+// The networks a rule can name; a rule's Networks is a set of them.
+const (
+	NetTCP Network = 1 << iota
+	NetUDP
+)
+
+// ParseNetwork parses "tcp" or "udp".
+func ParseNetwork(s string) (Network, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "tcp":
+		return NetTCP, nil
+	case "udp":
+		return NetUDP, nil
+	}
+	return 0, fmt.Errorf("%q is not a network (want tcp or udp)", s)
+}
+
+func (n Network) String() string {
+	if n == NetUDP {
+		return "udp"
+	}
+	return "tcp"
+}
+
 // Rule is one routing rule. It matches when every condition it sets holds;
 // a condition with several entries holds when any entry does. Domain
 // conditions never hold for a connection whose host is unknown.
@@ -92,6 +119,9 @@ type Rule struct {
 	// (transparent: redirected by the kernel; proxy: the explicit proxy
 	// port). Empty means any.
 	Inbounds []Inbound
+	// Networks limits the rule to TCP connections, UDP sessions or both
+	// (NetTCP|NetUDP); zero means both.
+	Networks Network
 	Action   Action
 }
 
@@ -140,11 +170,21 @@ func (r *Router) Route(host string, proto sniff.Proto, dst netip.AddrPort) (Acti
 // port dst's address is not valid when the client asked for a name: CIDR
 // conditions then do not hold.
 func (r *Router) RouteFor(in Inbound, host string, proto sniff.Proto, dst netip.AddrPort) (Action, int) {
+	return r.route(NetTCP, in, host, proto, dst)
+}
+
+// RouteUDP is Route for a UDP session (captured by the kernel): rules
+// limited to TCP are passed over.
+func (r *Router) RouteUDP(host string, proto sniff.Proto, dst netip.AddrPort) (Action, int) {
+	return r.route(NetUDP, Transparent, host, proto, dst)
+}
+
+func (r *Router) route(network Network, in Inbound, host string, proto sniff.Proto, dst netip.AddrPort) (Action, int) {
 	if r == nil {
 		return Action{}, -1
 	}
 	for i := range r.Rules {
-		if r.Rules[i].matchInbound(in) && r.Rules[i].match(host, proto, dst) {
+		if r.Rules[i].onNetwork(network) && r.Rules[i].matchInbound(in) && r.Rules[i].match(host, proto, dst) {
 			return r.Rules[i].Action, i
 		}
 	}
@@ -164,7 +204,7 @@ func (r *Router) RouteByAddr(dst netip.AddrPort) (a Action, final bool) {
 	}
 	for i := range r.Rules {
 		ru := &r.Rules[i]
-		if !ru.matchInbound(Transparent) || !ru.matchAddr(dst) {
+		if !ru.onNetwork(NetTCP) || !ru.matchInbound(Transparent) || !ru.matchAddr(dst) {
 			continue
 		}
 		if ru.needsSniff() {
@@ -210,6 +250,9 @@ func (ru *Rule) matchInbound(in Inbound) bool {
 	}
 	return false
 }
+
+// onNetwork: the rule applies to network.
+func (ru *Rule) onNetwork(n Network) bool { return ru.Networks == 0 || ru.Networks&n != 0 }
 
 // needsSniff reports whether the rule sets a condition on what the client
 // sends first (host name or protocol).

@@ -27,6 +27,13 @@ type fileConfig struct {
 	// Firewall is the rules backend: auto, iptables or nftables.
 	Firewall string `yaml:"firewall"`
 
+	// UDP captures and carries UDP in tproxy mode (default true there).
+	UDP            *bool    `yaml:"udp"`
+	MaxUDPSessions int      `yaml:"max_udp_sessions"`
+	UDPIdleTimeout duration `yaml:"udp_idle_timeout"`
+	UDPDNSTimeout  duration `yaml:"udp_dns_timeout"`
+	UDPQUICTimeout duration `yaml:"udp_quic_timeout"`
+
 	Sniff  *sniffConfig  `yaml:"sniff"`
 	Proxy  *proxyConfig  `yaml:"proxy"`
 	Groups []groupConfig `yaml:"groups"`
@@ -62,7 +69,10 @@ type groupConfig struct {
 	HashKey   string           `yaml:"hash_key"`
 	Upstreams []upstreamConfig `yaml:"upstreams"`
 	Probe     *probeConfig     `yaml:"probe"`
-	line      int
+	// UDP is what UDP sessions routed to the group do when none of its
+	// upstreams can carry UDP (HTTP CONNECT cannot): reject or direct.
+	UDP  string `yaml:"udp"`
+	line int
 }
 
 // upstreamConfig is a URL, given alone or as {url, weight}.
@@ -86,7 +96,9 @@ type ruleConfig struct {
 	Port          stringList `yaml:"port"`
 	Protocol      stringList `yaml:"protocol"`
 	Inbound       stringList `yaml:"inbound"`
-	Action        string     `yaml:"action"`
+	// Network limits the rule to tcp, udp or both.
+	Network stringList `yaml:"network"`
+	Action  string     `yaml:"action"`
 	// SendName: override (default), route-only or verify.
 	SendName string `yaml:"send_name"`
 	line     int
@@ -124,7 +136,8 @@ func parseConfig(data []byte) (*fileConfig, error) {
 
 func (c *fileConfig) UnmarshalYAML(n *yaml.Node) error {
 	if err := checkKeys(n, "the top level", "listen", "mode", "mark", "dial_timeout", "idle_timeout",
-		"grace", "log_format", "firewall", "sniff", "proxy", "groups", "rules", "default"); err != nil {
+		"grace", "log_format", "firewall", "sniff", "proxy", "groups", "rules", "default",
+		"udp", "max_udp_sessions", "udp_idle_timeout", "udp_dns_timeout", "udp_quic_timeout"); err != nil {
 		return err
 	}
 	type plain fileConfig
@@ -148,7 +161,7 @@ func (c *sniffConfig) UnmarshalYAML(n *yaml.Node) error {
 }
 
 func (g *groupConfig) UnmarshalYAML(n *yaml.Node) error {
-	if err := checkKeys(n, "a group", "name", "strategy", "hash_key", "upstreams", "probe"); err != nil {
+	if err := checkKeys(n, "a group", "name", "strategy", "hash_key", "upstreams", "probe", "udp"); err != nil {
 		return err
 	}
 	type plain groupConfig
@@ -180,7 +193,7 @@ func (p *probeConfig) UnmarshalYAML(n *yaml.Node) error {
 
 func (r *ruleConfig) UnmarshalYAML(n *yaml.Node) error {
 	if err := checkKeys(n, "a rule", "domain", "domain_suffix", "domain_keyword", "cidr", "port",
-		"protocol", "inbound", "action", "send_name"); err != nil {
+		"protocol", "inbound", "network", "action", "send_name"); err != nil {
 		return err
 	}
 	type plain ruleConfig

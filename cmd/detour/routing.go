@@ -102,6 +102,9 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 			}
 			g.Probe = upstream.ProbeConfig{Interval: p.Interval.Duration, Timeout: p.Timeout.Duration}
 		}
+		if g.UDPFallback, err = upstream.ParseUDPFallback(strings.TrimSpace(gc.UDP)); err != nil {
+			return routing{}, usageError{fmt.Sprintf("%s: udp: %v", where, err)}
+		}
 		byName[name] = g
 		rt.groups = append(rt.groups, g)
 	}
@@ -172,8 +175,15 @@ func buildRouting(upstreams []string, strategy string, fc *fileConfig, forward *
 			}
 			r.Inbounds = append(r.Inbounds, inbound)
 		}
-		if len(r.Domains)+len(r.Suffixes)+len(r.Keywords)+len(r.CIDRs)+len(r.Ports)+len(r.Protos)+len(r.Inbounds) == 0 {
-			return routing{}, usageError{where + ": no condition (domain, domain_suffix, domain_keyword, cidr, port, protocol or inbound); use default for a catch-all"}
+		for _, n := range rc.Network {
+			nw, err := tunnel.ParseNetwork(n)
+			if err != nil {
+				return routing{}, usageError{fmt.Sprintf("%s: network: %v", where, err)}
+			}
+			r.Networks |= nw
+		}
+		if len(r.Domains)+len(r.Suffixes)+len(r.Keywords)+len(r.CIDRs)+len(r.Ports)+len(r.Protos)+len(r.Inbounds) == 0 && r.Networks == 0 {
+			return routing{}, usageError{where + ": no condition (domain, domain_suffix, domain_keyword, cidr, port, protocol, inbound or network); use default for a catch-all"}
 		}
 		for _, d := range append(append(append([]string{}, r.Domains...), r.Suffixes...), r.Keywords...) {
 			if d == "" {

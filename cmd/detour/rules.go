@@ -39,6 +39,7 @@ type captureFlags struct {
 	tproxyMark uint32
 	output     bool
 	firewall   redirect.Firewall // --firewall: auto, iptables or nftables
+	udp        udpSetting        // --udp (udp.go)
 
 	given []string // the rule flags on the command line, by name
 
@@ -58,6 +59,7 @@ func (cf *captureFlags) register(fs *flag.FlagSet) {
 		cf.firewall, err = redirect.ParseFirewall(s)
 		return err
 	})
+	cf.udp.register(fs)
 	fs.Func("interface", "capture only connections arriving on interface `IF` (repeatable; eth+ matches a prefix)", func(s string) error {
 		for name := range strings.SplitSeq(s, ",") {
 			cf.interfaces = append(cf.interfaces, strings.TrimSpace(name))
@@ -130,6 +132,9 @@ func (cf *captureFlags) finish(fs *flag.FlagSet, mode redirect.Mode, listen stri
 			cf.given = append(cf.given, f.Name)
 		}
 	})
+	if err := cf.udp.finish(fs, mode); err != nil {
+		return err
+	}
 	if fs.Lookup("install-rules") != nil && !cf.install {
 		if len(cf.given) > 0 {
 			return usageError{fmt.Sprintf("--%s: only with --install-rules", cf.given[0])}

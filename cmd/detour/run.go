@@ -48,6 +48,7 @@ type runConfig struct {
 	pprofAddr   string // --pprof
 	maxConns    int    // --max-conns; 0: from the open-file limit
 	maxSniffing int    // --max-sniffing
+	udp         udpRunFlags
 }
 
 const runSignals = `
@@ -103,6 +104,7 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	fs.IntVar(&cfg.maxSniffing, "max-sniffing", 1024, "connections waiting for their first bytes at once; beyond it new ones are routed by IP")
 	cfg.capture.registerRun(fs)
 	cfg.proxy.register(fs)
+	cfg.udp.register(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(stdout, "usage: detour run [flags]")
@@ -145,6 +147,9 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		return cfg, usageError{fmt.Sprintf("--sniff-timeout %s: must be positive (use --sniff=false to turn sniffing off)", cfg.sniff.Timeout)}
 	}
 	cfg.sniff.Disabled = !sniffOn
+	if err := cfg.udp.check(); err != nil {
+		return cfg, err
+	}
 	if cfg.configPath != "" {
 		fc, err := loadConfig(cfg.configPath)
 		if err != nil {
@@ -198,6 +203,10 @@ func (cfg *runConfig) applyFile(fc *fileConfig, set map[string]bool) error {
 		if cfg.capture.firewall, err = redirect.ParseFirewall(fc.Firewall); err != nil {
 			return fmt.Errorf("%s: %v", field("firewall"), err)
 		}
+	}
+	cfg.capture.udp.fromFile = fc.UDP
+	if err := cfg.udp.applyFile(fc, set, field); err != nil {
+		return err
 	}
 	if fc.LogFormat != "" && !set["log-format"] {
 		if fc.LogFormat != "text" && fc.LogFormat != "json" {
@@ -317,7 +326,18 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "detour run: %v\n", err)
 		return exitUsage
 	}
+	if len(cfg.upstreams) > 0 {
+		fb, _ := upstream.ParseUDPFallback(cfg.udp.upstreamUDP)
+		for _, g := range cfg.routing.groups {
+			g.UDPFallback = fb
+		}
+	}
 	if cfg.check {
+		if cfg.capture.udp.on {
+			for _, w := range udpWarnings(cfg.routing) {
+				fmt.Fprintf(stdout, "warning: %s\n", w)
+			}
+		}
 		fmt.Fprintf(stdout, "configuration OK: %d upstream groups, %d routing rules\n", len(cfg.routing.groups), ruleCount(cfg.routing.router))
 		return exitOK
 	}
@@ -351,6 +371,15 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	if cfg.mode == redirect.TProxy {
 		warnMarkRoutes(log, cfg.mark)
 	}
+	var udp *udpRunner
+	if cfg.capture.udp.on {
+		if udp, err = openUDP(ctx, inh, cfg.listen, cfg.mark, log); err != nil {
+			ln.Close()
+			log.Error("cannot start", "error", err.Error())
+			return exitFailure
+		}
+		defer udp.shutdown()
+	}
 	// Rules go in once the listener is there and out on every return below
 	// (unless a successor serves with them).
 	keeper, err := startRuleKeeper(log, cfg.capture, inh.take(fdRulesLease))
@@ -362,6 +391,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	defer keeper.stop()
 	var pass handover // what a successor gets on SIGUSR2
 	pass.add(fdListener, ln)
+	if udp != nil {
+		pass.add(fdUDP, udp.ln.Conn())
+	}
 	if f := keeper.leaseFile(); f != nil {
 		pass.add(fdRulesLease, f)
 	}
@@ -421,8 +453,15 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		servers = append(servers, srv)
 		log.Info("serving profiles", "addr", cfg.pprofAddr)
 	}
+	if udp != nil {
+		if cfg.udp.opts.MaxSessions == 0 {
+			cfg.udp.opts.MaxSessions = min(16384, max(int(nofile)/4, 64))
+		}
+		udp.serve(t, cfg.udp.opts, cfg.sniff.Disabled, m)
+		logUDPWarnings(log, cfg.routing)
+	}
 	log.Info("listening", "addr", ln.Addr().String(), "mode", cfg.mode.String(),
-		"mark", fmt.Sprintf("%#x", cfg.mark), "version", versionString(), "pid", os.Getpid(), "inherited", inh.upgrade())
+		"mark", fmt.Sprintf("%#x", cfg.mark), "udp", udp != nil, "version", versionString(), "pid", os.Getpid(), "inherited", inh.upgrade())
 
 	proxyLns, err := listenProxy(inh, &pass, cfg.proxy.listen, log)
 	if err != nil {
@@ -462,7 +501,7 @@ wait:
 			log.Error("listener failed", "error", err.Error())
 			return exitFailure
 		case <-usr1:
-			logStats(log, t)
+			logStats(log, t, "udp_sessions", udp.sessions())
 		case <-usr2:
 			if up != nil {
 				log.Warn("upgrade already under way; SIGUSR2 ignored", "new_pid", up.pid)
@@ -537,6 +576,7 @@ wait:
 		case <-sctx.Done():
 		}
 	}()
+	udp.shutdown()
 	if err := t.Shutdown(sctx); err != nil {
 		log.Warn("grace period over; reset the connections left", "grace", cfg.grace)
 	}
@@ -550,7 +590,7 @@ wait:
 //
 // It collects garbage first: Go keeps splice pipes of finished copies in a
 // pool until two collections pass, and those are not held by connections.
-func logStats(log *slog.Logger, t *tunnel.Tunnel) {
+func logStats(log *slog.Logger, t *tunnel.Tunnel, extra ...any) {
 	for range 3 {
 		runtime.GC()
 	}
@@ -560,8 +600,8 @@ func logStats(log *slog.Logger, t *tunnel.Tunnel) {
 		fds = len(ents)
 	}
 	rs := t.RelayStats()
-	log.Info("stats", "active", t.Active(), "goroutines", runtime.NumGoroutine(), "fds", fds,
-		"parked", rs.Parked, "pipes", rs.Pipes)
+	log.Info("stats", append([]any{"active", t.Active(), "goroutines", runtime.NumGoroutine(), "fds", fds,
+		"parked", rs.Parked, "pipes", rs.Pipes}, extra...)...)
 }
 
 func ruleCount(r *tunnel.Router) int {

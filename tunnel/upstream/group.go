@@ -37,8 +37,13 @@ type Group struct {
 	Probe ProbeConfig
 	// Now is the clock for health state. Nil means time.Now.
 	Now func() time.Time
+	// UDPFallback is what a UDP session routed to the group does when none
+	// of its upstreams can carry UDP (HTTP CONNECT cannot): the zero value
+	// rejects it.
+	UDPFallback UDPFallback
 
-	rr RoundRobin // the strategy when Strategy is nil
+	rr  RoundRobin // the strategy when Strategy is nil
+	udp udpMembers // the upstreams DialUDP uses (udp.go)
 }
 
 // BackoffConfig is how long a failed upstream is skipped: Initial after the

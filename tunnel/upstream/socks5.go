@@ -89,6 +89,13 @@ func socksRequest(t target) ([]byte, error) {
 // handshake negotiates the method, authenticates if asked, sends req and
 // reads the reply exactly, by its structure.
 func (s *SOCKS5) handshake(c *net.TCPConn, req []byte) error {
+	return s.handshakeBound(c, req, nil)
+}
+
+// handshakeBound is handshake that also returns the reply's BND.ADDR and
+// BND.PORT in bound, when not nil (a domain BND.ADDR leaves the address
+// zero).
+func (s *SOCKS5) handshakeBound(c *net.TCPConn, req []byte, bound *netip.AddrPort) error {
 	var buf [2 + 255]byte
 	greeting := []byte{socksVersion, 1, socksNoAuth}
 	if s.User != "" {
@@ -156,7 +163,22 @@ func (s *SOCKS5) handshake(c *net.TCPConn, req []byte) error {
 	default:
 		return fmt.Errorf("reply has unknown address type %#02x", buf[3])
 	}
-	return readFull(c, buf[:rest], "reply")
+	atyp := buf[3]
+	if err := readFull(c, buf[:rest], "reply"); err != nil {
+		return err
+	}
+	if bound != nil {
+		port := uint16(buf[rest-2])<<8 | uint16(buf[rest-1])
+		switch atyp {
+		case socksATYPIPv4:
+			*bound = netip.AddrPortFrom(netip.AddrFrom4([4]byte(buf[:4])), port)
+		case socksATYPIPv6:
+			*bound = netip.AddrPortFrom(netip.AddrFrom16([16]byte(buf[:16])).Unmap(), port)
+		default:
+			*bound = netip.AddrPortFrom(netip.Addr{}, port)
+		}
+	}
+	return nil
 }
 
 // readFull reads exactly len(p) bytes of what; an EOF anywhere in it is
