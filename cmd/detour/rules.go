@@ -176,6 +176,7 @@ func (cf *captureFlags) finish(fs *flag.FlagSet, mode redirect.Mode, listen stri
 		Ports:      cf.ports,
 		NoIPv6:     !cf.ipv6,
 		Output:     cf.output,
+		UDP:        cf.udp.on,
 	}
 	if host != "" {
 		if o.ListenIP, err = netip.ParseAddr(host); err != nil {

@@ -77,7 +77,10 @@ func TestRulesDryRun(t *testing.T) {
 		"-j TPROXY --on-port 9000 --tproxy-mark 0x100/0x100\n",
 		"ip rule add fwmark 0x100/0x100 lookup 7 proto 45\n",
 		"ip route add local 0.0.0.0/0 dev lo table 7 proto 45\n",
-		"iptables -t mangle -I PREROUTING 1 -p tcp -m comment --comment detour:jump -j DETOUR_TPROXY\n",
+		// --udp is on in tproxy mode: UDP is captured too, so the jump
+		// takes every protocol.
+		"-p udp -m comment --comment detour:capture -j TPROXY --on-port 9000 --tproxy-mark 0x100/0x100\n",
+		"iptables -t mangle -I PREROUTING 1 -m comment --comment detour:jump -j DETOUR_TPROXY\n",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("dry run lacks %q:\n%s", want, out)

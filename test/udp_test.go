@@ -1,0 +1,265 @@
+package test
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// UDP end to end: TPROXY hands UDP datagrams to detour, which carries each
+// (client, destination) session direct or through a SOCKS5 UDP association
+// and sends the replies back from the original destination's address.
+
+const dnsPort = 53
+
+// udpFlags are detour's flags in the UDP tests: TPROXY (UDP is on by
+// default there), its own rules capturing only what arrives from the
+// client side, metrics, short timeouts so that sessions end (and write
+// their access lines) quickly.
+func udpFlags(extra ...string) []string {
+	return append([]string{"--mode", "tproxy", "--listen", fmt.Sprintf(":%d", listenPort), "--install-rules", "--bypass", "none",
+		"--interface", "gc", "--metrics", metricsAddr, "--grace", "2s",
+		"--udp-dns-timeout", "500ms", "--udp-quic-timeout", "2s", "--udp-idle-timeout", "2s"}, extra...)
+}
+
+// dnsServer is a tiny authoritative DNS server in the server namespace: it
+// answers every A query with the server's IPv4 address and every AAAA
+// query with its IPv6 address, and remembers who asked for what.
+type dnsServer struct {
+	mu   sync.Mutex
+	seen []dnsAsked
+}
+
+type dnsAsked struct {
+	name string
+	from netip.Addr
+}
+
+func startDNS(t *testing.T, tp *topo) *dnsServer {
+	t.Helper()
+	var pc net.PacketConn
+	var err error
+	inNS(t, tp.S, func() { pc, err = net.ListenPacket("udp", fmt.Sprintf("[::]:%d", dnsPort)) })
+	if err != nil {
+		t.Fatalf("DNS server in %s: %v", tp.S, err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	s := &dnsServer{}
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			name, reply := dnsAnswer(buf[:n])
+			if reply == nil {
+				continue
+			}
+			ap := from.(*net.UDPAddr).AddrPort()
+			s.mu.Lock()
+			s.seen = append(s.seen, dnsAsked{name, ap.Addr().Unmap()})
+			s.mu.Unlock()
+			pc.WriteTo(reply, from)
+		}
+	}()
+	return s
+}
+
+// askedBy returns the addresses that asked for name.
+func (s *dnsServer) askedBy(name string) []netip.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []netip.Addr
+	for _, a := range s.seen {
+		if a.name == name {
+			out = append(out, a.from)
+		}
+	}
+	return out
+}
+
+// dnsAnswer parses a query (one question) and builds the answer.
+func dnsAnswer(q []byte) (string, []byte) {
+	if len(q) < 12 || binary.BigEndian.Uint16(q[4:]) != 1 {
+		return "", nil
+	}
+	off := 12
+	var labels []string
+	for off < len(q) && q[off] != 0 {
+		l := int(q[off])
+		if l > 63 || off+1+l > len(q) {
+			return "", nil
+		}
+		labels = append(labels, string(q[off+1:off+1+l]))
+		off += 1 + l
+	}
+	if off+5 > len(q) {
+		return "", nil
+	}
+	qtype := binary.BigEndian.Uint16(q[off+1:])
+	question := q[12 : off+5]
+	r := []byte{q[0], q[1], 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0}
+	r = append(r, question...)
+	var rdata []byte
+	switch qtype {
+	case 1:
+		a := netip.MustParseAddr(families[0].server).As4()
+		rdata = a[:]
+	case 28:
+		a := netip.MustParseAddr(families[1].server).As16()
+		rdata = a[:]
+	}
+	if rdata != nil {
+		r[7] = 1
+		r = append(r, 0xc0, 12, byte(qtype>>8), byte(qtype), 0, 1, 0, 0, 0, 60, 0, byte(len(rdata)))
+		r = append(r, rdata...)
+	}
+	return strings.ToLower(strings.Join(labels, ".")), r
+}
+
+// dig asks the DNS server at server (an IP) for name from the client
+// namespace and returns its short answer.
+func dig(t *testing.T, tp *topo, server, name string) (string, error) {
+	t.Helper()
+	out, err := tp.exec(t, tp.C, "dig", "@"+server, "-p", fmt.Sprint(dnsPort), name, "A", "+tries=1", "+time=5", "+short")
+	return strings.TrimSpace(out), err
+}
+
+// danteUDP starts a second danted in the upstream namespace, on port
+// udpDantePort, that allows UDP ASSOCIATE (and CONNECT) and logs each
+// request; it sends from dante's external addresses (.11), which
+// startProxies added.
+const udpDantePort = 1082
+
+func danteUDP(t *testing.T, tp *topo) *proxyProc {
+	t.Helper()
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	dlog := filepath.Join(dir, "danted-udp.log")
+	conf := strings.NewReplacer("LOG", dlog, "PORT", fmt.Sprint(udpDantePort)).Replace(`# detour end-to-end test: SOCKS5 UDP ASSOCIATE without authentication.
+logoutput: LOG
+debug: 1
+internal: 0.0.0.0 port = PORT
+internal: :: port = PORT
+external: 198.18.3.11
+external: fd00:3::11
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {
+	from: 0/0 to: 0/0
+	log: error
+}
+socks pass {
+	from: 0/0 to: 0/0
+	command: udpassociate udpreply connect
+	log: connect disconnect error iooperation
+}
+`)
+	if err := os.WriteFile(filepath.Join(dir, "danted.conf"), []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := startProc(t, tp, "danted-udp", dlog, filepath.Join(dir, "stderr"),
+		"danted", "-f", filepath.Join(dir, "danted.conf"), "-p", filepath.Join(dir, "danted.pid"))
+	waitListening(t, tp, p, udpDantePort)
+	return p
+}
+
+// udpRecords are detour's access lines of UDP sessions to dst.
+func udpRecords(d *detourProc, dst string) []map[string]any {
+	return d.find("udp", map[string]string{"dst": dst})
+}
+
+// TestUDPDNS: dig through detour to a DNS server in the server namespace,
+// direct and through dante's UDP ASSOCIATE, IPv4 and IPv6; the server sees
+// the query come from the gateway (direct) or dante's external address,
+// the access line names the QNAME and counts one datagram each way, and a
+// datagram to detour's own port is dropped and counted.
+func TestUDPDNS(t *testing.T) {
+	tp := newTopo(t)
+	dns := startDNS(t, tp)
+	startProxies(t, tp, map[string]string{"site.test": families[0].server})
+	dante := danteUDP(t, tp)
+
+	for _, via := range []string{"direct", "socks5"} {
+		t.Run(via, func(t *testing.T) {
+			var args []string
+			if via == "socks5" {
+				args = append(args, "--upstream", proxyURL("socks5", "", families[0], udpDantePort))
+			}
+			d := startChecked(t, tp, udpFlags(args...)...)
+			for _, f := range families {
+				t.Run(f.name, func(t *testing.T) {
+					name := fmt.Sprintf("%s-%s.site.test", via, f.name)
+					got, err := dig(t, tp, f.server, name)
+					if err != nil || got != families[0].server {
+						t.Fatalf("dig @%s %s = %q (%v), want %s", f.server, name, got, err, families[0].server)
+					}
+					from := dns.askedBy(name)
+					wantFrom := map[string]map[string]string{"direct": {"ipv4": "198.18.2.1", "ipv6": "fd00:2::1"},
+						"socks5": {"ipv4": "198.18.3.11", "ipv6": "fd00:3::11"}}[via][f.name]
+					if len(from) != 1 || from[0].String() != wantFrom {
+						t.Fatalf("the DNS server saw %s asked by %v, want once by %s", name, from, wantFrom)
+					}
+					dst := net.JoinHostPort(f.server, fmt.Sprint(dnsPort))
+					rec := d.waitLog(t, 10*time.Second, "udp", map[string]string{"dst": dst, "host": name})
+					want := map[string]string{"proto": "dns", "sniff": "found", "dgrams_up": "1", "dgrams_down": "1", "end": "idle", "error": ""}
+					if via == "direct" {
+						want["route"] = "direct"
+					} else {
+						want["route"] = "upstream"
+						want["target"] = dst // a DNS query goes to the resolver the client chose, never to its QNAME
+					}
+					for k, v := range want {
+						if fmt.Sprint(rec[k]) != v {
+							t.Errorf("access line %s = %v, want %s; %v", k, rec[k], v, rec)
+						}
+					}
+					if c := fmt.Sprint(rec["client"]); !strings.Contains(c, f.client) {
+						t.Errorf("access line client = %s, want %s", c, f.client)
+					}
+				})
+			}
+			if via == "socks5" {
+				if n := dante.lines("udpassociate"); n == 0 {
+					t.Errorf("dante logged no UDP ASSOCIATE:\n%s", lastLines(dante.logText(), 30))
+				}
+			}
+			// A datagram to detour's own port is not a session.
+			m0 := scrape(t, tp)
+			sendUDP(t, tp.C, net.JoinHostPort(families[0].gateway, fmt.Sprint(listenPort)), []byte("hello detour"))
+			waitFor(t, 5*time.Second, "a datagram to detour's own port counted as dropped", func() bool {
+				return delta(m0, scrape(t, tp), "detour_udp_dropped_total", "reason", "own_port") == 1
+			})
+			m := scrape(t, tp)
+			if m.sum("detour_udp_sniff_total", "proto", "dns", "outcome", "found") != 2 || m.sum("detour_udp_sessions_total") != 2 {
+				t.Errorf("metrics: udp sniff dns found %g, sessions %g; want 2 and 2", m.sum("detour_udp_sniff_total", "proto", "dns", "outcome", "found"), m.sum("detour_udp_sessions_total"))
+			}
+		})
+	}
+}
+
+// sendUDP sends one datagram from namespace ns.
+func sendUDP(t *testing.T, ns, addr string, b []byte) {
+	t.Helper()
+	var err error
+	inNS(t, ns, func() {
+		var c net.Conn
+		if c, err = net.Dial("udp", addr); err == nil {
+			_, err = c.Write(b)
+			c.Close()
+		}
+	})
+	if err != nil {
+		t.Fatalf("sending a datagram to %s from %s: %v", addr, ns, err)
+	}
+}
