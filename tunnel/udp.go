@@ -562,7 +562,7 @@ func (s *udpSession) udpTarget(ctx context.Context, route Action) string {
 	if s.found.Proto != sniff.QUIC {
 		return s.key.dst.String()
 	}
-	return s.srv.Tunnel.proxyTarget(ctx, route.Name, s.key.dst, s.found)
+	return s.srv.Tunnel.proxyTarget(ctx, route.Name, s.key.client.Addr(), s.key.dst, s.found)
 }
 
 // up carries one more client datagram (buf[maxUDPHeader:][:n]).
