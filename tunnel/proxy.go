@@ -175,6 +175,7 @@ type proxyConn struct {
 	r      *conn
 	router *Router
 	obs    Observer
+	cr     *idleConn // the client, under br
 	br     *bufio.Reader
 	start  time.Time
 }
@@ -196,7 +197,8 @@ func (t *Tunnel) serveProxy(p *ProxyPort, r *conn) {
 		return
 	}
 	client.SetReadDeadline(time.Now().Add(p.handshakeTimeout()))
-	pc.br = bufio.NewReaderSize(client, 16<<10)
+	pc.cr = &idleConn{c: client}
+	pc.br = bufio.NewReaderSize(pc.cr, 16<<10)
 	b, err := pc.br.Peek(1)
 	if err != nil {
 		pc.fail(&connInfo{}, "bad_request", fmt.Errorf("client sent nothing: %w", err))
@@ -503,6 +505,28 @@ func (pc *proxyConn) relay(info *connInfo, server *net.TCPConn, sniffTLS bool) {
 		r.end(true)
 		pc.t.finishWith(r, info, pc.obs, 0, 0, err)
 	}
+}
+
+// idleConn reads and writes c with its deadline renewed before each call,
+// so that the idle timeout bounds a stall, not a whole transfer. With idle
+// 0 it leaves the deadlines alone.
+type idleConn struct {
+	c    *net.TCPConn
+	idle time.Duration
+}
+
+func (i *idleConn) Read(p []byte) (int, error) {
+	if i.idle > 0 {
+		i.c.SetReadDeadline(time.Now().Add(i.idle))
+	}
+	return i.c.Read(p)
+}
+
+func (i *idleConn) Write(p []byte) (int, error) {
+	if i.idle > 0 {
+		i.c.SetWriteDeadline(time.Now().Add(i.idle))
+	}
+	return i.c.Write(p)
 }
 
 // bufferedConn reads what a bufio.Reader holds, then the connection.

@@ -44,7 +44,7 @@ func (o *origin) close() {
 // until the response before them is through. One access line per request.
 func (pc *proxyConn) forward(req *proxyport.Request) {
 	r, client := pc.r, pc.r.client
-	cw := bufio.NewWriterSize(client, 16<<10)
+	cw := bufio.NewWriterSize(&idleConn{c: client, idle: pc.t.idleTimeout()}, 16<<10)
 	var cur *origin
 	end := func() {
 		cur.close()
@@ -82,7 +82,6 @@ func (pc *proxyConn) forward(req *proxyport.Request) {
 			end()
 			return
 		}
-		client.SetReadDeadline(time.Now().Add(pc.p.handshakeTimeout()))
 		if len(pc.p.Users) > 0 || next.IsConnect() {
 			// A refusal, or a tunnel that takes the connection over, ends
 			// the relay on its own.
@@ -127,7 +126,8 @@ func (pc *proxyConn) exchange(req *proxyport.Request, cur **origin, cw *bufio.Wr
 			if derr != nil {
 				return reply(dialStatus(derr), derr)
 			}
-			o = &origin{conn: server, br: bufio.NewReaderSize(server, 16<<10), bw: bufio.NewWriterSize(server, 16<<10),
+			sc := &idleConn{c: server, idle: pc.t.idleTimeout()}
+			o = &origin{conn: server, br: bufio.NewReaderSize(sc, 16<<10), bw: bufio.NewWriterSize(sc, 16<<10),
 				authority: req.Authority(), route: route.String(), dst: info.dst, lease: info.lease, target: info.target}
 			*cur = o
 			if err := pc.r.setServer(server); err != nil {
@@ -164,7 +164,6 @@ var (
 // roundTrip sends one request on o and streams the response to the client.
 func (pc *proxyConn) roundTrip(req *proxyport.Request, head []byte, hasBody bool, o *origin, cw *bufio.Writer, info *connInfo) (up, down int64, closeAfter bool, err error) {
 	o.reusable = false
-	o.conn.SetDeadline(time.Now().Add(pc.t.idleTimeout()))
 	tr := &trip{head: int64(len(head))}
 	if err := pc.sendRequest(req, head, hasBody, o, tr); err != nil {
 		return tr.up, 0, true, err
@@ -207,8 +206,7 @@ func (pc *proxyConn) sendRequest(req *proxyport.Request, head []byte, hasBody bo
 // sendBody copies the request body from the client to the origin (and
 // flushes it, if flush).
 func (pc *proxyConn) sendBody(req *proxyport.Request, o *origin, tr *trip, flush bool) error {
-	pc.r.client.SetReadDeadline(time.Now().Add(pc.t.idleTimeout()))
-	n, err := proxyport.CopyBody(o.bw, pc.br, req.Chunked, req.ContentLength)
+	n, err := pc.copyRequestBody(o.bw, req)
 	tr.up += n
 	if err == nil && flush {
 		err = o.bw.Flush()
@@ -225,7 +223,6 @@ func (pc *proxyConn) sendBody(req *proxyport.Request, o *origin, tr *trip, flush
 // 100 Continue the request body follows.
 func (pc *proxyConn) finalResponse(req *proxyport.Request, o *origin, cw *bufio.Writer, tr *trip) (*proxyport.Response, error) {
 	for {
-		o.conn.SetReadDeadline(time.Now().Add(pc.t.idleTimeout()))
 		resp, err := proxyport.ReadResponse(o.br, proxyport.Limits{}, req.Method)
 		if err != nil {
 			if tr.up == tr.head && (errors.Is(err, io.ErrUnexpectedEOF) || isReset(err)) {
@@ -269,9 +266,9 @@ func (pc *proxyConn) sendResponse(req *proxyport.Request, resp *proxyport.Respon
 	if !resp.NoBody {
 		var n int64
 		if delimitedByClose {
-			n, err = io.Copy(cw, o.br)
+			n, err = io.Copy(flushing{cw, o.br}, o.br)
 		} else {
-			n, err = proxyport.CopyBody(cw, o.br, resp.Chunked, resp.ContentLength)
+			n, err = proxyport.CopyBody(flushing{cw, o.br}, o.br, resp.Chunked, resp.ContentLength)
 		}
 		tr.down += n
 		if err != nil {
@@ -284,6 +281,30 @@ func (pc *proxyConn) sendResponse(req *proxyport.Request, resp *proxyport.Respon
 	}
 	o.reusable = !resp.Close && !delimitedByClose && tr.bodySent
 	return closeAfter, nil
+}
+
+// copyRequestBody streams the request body from the client to dst, the
+// idle timeout bounding each read rather than the whole body.
+func (pc *proxyConn) copyRequestBody(dst *bufio.Writer, req *proxyport.Request) (int64, error) {
+	pc.cr.idle = pc.t.idleTimeout()
+	defer func() { pc.cr.idle = 0 }()
+	return proxyport.CopyBody(flushing{dst, pc.br}, pc.br, req.Chunked, req.ContentLength)
+}
+
+// flushing writes a body to w and flushes whenever src has nothing more
+// buffered: what arrived goes on before the next read waits, so a body
+// streams instead of waiting for w's buffer to fill.
+type flushing struct {
+	w   *bufio.Writer
+	src *bufio.Reader
+}
+
+func (f flushing) Write(p []byte) (int, error) {
+	n, err := f.w.Write(p)
+	if err == nil && f.src.Buffered() == 0 {
+		err = f.w.Flush()
+	}
+	return n, err
 }
 
 func isTimeoutOrClosed(err error) bool {

@@ -242,3 +242,45 @@ func TestProxyAuth(t *testing.T) {
 		t.Fatalf("the log has the password:\n%s", logs)
 	}
 }
+
+// Bodies stream both ways: the server reads the first chunk of an upload
+// before the client has sent the rest, and a response that takes longer
+// than the idle timeout in all, but never stalls that long, gets through.
+func TestProxyStreamsBodies(t *testing.T) {
+	firstChunk := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == "POST" {
+			buf := make([]byte, 5)
+			if _, err := io.ReadFull(r.Body, buf); err != nil || string(buf) != "first" {
+				t.Errorf("first chunk: %q %v", buf, err)
+			}
+			close(firstChunk)
+			rest, _ := io.ReadAll(r.Body)
+			fmt.Fprintf(w, "got %q", rest)
+			return
+		}
+		for i := range 8 {
+			fmt.Fprintf(w, "part %d\n", i)
+			w.(http.Flusher).Flush()
+			time.Sleep(60 * time.Millisecond)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	addr, _ := startProxy(t, &ProxyPort{IsLocal: notLocal}, &Tunnel{IdleTimeout: 200 * time.Millisecond})
+	c, br := dialProxyPort(t, addr)
+	fmt.Fprintf(c, "POST http://%s/up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n", srv.Listener.Addr())
+	select {
+	case <-firstChunk:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server did not get the first chunk before the body was complete")
+	}
+	fmt.Fprintf(c, "4\r\nrest\r\n0\r\n\r\n")
+	if _, body := readResponse(t, br, "POST"); body != `got "rest"` {
+		t.Fatalf("upload: %q", body)
+	}
+	fmt.Fprintf(c, "GET http://%s/slow HTTP/1.1\r\n\r\n", srv.Listener.Addr())
+	resp, body := readResponse(t, br, "GET")
+	if resp.StatusCode != 200 || !strings.HasSuffix(body, "part 7\n") {
+		t.Fatalf("slow response (480 ms, idle timeout 200 ms): %d %q", resp.StatusCode, body)
+	}
+}
