@@ -1,6 +1,8 @@
 package sniff
 
 import (
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"bytes"
 	"errors"
 	"io"
@@ -18,24 +20,7 @@ import (
 // tcpPair returns the two ends of a fresh loopback TCP connection: the
 // accepted one, which Peek reads, and the client's.
 func tcpPair(t *testing.T) (server, client *net.TCPConn) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err = net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err = ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		client.Close()
-		server.Close()
-	})
+	client, server = testkit.TCPPair(t)
 	return server, client
 }
 

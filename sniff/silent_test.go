@@ -1,30 +1,14 @@
 package sniff
 
 import (
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
 	"time"
 )
-
-// clock is a settable time for SilentCache.Now.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
 
 // Sources for the tests: each learns as a different client.
 var (
@@ -53,7 +37,7 @@ func TestSilentCacheZeroValue(t *testing.T) {
 }
 
 func TestSilentCacheTTL(t *testing.T) {
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := testkit.ClockAt(time.Unix(1000, 0))
 	c := SilentCache{TTL: time.Minute, Now: clk.Now}
 	a := netip.MustParseAddrPort("198.18.0.1:22")
 	b := netip.MustParseAddrPort("[fd00::1]:25")
@@ -83,7 +67,7 @@ func TestSilentCacheTTL(t *testing.T) {
 // One source cannot keep an entry alive: its own renewals do not count,
 // and another source's do, once each in turn.
 func TestSilentCacheRenewalNeedsAnotherSource(t *testing.T) {
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := testkit.ClockAt(time.Unix(1000, 0))
 	c := SilentCache{TTL: time.Minute, Now: clk.Now}
 	a := netip.MustParseAddrPort("198.18.0.1:2222")
 	c.Learn(a, srcA)
@@ -121,7 +105,7 @@ func TestSilentCacheRenewalNeedsAnotherSource(t *testing.T) {
 // One source cannot fill the cache: past its quota it replaces its own
 // oldest entry, and the other sources' entries stay.
 func TestSilentCachePerSourceQuota(t *testing.T) {
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := testkit.ClockAt(time.Unix(1000, 0))
 	c := SilentCache{MaxEntries: 8, PerSource: 2, Now: clk.Now}
 	dst := func(i int) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 9, byte(i)}), 2222)
@@ -149,7 +133,7 @@ func TestSilentCachePerSourceQuota(t *testing.T) {
 }
 
 func TestSilentCacheDefaultTTL(t *testing.T) {
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := testkit.ClockAt(time.Unix(1000, 0))
 	c := SilentCache{Now: clk.Now}
 	a := netip.MustParseAddrPort("198.18.0.1:22")
 	c.Learn(a, srcA)
@@ -167,7 +151,7 @@ func TestSilentCacheDefaultTTL(t *testing.T) {
 func source(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)}) }
 
 func TestSilentCacheBound(t *testing.T) {
-	clk := &clock{t: time.Unix(1000, 0)}
+	clk := testkit.ClockAt(time.Unix(1000, 0))
 	c := SilentCache{MaxEntries: 3, Now: clk.Now}
 	addr := func(i int) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}), 22)

@@ -156,7 +156,10 @@ type Clock struct {
 }
 
 // NewClock is a Clock set to a fixed instant.
-func NewClock() *Clock { return &Clock{t: time.Unix(1_700_000_000, 0)} }
+func NewClock() *Clock { return ClockAt(time.Unix(1_700_000_000, 0)) }
+
+// ClockAt is a Clock set to t.
+func ClockAt(t time.Time) *Clock { return &Clock{t: t} }
 
 // Now is the clock's time.
 func (c *Clock) Now() time.Time {
