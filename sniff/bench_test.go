@@ -29,17 +29,17 @@ func benchFlight(b *testing.B, name string) []byte {
 
 // BenchmarkParseTLSChromium: a 1.9 KB post-quantum ClientHello in one record.
 func BenchmarkParseTLSChromium(b *testing.B) {
-	benchParse(b, benchFlight(b, "chromium-https.bin"), ParseTLS)
+	benchParse(b, benchFlight(b, "chromium-https.bin"), parseTLSHello)
 }
 
 // BenchmarkParseTLSChromiumRecords: the same hello in 1-byte records.
 func BenchmarkParseTLSChromium1ByteRecords(b *testing.B) {
 	msg := handshakeStream(b, benchFlight(b, "chromium-https.bin"))
-	benchParse(b, fragment(msg, func() int { return 1 }), ParseTLS)
+	benchParse(b, fragment(msg, func() int { return 1 }), parseTLSHello)
 }
 
 func BenchmarkParseTLSCurl(b *testing.B) {
-	benchParse(b, benchFlight(b, "curl-https.bin"), ParseTLS)
+	benchParse(b, benchFlight(b, "curl-https.bin"), parseTLSHello)
 }
 
 // BenchmarkParseHTTPChromium: a typical browser request head (445 bytes).
@@ -63,7 +63,7 @@ func BenchmarkParseNeedMore(b *testing.B) {
 	data = data[:len(data)-1]
 	b.ReportAllocs()
 	for b.Loop() {
-		Parse(data)
+		parseAny(data)
 	}
 }
 
@@ -79,16 +79,16 @@ func TestAllocs(t *testing.T) {
 		parse func([]byte) (Result, Status)
 		want  float64
 	}{
-		{"tls host", chromium, ParseTLS, 1},
-		{"tls 1-byte records", fragment(handshakeStream(t, chromium), func() int { return 1 }), ParseTLS, 1},
-		{"tls need more", chromium[:len(chromium)-1], ParseTLS, 0},
-		{"tls no host, no alpn", hello(), ParseTLS, 0},
-		{"tls no match", []byte("GET /"), ParseTLS, 0},
+		{"tls host", chromium, parseTLSHello, 1},
+		{"tls 1-byte records", fragment(handshakeStream(t, chromium), func() int { return 1 }), parseTLSHello, 1},
+		{"tls need more", chromium[:len(chromium)-1], parseTLSHello, 0},
+		{"tls no host, no alpn", hello(), parseTLSHello, 0},
+		{"tls no match", []byte("GET /"), parseTLSHello, 0},
 		{"http host", corpusFile(t, "chromium-http.bin").data, ParseHTTP, 1},
 		{"http no host", []byte("GET / HTTP/1.0\r\n\r\n"), ParseHTTP, 0},
 		{"http need more", []byte("GET / HTTP/1.1\r\nHost: a"), ParseHTTP, 0},
 		{"h2c host", corpusFile(t, "curl-h2c.bin").data, ParseHTTP, 1},
-		{"parse", chromium, Parse, 1},
+		{"parse", chromium, parseAny, 1},
 	}
 	for _, tt := range tests {
 		if got := testing.AllocsPerRun(100, func() { tt.parse(tt.in) }); got != tt.want {

@@ -8,16 +8,16 @@ import (
 // TestCorpus parses every captured first flight whole.
 func TestCorpus(t *testing.T) {
 	for _, fl := range loadCorpus(t) {
-		r, st := Parse(fl.data)
+		r, st := parseAny(fl.data)
 		fl.check(t, "Parse", r, st)
 		var other Status
 		switch fl.want.Proto {
 		case TLS:
-			r, st = ParseTLS(fl.data)
+			r, st = parseTLSHello(fl.data)
 			_, other = ParseHTTP(fl.data)
 		default:
 			r, st = ParseHTTP(fl.data)
-			_, other = ParseTLS(fl.data)
+			_, other = parseTLSHello(fl.data)
 		}
 		fl.check(t, "own parser", r, st)
 		if other != NoMatch {
@@ -102,7 +102,7 @@ func TestCorpusFragmented(t *testing.T) {
 		msg := handshakeStream(t, fl.data)
 		for how, size := range fragmentings(uint64(len(fl.data))) {
 			b := fragment(msg, size)
-			r, st := ParseTLS(b)
+			r, st := parseTLSHello(b)
 			fl.check(t, how, r, st)
 			if name, _, ok := cryptoTLSHello(b); !ok || wantHost(name) != fl.want.Host {
 				t.Errorf("%s %s: crypto/tls reads %q, %v", fl.file, how, name, ok)

@@ -81,7 +81,7 @@ func FuzzTLS(f *testing.F) {
 		if st == Match && len(data) > 0 {
 			msg := handshakeStream(t, data)
 			size := int(data[len(data)/2]%16) + 1
-			r2, st2 := ParseTLS(fragment(msg, func() int { return size }))
+			r2, st2 := parseTLSHello(fragment(msg, func() int { return size }))
 			if st2 != st || r2 != r {
 				t.Fatalf("in %d-byte records: %v %+v, in the original ones %v %+v", size, st2, r2, st, r)
 			}
@@ -153,7 +153,7 @@ func FuzzParse(f *testing.F) {
 		var r2 Result
 		var st2 Status
 		if len(data) > 0 && data[0] == 0x16 {
-			r2, st2 = ParseTLS(data)
+			r2, st2 = parseTLSHello(data)
 		} else {
 			r2, st2 = ParseHTTP(data)
 		}

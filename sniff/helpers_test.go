@@ -299,3 +299,15 @@ func allCuts(n int) []int {
 	}
 	return cuts
 }
+
+// parseAny and parseTLSHello are parse and parseTLS without the length
+// hint, as the tests compare them with other parsers.
+func parseAny(b []byte) (Result, Status) {
+	r, st, _ := parse(b)
+	return r, st
+}
+
+func parseTLSHello(b []byte) (Result, Status) {
+	r, st, _ := parseTLS(b)
+	return r, st
+}

@@ -117,7 +117,7 @@ func TestParseHTTP(t *testing.T) {
 			if st == Match && r.Proto != HTTP {
 				t.Fatalf("proto %v", r.Proto)
 			}
-			if r2, st2 := Parse(in); len(in) > 0 && in[0] != 0x16 && (r2 != r || st2 != st) {
+			if r2, st2 := parseAny(in); len(in) > 0 && in[0] != 0x16 && (r2 != r || st2 != st) {
 				t.Fatalf("Parse answers %v %+v", st2, r2)
 			}
 			checkPrefixes(t, withNeed(ParseHTTP), in, allCuts(len(in)))

@@ -72,7 +72,7 @@ func (o Outcome) String() string {
 	return "unknown"
 }
 
-// Peek reads the first bytes the client sends on c until Parse can answer,
+// Peek reads the first bytes the client sends on c until parse can answer,
 // the deadline passes, the byte cap is reached, or reading fails. It returns
 // every byte it read, whatever the outcome (nil if none), so the caller can
 // send them on before relaying the rest: Peek consumes nothing for good.

@@ -97,7 +97,7 @@ type QUICLimits struct {
 // PING, ACK and CONNECTION_CLOSE are skipped, CRYPTO data is gathered by
 // offset, in whatever order and however split across packets and
 // datagrams. Once the CRYPTO stream from offset 0 holds a whole ClientHello,
-// it is read as by ParseTLS.
+// it is read as by parseTLS.
 //
 // Other long-header packets (0-RTT, Handshake) and packets after the first
 // of a datagram with another Destination Connection ID are skipped; so is
@@ -115,7 +115,7 @@ type QUICLimits struct {
 // needs them and kept across Reset, so a pooled assembler does not allocate
 // again. The first Initial packet of a flow costs a key derivation (a few
 // allocations); further datagrams with the same Connection ID allocate
-// nothing, and the answer allocates once for its strings as ParseTLS does.
+// nothing, and the answer allocates once for its strings as parseTLS does.
 //
 // Add never modifies or retains the datagram. A QUICAssembler is not safe
 // for concurrent use.

@@ -138,8 +138,8 @@ func (c *SilentCache) Forget(dst netip.AddrPort) {
 	}
 }
 
-// Len returns the number of entries, expired ones not yet dropped included.
-func (c *SilentCache) Len() int {
+// size is the number of entries, expired ones not yet dropped included.
+func (c *SilentCache) size() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return len(c.entries)

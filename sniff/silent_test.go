@@ -19,19 +19,19 @@ var (
 func TestSilentCacheZeroValue(t *testing.T) {
 	var c SilentCache
 	a := netip.MustParseAddrPort("198.18.0.1:22")
-	if c.Silent(a) || c.Len() != 0 {
+	if c.Silent(a) || c.size() != 0 {
 		t.Fatal("empty cache has an entry")
 	}
 	c.Forget(a) // no-op on an empty cache
 	c.Learn(a, srcA)
-	if !c.Silent(a) || c.Len() != 1 {
+	if !c.Silent(a) || c.size() != 1 {
 		t.Fatal("learned entry missing")
 	}
 	if c.Silent(netip.MustParseAddrPort("198.18.0.1:25")) {
 		t.Fatal("other port is silent")
 	}
 	c.Forget(a)
-	if c.Silent(a) || c.Len() != 0 {
+	if c.Silent(a) || c.size() != 0 {
 		t.Fatal("forgotten entry remains")
 	}
 }
@@ -59,8 +59,8 @@ func TestSilentCacheTTL(t *testing.T) {
 	}
 	clk.Advance(time.Minute)
 	c.Learn(netip.MustParseAddrPort("198.18.0.2:22"), srcA) // drops the expired b
-	if c.Len() != 1 {
-		t.Fatalf("Len = %d after expiry", c.Len())
+	if c.size() != 1 {
+		t.Fatalf("Len = %d after expiry", c.size())
 	}
 }
 
@@ -115,8 +115,8 @@ func TestSilentCachePerSourceQuota(t *testing.T) {
 		c.Learn(dst(i), srcA)
 		clk.Advance(time.Millisecond)
 	}
-	if c.Len() != 3 {
-		t.Fatalf("Len = %d, want B's entry and A's quota of 2", c.Len())
+	if c.size() != 3 {
+		t.Fatalf("Len = %d, want B's entry and A's quota of 2", c.size())
 	}
 	if !c.Silent(dst(100)) || !c.Silent(dst(48)) || !c.Silent(dst(49)) || c.Silent(dst(47)) {
 		t.Fatal("want B's entry and A's two newest")
@@ -127,8 +127,8 @@ func TestSilentCachePerSourceQuota(t *testing.T) {
 	for i := range 1000 {
 		d.Learn(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 2222), srcA)
 	}
-	if d.Len() != DefaultSilentMaxEntries/64 {
-		t.Fatalf("one source holds %d entries, want %d", d.Len(), DefaultSilentMaxEntries/64)
+	if d.size() != DefaultSilentMaxEntries/64 {
+		t.Fatalf("one source holds %d entries, want %d", d.size(), DefaultSilentMaxEntries/64)
 	}
 }
 
@@ -162,16 +162,16 @@ func TestSilentCacheBound(t *testing.T) {
 	}
 	c.Learn(addr(0), source(9)) // renewing 0 makes 1 the oldest
 	c.Learn(addr(3), source(3))
-	if c.Len() != 3 || c.Silent(addr(1)) || !c.Silent(addr(0)) || !c.Silent(addr(2)) || !c.Silent(addr(3)) {
-		t.Fatalf("after eviction: len %d", c.Len())
+	if c.size() != 3 || c.Silent(addr(1)) || !c.Silent(addr(0)) || !c.Silent(addr(2)) || !c.Silent(addr(3)) {
+		t.Fatalf("after eviction: len %d", c.size())
 	}
 
 	var d SilentCache
 	for i := range DefaultSilentMaxEntries + 10 {
 		d.Learn(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)}), 22), source(i))
 	}
-	if d.Len() != DefaultSilentMaxEntries {
-		t.Fatalf("default bound: len %d", d.Len())
+	if d.size() != DefaultSilentMaxEntries {
+		t.Fatalf("default bound: len %d", d.size())
 	}
 }
 
@@ -182,8 +182,8 @@ func TestSilentCacheUnmaps(t *testing.T) {
 		t.Fatal("mapped and plain IPv4 differ")
 	}
 	c.Learn(netip.MustParseAddrPort("198.18.0.1:22"), srcA) // the same source, unmapped
-	if c.Len() != 1 {
-		t.Fatalf("Len = %d", c.Len())
+	if c.size() != 1 {
+		t.Fatalf("Len = %d", c.size())
 	}
 }
 
@@ -224,7 +224,7 @@ func TestSilentCacheConcurrent(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	if n := c.Len(); n > 50 {
+	if n := c.size(); n > 50 {
 		t.Fatalf("len %d over the bound", n)
 	}
 }

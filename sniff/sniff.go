@@ -5,7 +5,7 @@
 // the ClientHello inside a QUIC flow's Initial packets (QUICAssembler) and the
 // question of a DNS query (DNSQuery).
 //
-// The parsers (ParseTLS, ParseHTTP, Parse) are pure functions over a byte
+// The parsers (parse, and ParseHTTP and parseTLS behind it) are pure functions over a byte
 // slice: they do no I/O, never modify their input, never retain it, and answer
 // as soon as the bytes allow — NeedMore while a prefix is still consistent with
 // their protocol, Match once they have their answer, NoMatch as soon as the
@@ -154,17 +154,11 @@ func (r Result) OffersALPN(p string) bool {
 	return false
 }
 
-// Parse recognises the protocol from the first byte and hands b to ParseTLS
+// parse recognises the protocol from the first byte and hands b to parseTLS
 // (0x16, a TLS handshake record) or to ParseHTTP (anything else; it answers
-// NoMatch at the first byte that cannot start an HTTP request).
-func Parse(b []byte) (Result, Status) {
-	r, st, _ := parse(b)
-	return r, st
-}
-
-// parse is Parse that also returns, for NeedMore, a lower bound on the
-// length b must reach before another call can make progress (Peek grows its
-// buffer by it).
+// NoMatch at the first byte that cannot start an HTTP request). For
+// NeedMore it also returns a lower bound on the length b must reach before
+// another call can make progress (Peek grows its buffer by it).
 func parse(b []byte) (Result, Status, int) {
 	if len(b) == 0 {
 		return Result{}, NeedMore, 1

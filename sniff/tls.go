@@ -15,12 +15,14 @@ const (
 	nameTypeHost  = 0
 )
 
-// ParseTLS reads a TLS ClientHello from the start of b and reports its SNI
-// host_name, its ALPN list and whether it carries encrypted_client_hello.
+// parseTLS reads a TLS ClientHello from the start of b and reports its SNI
+// host_name, its ALPN list and whether it carries encrypted_client_hello;
+// for NeedMore it also returns the length b must reach before another call
+// can make progress.
 //
 // The handshake message may be spread over any number of handshake records
 // of any size (RFC 8446 §5.1); bytes after the ClientHello are ignored.
-// ParseTLS answers NoMatch when b does not start with TLS handshake records
+// parseTLS answers NoMatch when b does not start with TLS handshake records
 // carrying a ClientHello: another record type (an SSLv2-compatible hello
 // included), a record version whose major byte is not 3, an empty or
 // oversized record, or a handshake message of another type or over 64 KiB.
@@ -29,16 +31,9 @@ const (
 // a valid host name, or if the hello is malformed (the ALPN list is then
 // empty too).
 //
-// ParseTLS allocates once, for the Result's strings, when it finds a host
-// name or an ALPN list, and once more for a hello over 4 KiB that is split
-// into several records (it reassembles it). Otherwise it does not allocate.
-func ParseTLS(b []byte) (Result, Status) {
-	r, st, _ := parseTLS(b)
-	return r, st
-}
-
-// parseTLS is ParseTLS that also returns, for NeedMore, the length b must
-// reach before another call can make progress.
+// It allocates once, for the Result's strings, when it finds a host name or
+// an ALPN list, and once more for a hello over 4 KiB that is split into
+// several records (it reassembles it). Otherwise it does not allocate.
 func parseTLS(b []byte) (Result, Status, int) {
 	var (
 		off    int // start of the current record

@@ -102,7 +102,7 @@ func TestParseTLS(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r, st := ParseTLS(tt.in)
+			r, st := parseTLSHello(tt.in)
 			checkResult(t, r, st)
 			if st != tt.st || r.Host != tt.host || r.ECH != tt.ech || !slices.Equal(r.ALPN(), tt.alpn) {
 				t.Fatalf("got %v %+v alpn %q; want %v host %q alpn %q ech %v", st, r, r.ALPN(), tt.st, tt.host, tt.alpn, tt.ech)
@@ -110,7 +110,7 @@ func TestParseTLS(t *testing.T) {
 			if st == Match && r.Proto != TLS {
 				t.Fatalf("proto %v", r.Proto)
 			}
-			if r2, st2 := Parse(tt.in); len(tt.in) > 0 && tt.in[0] == 0x16 && (r2 != r || st2 != st) {
+			if r2, st2 := parseAny(tt.in); len(tt.in) > 0 && tt.in[0] == 0x16 && (r2 != r || st2 != st) {
 				t.Fatalf("Parse answers %v %+v", st2, r2)
 			}
 			// Every prefix: NeedMore or this answer; all of them if it is a
@@ -125,7 +125,7 @@ func TestParseTLS(t *testing.T) {
 				// The same hello in 1-byte and 2-byte records.
 				msg := handshakeStream(t, tt.in)
 				for _, size := range []int{1, 2} {
-					r2, st2 := ParseTLS(fragment(msg, func() int { return size }))
+					r2, st2 := parseTLSHello(fragment(msg, func() int { return size }))
 					if r2 != r || st2 != st {
 						t.Fatalf("in %d-byte records: %v %+v", size, st2, r2)
 					}
@@ -175,7 +175,7 @@ func TestParseTLSLargeHello(t *testing.T) {
 	msg := handshake(body)
 	for _, size := range []int{maxRecordLen, 1000, 1} {
 		b := fragment(msg, func() int { return size })
-		r, st := ParseTLS(b)
+		r, st := parseTLSHello(b)
 		if st != Match || r.Host != "big.example" || !r.OffersALPN("h2") {
 			t.Errorf("records of %d: %v %+v", size, st, r)
 		}
@@ -186,7 +186,7 @@ func TestParseTLSLargeHello(t *testing.T) {
 }
 
 func TestResultALPN(t *testing.T) {
-	r, _ := ParseTLS(hello(sniExt("a.example"), alpnExt("h2", "http/1.1", "x")))
+	r, _ := parseTLSHello(hello(sniExt("a.example"), alpnExt("h2", "http/1.1", "x")))
 	if !r.OffersALPN("h2") || !r.OffersALPN("x") || r.OffersALPN("h3") || r.OffersALPN("") {
 		t.Errorf("OffersALPN wrong for %q", r.ALPN())
 	}

@@ -18,8 +18,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/detour-proxy/detour/sniff"
 )
 
 // echConfigList builds an ECHConfigList (draft-ietf-tls-esni-22 §4) with one
@@ -97,10 +95,8 @@ func TestECHOuterNameSentUpstream(t *testing.T) {
 		{"chromium GREASE ECH", chromium, "www.example.test"},
 		{"crypto/tls real ECH", goECHHello(t), "public.test"},
 	} {
-		found, st := sniff.ParseTLS(tc.hello)
-		if st != sniff.Match || found.Host != tc.outer || !found.ECH {
-			t.Fatalf("%s: sniffed %v %+v, want the outer name %s with ECH", tc.name, st, found, tc.outer)
-		}
+		// That sniffing finds the outer name with ECH is checked below,
+		// in the access line.
 		if strings.Contains(string(tc.hello), "secret.test") {
 			t.Fatalf("%s: the inner name is in the clear", tc.name)
 		}

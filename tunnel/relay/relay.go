@@ -26,8 +26,8 @@ import (
 	"time"
 )
 
-// ErrIdle ends a relay on which nothing moved for the idle timeout.
-var ErrIdle = errors.New("idle timeout")
+// errIdle ends a relay on which nothing moved for the idle timeout.
+var errIdle = errors.New("idle timeout")
 
 // Engine runs relays: it owns the idle poller, the pools of buffers and
 // pipes, and the pipe factory they share. The zero value is ready to use
@@ -84,7 +84,7 @@ type Relay struct {
 // half-closes its destination (FIN) and the other direction goes on; an
 // error in either direction ends both, and a reset on one side is passed to
 // the other as a reset. idle bounds the time with no byte moved either way,
-// open or half-closed (ErrIdle). done runs on whichever goroutine ended
+// open or half-closed (an "idle timeout" error). done runs on whichever goroutine ended
 // the relay: a direction's, the idle timer's, or Abort's caller's.
 func (e *Engine) Start(client, server *net.TCPConn, idle time.Duration, done func(up, down int64, err error)) *Relay {
 	return e.start(client, server, idle, nil, done)
@@ -165,7 +165,7 @@ func (r *Relay) close() error {
 func (r *Relay) checkIdle() {
 	quiet := time.Duration(time.Now().UnixNano() - r.last.Load())
 	if quiet >= r.idle {
-		r.abort(ErrIdle, false)
+		r.abort(errIdle, false)
 		return
 	}
 	r.mu.Lock()

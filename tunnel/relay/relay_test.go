@@ -150,7 +150,7 @@ func TestRelayIdleTimeout(t *testing.T) {
 	client, _, _, done := startRelay(t, nil, idle)
 	start := time.Now()
 	res := wait(t, done, 10*idle)
-	if !errors.Is(res.err, ErrIdle) {
+	if !errors.Is(res.err, errIdle) {
 		t.Fatalf("relay error = %v, want idle timeout", res.err)
 	}
 	if d := time.Since(start); d < idle {
@@ -171,7 +171,7 @@ func TestRelayIdleHalfClosed(t *testing.T) {
 	if _, err := io.ReadAll(server); err != nil { // FIN passed on
 		t.Fatal(err)
 	}
-	if res := wait(t, done, 10*idle); !errors.Is(res.err, ErrIdle) {
+	if res := wait(t, done, 10*idle); !errors.Is(res.err, errIdle) {
 		t.Fatalf("relay error = %v, want idle timeout", res.err)
 	}
 }
