@@ -5,14 +5,16 @@
 // direct, an upstream group, or reject), the connection to the destination
 // or through an upstream (package tunnel/upstream), the replay of the
 // peeked bytes, and the relay (package tunnel/relay) until both sides are
-// done. It owns the rules, the per-connection limits, the memory of
-// server-first destinations, and Shutdown.
+// done. The explicit proxy port (proxy.go) is a second way in to the same
+// route, connect and relay stages. It owns the rules, the per-connection
+// limits, the memory of server-first destinations, and Shutdown.
 //
 // It does not touch the kernel's redirection rules or socket options: the
 // listener (package redirect, which tunnel never imports) and the
 // socket-mark Control function for outbound dials are handed in by the
 // caller. How bytes are moved is the relay's business, how an upstream is
-// spoken to is upstream's.
+// spoken to is upstream's, how a proxy client's request reads is
+// proxyport's.
 package tunnel
 
 import (
