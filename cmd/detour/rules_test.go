@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -66,7 +68,7 @@ func TestRuleFlagDefaults(t *testing.T) {
 
 func TestRulesDryRun(t *testing.T) {
 	var stdout, stderr bytes.Buffer
-	code := detour([]string{"rules", "install", "--dry-run", "--mode", "tproxy", "--listen", ":9000",
+	code := detour([]string{"rules", "install", "--dry-run", "--firewall", "iptables", "--mode", "tproxy", "--listen", ":9000",
 		"--bypass", "none", "--ipv6=false", "--table", "7"}, &stdout, &stderr)
 	if code != exitOK {
 		t.Fatalf("exit %d: %s", code, stderr.String())
@@ -88,6 +90,63 @@ func TestRulesDryRun(t *testing.T) {
 	}
 	if strings.Contains(out, "ip6tables") || strings.Contains(out, "-d ") {
 		t.Errorf("dry run with --ipv6=false --bypass none:\n%s", out)
+	}
+}
+
+// With nftables the dry run is an nft script of detour's table and the
+// policy routes as comments.
+func TestRulesDryRunNftables(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	code := detour([]string{"rules", "install", "--dry-run", "--firewall", "nftables", "--mode", "tproxy", "--listen", ":9000",
+		"--bypass", "none", "--ipv6=false", "--table", "7", "--ports", "443"}, &stdout, &stderr)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr.String())
+	}
+	out := stdout.String()
+	for _, want := range []string{
+		"# firewall nftables (--firewall nftables)\n",
+		"table inet detour {\n\tchain mangle_prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
+		"\t\tmeta nfproto ipv4 meta l4proto tcp th dport 443 tproxy ip to :9000 meta mark set meta mark | 0x00000100 accept comment \"detour:capture\"\n",
+		"# ip rule add fwmark 0x100/0x100 lookup 7 proto 45\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("dry run lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "iptables") || strings.Contains(out, "ipv6") {
+		t.Errorf("dry run with nftables --ipv6=false:\n%s", out)
+	}
+}
+
+func TestFirewallFlagAndField(t *testing.T) {
+	cfg, err := parseRunFlags([]string{"--install-rules", "--firewall", "nftables"}, &bytes.Buffer{})
+	if err != nil || cfg.capture.firewall != redirect.FirewallNftables {
+		t.Fatalf("--firewall nftables: %v, %q", err, cfg.capture.firewall)
+	}
+	cfg, err = parseRunFlags([]string{"--install-rules"}, &bytes.Buffer{})
+	if err != nil || cfg.capture.firewall != redirect.FirewallAuto {
+		t.Fatalf("default: %v, %q", err, cfg.capture.firewall)
+	}
+	dir := t.TempDir()
+	write := func(body string) string {
+		p := filepath.Join(dir, "c.yaml")
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cfg, err = parseRunFlags([]string{"--install-rules", "--config", write("firewall: iptables\n")}, &bytes.Buffer{})
+	if err != nil || cfg.capture.firewall != redirect.FirewallIptables {
+		t.Fatalf("firewall: iptables in the file: %v, %q", err, cfg.capture.firewall)
+	}
+	// The flag overrides the file.
+	cfg, err = parseRunFlags([]string{"--install-rules", "--firewall", "nftables", "--config", write("firewall: iptables\n")}, &bytes.Buffer{})
+	if err != nil || cfg.capture.firewall != redirect.FirewallNftables {
+		t.Fatalf("--firewall over the file: %v, %q", err, cfg.capture.firewall)
+	}
+	_, err = parseRunFlags([]string{"--install-rules", "--config", write("\nfirewall: ipchains\n")}, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), "firewall (line 2)") || !strings.Contains(err.Error(), "ipchains") {
+		t.Fatalf("bad firewall in the file: %v", err)
 	}
 }
 
@@ -120,6 +179,11 @@ func TestRuleFlagErrorsExit2(t *testing.T) {
 		{[]string{"rules", "install", "--mode", "nat"}, "--mode"},
 		{[]string{"rules", "install", "--listen", "nohost"}, "--listen"},
 		{[]string{"rules", "install", "--install-rules"}, "unknown flag --install-rules"},
+		{[]string{"rules", "install", "--firewall", "nft"}, "--firewall"},
+		{[]string{"rules", "show", "--firewall", ""}, "--firewall"},
+		{[]string{"run", "--install-rules", "--firewall", "ipchains"}, "--firewall"},
+		{[]string{"run", "--firewall", "nftables"}, "--firewall: only with --install-rules"},
+		{[]string{"doctor", "--firewall", "pf"}, "--firewall"},
 	} {
 		var stdout, stderr bytes.Buffer
 		code := detour(tc.args, &stdout, &stderr)
