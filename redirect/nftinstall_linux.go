@@ -230,21 +230,31 @@ type listedRule struct {
 	exprs   []expr.Any
 }
 
+// tableExists reports whether detour's table is there.
+func tableExists() (bool, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return false, fmt.Errorf("nftables: %w", err)
+	}
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, fmt.Errorf("listing nftables tables: %w", err)
+	}
+	return slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == NFTTable }), nil
+}
+
 // list reads detour's table.
 func (in *NFTInstaller) list() (listed, error) {
 	l := listed{rules: map[string][]listedRule{}}
+	exists, err := tableExists()
+	if err != nil || !exists {
+		return l, err
+	}
+	l.exists = true
 	c, err := nftables.New()
 	if err != nil {
 		return l, fmt.Errorf("nftables: %w", err)
 	}
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return l, fmt.Errorf("listing nftables tables: %w", err)
-	}
-	if !slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == NFTTable }) {
-		return l, nil
-	}
-	l.exists = true
 	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return l, fmt.Errorf("listing the chains of table inet %s: %w", NFTTable, err)
@@ -386,11 +396,12 @@ func equalNFTChain(a, b nftChain) bool {
 func (in *NFTInstaller) Remove() error {
 	in.want, in.seen = nil, ""
 	var errs []error
-	l, err := in.list()
+	// Only whether the table is there: what is in it does not matter.
+	exists, err := tableExists()
 	switch {
 	case err != nil:
 		errs = append(errs, err)
-	case l.exists:
+	case exists:
 		c, err := nftables.New()
 		if err == nil {
 			c.DelTable(detourTable())
