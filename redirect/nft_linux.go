@@ -4,6 +4,7 @@ package redirect
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/detour-proxy/detour/ports"
@@ -36,17 +37,34 @@ type nftChain struct {
 	Rules    []nftRule
 }
 
+// nftSet is a constant interval set of addresses of one family: the
+// bypass list, looked up in one rule instead of a rule per network.
+type nftSet struct {
+	Name   string
+	Family Family
+	Ranges []addrRange // sorted, merged
+}
+
+// addrRange is an inclusive range of addresses.
+type addrRange struct{ Lo, Hi netip.Addr }
+
+// nftTable is everything in detour's table.
+type nftTable struct {
+	Sets   []nftSet
+	Chains []nftChain
+}
+
 // nftRule is one rule: its comment ("detour:capture") and expressions.
 type nftRule struct {
 	Comment string
 	Exprs   []expr.Any
 }
 
-// nftRules returns the chains of detour's nftables table for o, or o's
-// first invalid field.
-func (o RuleOptions) nftRules() ([]nftChain, error) {
+// nftRules returns detour's nftables table for o, or o's first invalid
+// field.
+func (o RuleOptions) nftRules() (nftTable, error) {
 	if err := o.Validate(); err != nil {
-		return nil, err
+		return nftTable{}, err
 	}
 	o = o.withDefaults()
 	fams := o.families()
@@ -54,12 +72,21 @@ func (o RuleOptions) nftRules() ([]nftChain, error) {
 	exempt = append(exempt,
 		nftRule{commentOwnMark, cat(metaIs(expr.MetaKeyMARK, native32(o.Mark)), verdict(expr.VerdictReturn))},
 		nftRule{commentLocal, cat(fibLocal(), verdict(expr.VerdictReturn))})
+	var sets []nftSet
 	for _, f := range fams {
+		var list []netip.Prefix
 		for _, p := range o.Bypass {
 			if f.has(p.Addr()) {
-				exempt = append(exempt, nftRule{commentBypass, cat(nfproto(f), addrIn(f, dst, p), verdict(expr.VerdictReturn))})
+				list = append(list, p)
 			}
 		}
+		if len(list) == 0 {
+			continue
+		}
+		set := nftSet{Name: "bypass" + strings.TrimPrefix(f.String(), "ipv"), Family: f, Ranges: mergeRanges(list)}
+		sets = append(sets, set)
+		exempt = append(exempt, nftRule{commentBypass, cat(nfproto(f), addrLoad(f, dst),
+			[]expr.Any{&expr.Lookup{SourceRegister: 1, SetName: set.Name}}, verdict(expr.VerdictReturn))})
 	}
 	// The capture rules: the family, interface, source, protocol and port
 	// matches, then the action; a rule per combination, as for iptables.
@@ -106,7 +133,7 @@ func (o RuleOptions) nftRules() ([]nftChain, error) {
 				Priority: *nftables.ChainPriorityNATDest,
 				Rules:    concatNFT(exempt, capture(commentOutput, true, nil, o.nftRedirect))})
 		}
-		return chains, nil
+		return nftTable{sets, chains}, nil
 	}
 	// TPROXY. Packets of connections detour already holds (its transparent
 	// sockets), except SYNs, get the mark for the policy route and skip the
@@ -135,7 +162,93 @@ func (o RuleOptions) nftRules() ([]nftChain, error) {
 			Priority: *nftables.ChainPriorityMangle,
 			Rules:    concatNFT([]nftRule{replies}, exempt, capture(commentOutput, true, nil, mark))})
 	}
-	return chains, nil
+	return nftTable{sets, chains}, nil
+}
+
+// mergeRanges turns prefixes of one family into sorted ranges, joining
+// those that overlap or touch (an interval set holds no overlaps).
+func mergeRanges(list []netip.Prefix) []addrRange {
+	var rs []addrRange
+	for _, p := range list {
+		p = p.Masked()
+		rs = append(rs, addrRange{p.Addr(), lastAddr(p)})
+	}
+	slices.SortFunc(rs, func(a, b addrRange) int { return a.Lo.Compare(b.Lo) })
+	var out []addrRange
+	for _, r := range rs {
+		if n := len(out); n > 0 {
+			last := &out[n-1]
+			if next := last.Hi.Next(); !next.IsValid() || r.Lo.Compare(next) <= 0 {
+				if r.Hi.Compare(last.Hi) > 0 {
+					last.Hi = r.Hi
+				}
+				continue
+			}
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// lastAddr is the last address of p.
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
+
+// elements are a set's ranges as the kernel's interval set takes them (as
+// nft sends them): each range's start, and an interval-end element after
+// its last address (none after the family's last address); an end element
+// at the zero address first when the first range starts later.
+func (s nftSet) elements() []nftables.SetElement {
+	var out []nftables.SetElement
+	zero := netip.IPv4Unspecified()
+	if s.Family == IPv6 {
+		zero = netip.IPv6Unspecified()
+	}
+	if len(s.Ranges) > 0 && s.Ranges[0].Lo != zero {
+		out = append(out, nftables.SetElement{Key: zero.AsSlice(), IntervalEnd: true})
+	}
+	for _, r := range s.Ranges {
+		out = append(out, nftables.SetElement{Key: r.Lo.AsSlice()})
+		if next := r.Hi.Next(); next.IsValid() {
+			out = append(out, nftables.SetElement{Key: next.AsSlice(), IntervalEnd: true})
+		}
+	}
+	return out
+}
+
+// rangesOf reads back the ranges of an interval set's elements, in any
+// order, as the kernel lists them.
+func rangesOf(elems []nftables.SetElement) []addrRange {
+	type el struct {
+		a   netip.Addr
+		end bool
+	}
+	var es []el
+	for _, e := range elems {
+		if a, ok := netip.AddrFromSlice(e.Key); ok {
+			es = append(es, el{a, e.IntervalEnd})
+		}
+	}
+	slices.SortFunc(es, func(x, y el) int { return x.a.Compare(y.a) })
+	var out []addrRange
+	for i, e := range es {
+		if e.end {
+			continue
+		}
+		// Up to the next element, or to the family's last address.
+		hi := lastAddr(netip.PrefixFrom(e.a, 0))
+		if i+1 < len(es) {
+			hi = es[i+1].a.Prev()
+		}
+		out = append(out, addrRange{e.a, hi})
+	}
+	return out
 }
 
 // nftRedirect is REDIRECT mode's action: redirect to detour's port, or DNAT
@@ -262,8 +375,8 @@ const (
 	dst
 )
 
-// addrIn: ip saddr|daddr PREFIX (ip6 for IPv6).
-func addrIn(f Family, which addrField, p netip.Prefix) []expr.Any {
+// addrLoad: the ip saddr|daddr (ip6 for IPv6) field into register 1.
+func addrLoad(f Family, which addrField) []expr.Any {
 	off, n := uint32(12), uint32(4)
 	if f == IPv6 {
 		off, n = 8, 16
@@ -271,7 +384,16 @@ func addrIn(f Family, which addrField, p netip.Prefix) []expr.Any {
 	if which == dst {
 		off += n
 	}
-	out := []expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n}}
+	return []expr.Any{&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n}}
+}
+
+// addrIn: ip saddr|daddr PREFIX (ip6 for IPv6).
+func addrIn(f Family, which addrField, p netip.Prefix) []expr.Any {
+	n := uint32(4)
+	if f == IPv6 {
+		n = 16
+	}
+	out := addrLoad(f, which)
 	if p.Bits() < p.Addr().BitLen() {
 		mask := netipMask(p.Bits(), int(n)*8)
 		out = append(out, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: mask, Xor: make([]byte, n)})

@@ -20,7 +20,11 @@ func nftLines(t *testing.T, o RuleOptions) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return strings.Split(strings.TrimSpace(s), "\n")
+	head := "table inet detour\ndelete table inet detour\n"
+	if !strings.HasPrefix(s, head) {
+		t.Fatalf("the script does not replace an earlier table first:\n%s", s)
+	}
+	return strings.Split(strings.TrimSpace(strings.TrimPrefix(s, head)), "\n")
 }
 
 func TestNFTRedirect(t *testing.T) {
@@ -30,11 +34,17 @@ func TestNFTRedirect(t *testing.T) {
 	got := nftLines(t, o)
 	want := []string{
 		"table inet detour {",
+		"\tset bypass4 {",
+		"\t\ttype ipv4_addr",
+		"\t\tflags constant,interval",
+		"\t\telements = { 10.0.0.0/8 }",
+		"\t}",
+		"",
 		"\tchain nat_prerouting {",
 		"\t\ttype nat hook prerouting priority dstnat; policy accept;",
 		`		meta mark 0x0000002d return comment "detour:own-mark"`,
 		`		fib daddr type local return comment "detour:local"`,
-		`		meta nfproto ipv4 ip daddr 10.0.0.0/8 return comment "detour:bypass"`,
+		`		meta nfproto ipv4 ip daddr @bypass4 return comment "detour:bypass"`,
 		// IPv6 has no source listed: not captured, so not bypassed either.
 		`		meta nfproto ipv4 iifname "lan0" ip saddr 198.18.1.0/24 meta l4proto tcp th dport 80 redirect to :7777 comment "detour:capture"`,
 		`		meta nfproto ipv4 iifname "lan0" ip saddr 198.18.1.0/24 meta l4proto tcp th dport 8000-9000 redirect to :7777 comment "detour:capture"`,
@@ -46,7 +56,7 @@ func TestNFTRedirect(t *testing.T) {
 		"\t\ttype nat hook output priority -100; policy accept;",
 		`		meta mark 0x0000002d return comment "detour:own-mark"`,
 		`		fib daddr type local return comment "detour:local"`,
-		`		meta nfproto ipv4 ip daddr 10.0.0.0/8 return comment "detour:bypass"`,
+		`		meta nfproto ipv4 ip daddr @bypass4 return comment "detour:bypass"`,
 		`		meta nfproto ipv4 meta l4proto tcp th dport 80 redirect to :7777 comment "detour:output"`,
 		`		meta nfproto ipv4 meta l4proto tcp th dport 8000-9000 redirect to :7777 comment "detour:output"`,
 		"\t}",
@@ -74,10 +84,12 @@ func TestNFTTProxy(t *testing.T) {
 			`		ct direction reply return comment "detour:reply"` + "\n" +
 			`		meta mark 0x00000001 return comment "detour:own-mark"` + "\n" +
 			`		fib daddr type local return comment "detour:local"` + "\n" +
-			`		meta nfproto ipv4 ip daddr 192.168.0.0/16 return comment "detour:bypass"` + "\n" +
-			`		meta nfproto ipv6 ip6 daddr ::1 return comment "detour:bypass"` + "\n" +
+			`		meta nfproto ipv4 ip daddr @bypass4 return comment "detour:bypass"` + "\n" +
+			`		meta nfproto ipv6 ip6 daddr @bypass6 return comment "detour:bypass"` + "\n" +
 			`		meta nfproto ipv4 iifname "lo" meta mark & 0x00000400 == 0x00000400 meta l4proto tcp tproxy ip to :7777 meta mark set meta mark | 0x00000400 accept comment "detour:output"`,
 		`		meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :7777 meta mark set meta mark | 0x00000400 accept comment "detour:capture"`,
+		"\tset bypass4 {\n\t\ttype ipv4_addr\n\t\tflags constant,interval\n\t\telements = { 192.168.0.0/16 }\n\t}\n",
+		"\tset bypass6 {\n\t\ttype ipv6_addr\n\t\tflags constant,interval\n\t\telements = { ::1 }\n\t}\n",
 		"\tchain mangle_output {\n\t\ttype route hook output priority mangle; policy accept;\n" +
 			`		ct direction reply return comment "detour:reply"`,
 		`		meta nfproto ipv6 meta l4proto tcp meta mark set meta mark | 0x00000400 comment "detour:output"`,
@@ -106,6 +118,49 @@ func TestNFTTProxy(t *testing.T) {
 	}
 }
 
+// The bypass list becomes one interval set per family: sorted, overlaps
+// and neighbours joined, and the elements the kernel gets (interval ends
+// after each range, none past the last address) read back the same.
+func TestBypassSets(t *testing.T) {
+	var list []netip.Prefix
+	for _, s := range []string{"10.1.0.0/16", "10.0.0.0/8", "11.0.0.0/8", "192.168.1.1/32", "192.168.1.2/32",
+		"255.255.255.255/32", "240.0.0.0/4", "::1/128", "::/128", "fd00::/8", "fc00::/8"} {
+		list = append(list, netip.MustParsePrefix(s))
+	}
+	nt, err := RuleOptions{Mode: TProxy, Port: 1, Bypass: list}.nftRules()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{
+		"bypass4": "10.0.0.0/7, 192.168.1.1-192.168.1.2, 240.0.0.0/4",
+		"bypass6": "::/127, fc00::/7",
+	}
+	if len(nt.Sets) != 2 {
+		t.Fatalf("sets %+v", nt.Sets)
+	}
+	for _, st := range nt.Sets {
+		if got := rangesText(st.Ranges); got != want[st.Name] {
+			t.Errorf("set %s = %s, want %s", st.Name, got, want[st.Name])
+		}
+		els := st.elements()
+		if els[0].IntervalEnd != (st.Name == "bypass4") {
+			t.Errorf("set %s: first element %+v; want a leading end only where the first range starts above zero", st.Name, els[0])
+		}
+		if last := els[len(els)-1]; st.Name == "bypass4" && last.IntervalEnd {
+			t.Errorf("set %s ends with an interval end past 255.255.255.255: %+v", st.Name, last)
+		}
+		slices.Reverse(els) // the kernel's order is its own
+		if got := rangesText(rangesOf(els)); got != want[st.Name] {
+			t.Errorf("set %s read back as %s, want %s", st.Name, got, want[st.Name])
+		}
+	}
+	// No bypass: no set, no bypass rule.
+	nt, _ = RuleOptions{Mode: Redirect, Port: 1, Bypass: []netip.Prefix{}}.nftRules()
+	if len(nt.Sets) != 0 || strings.Contains(nftScript(nt), "bypass") {
+		t.Errorf("--bypass none:\n%s", nftScript(nt))
+	}
+}
+
 func TestUDPOnlyTProxy(t *testing.T) {
 	var oe *OptionError
 	_, err := RuleOptions{Mode: Redirect, Port: 1, UDP: true}.nftRules()
@@ -128,7 +183,7 @@ func TestNFTDecodeRoundTrip(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, c := range chains {
+		for _, c := range chains.Chains {
 			for _, r := range c.Rules {
 				var back []expr.Any
 				for _, e := range r.Exprs {

@@ -33,7 +33,7 @@ type NFTInstaller struct {
 
 	// seen is the kernel's listing of detour's table right after the last
 	// install or verification; a re-check that lists the same is done.
-	want []nftChain
+	want nftTable
 	seen string
 }
 
@@ -58,16 +58,38 @@ func detourTable() *nftables.Table {
 	return &nftables.Table{Name: NFTTable, Family: nftables.TableFamilyINet}
 }
 
-// addChains queues chains and their rules into table on c.
-func addChains(c *nftables.Conn, t *nftables.Table, chains []nftChain) {
-	for _, ch := range chains {
+// addTable queues the sets and chains of nt, with their rules, into table
+// t on c.
+func addTable(c *nftables.Conn, t *nftables.Table, nt nftTable) error {
+	ids := map[string]uint32{}
+	for _, st := range nt.Sets {
+		key := nftables.TypeIPAddr
+		if st.Family == IPv6 {
+			key = nftables.TypeIP6Addr
+		}
+		set := &nftables.Set{Table: t, Name: st.Name, KeyType: key, Interval: true, Constant: true}
+		if err := c.AddSet(set, st.elements()); err != nil {
+			return fmt.Errorf("set %s: %w", st.Name, err)
+		}
+		ids[st.Name] = set.ID
+	}
+	for _, ch := range nt.Chains {
 		hook, prio, policy := ch.Hook, ch.Priority, nftables.ChainPolicyAccept
 		nc := c.AddChain(&nftables.Chain{Name: ch.Name, Table: t, Type: ch.Type, Hooknum: &hook, Priority: &prio, Policy: &policy})
 		for _, r := range ch.Rules {
-			c.AddRule(&nftables.Rule{Table: t, Chain: nc, Exprs: r.Exprs,
+			exprs := slices.Clone(r.Exprs)
+			for i, e := range exprs {
+				if l, ok := e.(*expr.Lookup); ok {
+					l2 := *l
+					l2.SetID = ids[l.SetName] // the set is new in this batch
+					exprs[i] = &l2
+				}
+			}
+			c.AddRule(&nftables.Rule{Table: t, Chain: nc, Exprs: exprs,
 				UserData: userdata.AppendString(nil, userdata.TypeComment, r.Comment)})
 		}
 	}
+	return nil
 }
 
 // Check returns what keeps the rules of o from working here: nftables or
@@ -77,7 +99,7 @@ func addChains(c *nftables.Conn, t *nftables.Table, chains []nftChain) {
 // scratch table, detour_probe, and deletes it again: the kernel checks
 // everything and the ruleset is left as it was.
 func (in *NFTInstaller) Check(o RuleOptions) []Problem {
-	chains, err := o.nftRules()
+	nt, err := o.nftRules()
 	if err != nil {
 		return []Problem{{Fatal: true, Msg: err.Error()}}
 	}
@@ -91,7 +113,7 @@ func (in *NFTInstaller) Check(o RuleOptions) []Problem {
 	}
 	var out []Problem
 	tried := map[string]bool{}
-	for _, ch := range chains {
+	for _, ch := range nt.Chains {
 		for _, r := range ch.Rules {
 			ext := nftExtension(r)
 			if tried[ext] {
@@ -100,9 +122,13 @@ func (in *NFTInstaller) Check(o RuleOptions) []Problem {
 			tried[ext] = true
 			probe := &nftables.Table{Name: NFTTable + "_probe", Family: nftables.TableFamilyINet}
 			c.AddTable(probe)
-			addChains(c, probe, []nftChain{{Name: ch.Name, Type: ch.Type, Hook: ch.Hook, Priority: ch.Priority, Rules: []nftRule{r}}})
+			err := addTable(c, probe, nftTable{Sets: nt.Sets,
+				Chains: []nftChain{{Name: ch.Name, Type: ch.Type, Hook: ch.Hook, Priority: ch.Priority, Rules: []nftRule{r}}}})
 			c.DelTable(probe)
-			if err := c.Flush(); err != nil {
+			if err == nil {
+				err = c.Flush()
+			}
+			if err != nil {
 				out = append(out, Problem{Fatal: true, Msg: fmt.Sprintf("the kernel lacks the %s nftables needs for %q: %v",
 					ext, nftRuleText(r), err)})
 			}
@@ -140,6 +166,8 @@ func nftExtension(r nftRule) string {
 			return "fib expression (nft_fib_inet)"
 		case *expr.Ct:
 			return "ct expression (nft_ct)"
+		case *expr.Lookup:
+			return "interval sets (nft_set_rbtree)"
 		}
 	}
 	return "matches (nf_tables)"
@@ -152,7 +180,7 @@ func nftExtension(r nftRule) string {
 // it before anything is changed. It returns whether it changed anything,
 // and Check's warnings.
 func (in *NFTInstaller) Install(o RuleOptions) (changed bool, warnings []Problem, err error) {
-	chains, err := o.nftRules()
+	nt, err := o.nftRules()
 	if err != nil {
 		return false, nil, err
 	}
@@ -169,8 +197,8 @@ func (in *NFTInstaller) Install(o RuleOptions) (changed bool, warnings []Problem
 	}
 	o = o.withDefaults()
 	routes := o.policyRoutes()
-	if ok, _, err := in.matches(chains, routes); err == nil && ok {
-		return false, warnings, in.remember(chains)
+	if ok, _, err := in.matches(nt, routes); err == nil && ok {
+		return false, warnings, in.remember(nt)
 	}
 	if err := in.removeRoutes(); err != nil {
 		return false, warnings, fmt.Errorf("removing detour's earlier policy routes: %w", err)
@@ -197,11 +225,14 @@ func (in *NFTInstaller) Install(o RuleOptions) (changed bool, warnings []Problem
 	c.AddTable(t)
 	c.DelTable(t)
 	c.AddTable(t)
-	addChains(c, t, chains)
-	if err := c.Flush(); err != nil {
+	err = addTable(c, t, nt)
+	if err == nil {
+		err = c.Flush()
+	}
+	if err != nil {
 		return rollback(fmt.Errorf("installing table inet %s: %w", NFTTable, err))
 	}
-	return true, warnings, in.remember(chains)
+	return true, warnings, in.remember(nt)
 }
 
 // policyRoutes are the policy routes of o's families (TPROXY only).
@@ -219,10 +250,12 @@ func (o RuleOptions) policyRoutes() []PolicyRoute {
 // listed is detour's table as the kernel lists it: its chains, and each
 // rule decoded.
 type listed struct {
-	exists bool
-	chains []*nftables.Chain
-	rules  map[string][]listedRule // by chain name, in order
-	raw    string                  // everything but handles, for comparing listings
+	exists  bool
+	sets    map[string]string // by name: type and elements, as nftScript prints them
+	setList []nftSet
+	chains  []*nftables.Chain
+	rules   map[string][]listedRule // by chain name, in order
+	raw     string                  // everything but handles, for comparing listings
 }
 
 type listedRule struct {
@@ -245,7 +278,7 @@ func tableExists() (bool, error) {
 
 // list reads detour's table.
 func (in *NFTInstaller) list() (listed, error) {
-	l := listed{rules: map[string][]listedRule{}}
+	l := listed{rules: map[string][]listedRule{}, sets: map[string]string{}}
 	exists, err := tableExists()
 	if err != nil || !exists {
 		return l, err
@@ -260,6 +293,27 @@ func (in *NFTInstaller) list() (listed, error) {
 		return l, fmt.Errorf("listing the chains of table inet %s: %w", NFTTable, err)
 	}
 	var raw strings.Builder
+	sets, err := c.GetSets(detourTable())
+	if err != nil {
+		return l, fmt.Errorf("listing the sets of table inet %s: %w", NFTTable, err)
+	}
+	for _, st := range sets {
+		elems, err := c.GetSetElements(st)
+		if err != nil {
+			return l, fmt.Errorf("listing set %s of table inet %s: %w", st.Name, NFTTable, err)
+		}
+		fam := IPv4
+		if st.KeyType.Bytes == 16 {
+			fam = IPv6
+		}
+		ns := nftSet{Name: st.Name, Family: fam, Ranges: rangesOf(elems)}
+		l.sets[st.Name] = setText(ns)
+		l.setList = append(l.setList, ns)
+		fmt.Fprintf(&raw, "set %s %s %v %v\n", st.Name, st.KeyType.Name, st.Interval, st.Constant)
+		for _, e := range elems {
+			fmt.Fprintf(&raw, " %x %v\n", e.Key, e.IntervalEnd)
+		}
+	}
 	for _, ch := range chains {
 		if ch.Table.Name != NFTTable {
 			continue
@@ -289,13 +343,22 @@ func deref[T any](p *T) any {
 // matches reports whether the kernel holds exactly chains and routes of
 // detour's, and if not, the first difference. The kernel's listing is
 // compared in nft syntax, rule by rule.
-func (in *NFTInstaller) matches(chains []nftChain, routes []PolicyRoute) (bool, string, error) {
+func (in *NFTInstaller) matches(nt nftTable, routes []PolicyRoute) (bool, string, error) {
+	chains := nt.Chains
 	l, err := in.list()
 	if err != nil {
 		return false, "", err
 	}
 	if !l.exists {
 		return false, fmt.Sprintf("table inet %s missing", NFTTable), nil
+	}
+	if len(l.sets) != len(nt.Sets) {
+		return false, fmt.Sprintf("table inet %s: %d sets, want %d", NFTTable, len(l.sets), len(nt.Sets)), nil
+	}
+	for _, st := range nt.Sets {
+		if got, want := l.sets[st.Name], setText(st); got != want {
+			return false, fmt.Sprintf("set %s is %q, want %q", st.Name, got, want), nil
+		}
 	}
 	if len(l.chains) != len(chains) {
 		return false, fmt.Sprintf("table inet %s: %d chains, want %d", NFTTable, len(l.chains), len(chains)), nil
@@ -334,13 +397,13 @@ func (in *NFTInstaller) matches(chains []nftChain, routes []PolicyRoute) (bool, 
 	return true, "", nil
 }
 
-// remember notes chains and the kernel's listing of the table for Ensure.
-func (in *NFTInstaller) remember(chains []nftChain) error {
+// remember notes nt and the kernel's listing of the table for Ensure.
+func (in *NFTInstaller) remember(nt nftTable) error {
 	l, err := in.list()
 	if err != nil {
 		return err
 	}
-	in.want, in.seen = chains, l.raw
+	in.want, in.seen = nt, l.raw
 	return nil
 }
 
@@ -350,13 +413,13 @@ func (in *NFTInstaller) remember(chains []nftChain) error {
 // kernel rewrites what it is sent, so that is the reference). It returns
 // whether it had to install, and what it found missing.
 func (in *NFTInstaller) Ensure(o RuleOptions) (restored bool, missing string, err error) {
-	chains, err := o.nftRules()
+	nt, err := o.nftRules()
 	if err != nil {
 		return false, "", err
 	}
 	o = o.withDefaults()
 	routes := o.policyRoutes()
-	if in.seen != "" && slices.EqualFunc(in.want, chains, equalNFTChain) {
+	if in.seen != "" && nftScript(in.want) == nftScript(nt) {
 		l, err := in.list()
 		same := err == nil && l.raw == in.seen
 		for _, pr := range routes {
@@ -367,9 +430,9 @@ func (in *NFTInstaller) Ensure(o RuleOptions) (restored bool, missing string, er
 			return false, "", nil
 		}
 	}
-	ok, missing, err := in.matches(chains, routes)
+	ok, missing, err := in.matches(nt, routes)
 	if err == nil && ok {
-		return false, "", in.remember(chains)
+		return false, "", in.remember(nt)
 	}
 	if err != nil {
 		missing = err.Error()
@@ -378,23 +441,11 @@ func (in *NFTInstaller) Ensure(o RuleOptions) (restored bool, missing string, er
 	return true, missing, err
 }
 
-func equalNFTChain(a, b nftChain) bool {
-	if a.Name != b.Name || a.Type != b.Type || a.Hook != b.Hook || a.Priority != b.Priority || len(a.Rules) != len(b.Rules) {
-		return false
-	}
-	for i := range a.Rules {
-		if nftRuleText(a.Rules[i]) != nftRuleText(b.Rules[i]) {
-			return false
-		}
-	}
-	return true
-}
-
 // Remove deletes detour's table and its ip rules and routes (proto
 // RouteProtocol), whatever options made them, in one batch for the table.
 // Removing what is not there is not an error.
 func (in *NFTInstaller) Remove() error {
-	in.want, in.seen = nil, ""
+	in.want, in.seen = nftTable{}, ""
 	var errs []error
 	// Only whether the table is there: what is in it does not matter.
 	exists, err := tableExists()
@@ -437,7 +488,7 @@ func (in *NFTInstaller) Show(w io.Writer) error {
 			}
 			chains = append(chains, nc)
 		}
-		fmt.Fprint(w, nftScript(chains))
+		fmt.Fprint(w, nftScript(nftTable{Sets: l.setList, Chains: chains}))
 		empty = false
 	}
 	lines, err := in.routeLines()
@@ -561,6 +612,8 @@ func decodeExpr(b []byte) (expr.Any, error) {
 		e = &expr.Payload{}
 	case "bitwise":
 		e = &expr.Bitwise{}
+	case "lookup":
+		e = &expr.Lookup{}
 	case "range":
 		e = &expr.Range{}
 	case "fib":

@@ -14,13 +14,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// nftScript prints chains as the nft script of detour's table (what
-// `nft -f` takes and `nft list table inet detour` shows, give or take the
-// kernel's rewrites).
-func nftScript(chains []nftChain) string {
+// nftScript prints t as the nft script of detour's table (what `nft -f`
+// takes and `nft list table inet detour` shows, give or take the kernel's
+// rewrites).
+func nftScript(t nftTable) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "table inet %s {\n", NFTTable)
-	for i, c := range chains {
+	for _, st := range t.Sets {
+		b.WriteString(setText(st))
+		b.WriteString("\n")
+	}
+	for i, c := range t.Chains {
 		if i > 0 {
 			b.WriteString("\n")
 		}
@@ -63,6 +67,39 @@ func priorityName(p nftables.ChainPriority, h nftables.ChainHook) string {
 		return "filter"
 	}
 	return strconv.Itoa(int(p))
+}
+
+// setText prints a set's declaration.
+func setText(st nftSet) string {
+	typ := "ipv4_addr"
+	if st.Family == IPv6 {
+		typ = "ipv6_addr"
+	}
+	return fmt.Sprintf("\tset %s {\n\t\ttype %s\n\t\tflags constant,interval\n\t\telements = { %s }\n\t}\n",
+		st.Name, typ, rangesText(st.Ranges))
+}
+
+// rangesText prints a set's ranges: a CIDR where a range is one, an
+// address, or LO-HI.
+func rangesText(rs []addrRange) string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, rangeText(r))
+	}
+	return strings.Join(out, ", ")
+}
+
+func rangeText(r addrRange) string {
+	for bits := 0; bits <= r.Lo.BitLen(); bits++ {
+		p := netip.PrefixFrom(r.Lo, bits)
+		if p.Masked().Addr() == r.Lo && lastAddr(p) == r.Hi {
+			if bits == r.Lo.BitLen() {
+				return r.Lo.String()
+			}
+			return p.String()
+		}
+	}
+	return r.Lo.String() + "-" + r.Hi.String()
 }
 
 // nftRuleText prints one rule in nft syntax, with its comment.
@@ -136,6 +173,12 @@ func renderExprs(exprs []expr.Any) string {
 				continue
 			}
 			out = append(out, operandText(op)+rel+valueText(op.key, e.Data))
+		case *expr.Lookup:
+			neg := ""
+			if e.Invert {
+				neg = "!= "
+			}
+			out = append(out, operandText(regs[e.SourceRegister])+" "+neg+"@"+e.SetName)
 		case *expr.Range:
 			op := regs[e.Register]
 			neg := ""
@@ -398,13 +441,14 @@ func verdictText(v *expr.Verdict) string {
 	return fmt.Sprintf("verdict%d", v.Kind)
 }
 
-// NFTScript returns the nft script of detour's table for o (what
-// `detour rules install --dry-run --firewall nftables` prints), or o's
-// first invalid field.
+// NFTScript returns the nft script that installs detour's table for o as
+// detour does (what `detour rules install --dry-run --firewall nftables`
+// prints; `nft -f` takes it): add, delete and add the table, replacing any
+// earlier one in the same transaction. Or o's first invalid field.
 func (o RuleOptions) NFTScript() (string, error) {
-	chains, err := o.nftRules()
+	t, err := o.nftRules()
 	if err != nil {
 		return "", err
 	}
-	return nftScript(chains), nil
+	return fmt.Sprintf("table inet %s\ndelete table inet %s\n", NFTTable, NFTTable) + nftScript(t), nil
 }

@@ -46,7 +46,7 @@ var backends = []backend{
 		jumps:       func(st string) int { return countIn(st, "\tchain nat_") + countIn(st, "\tchain mangle_") },
 		tproxyChain: "chain mangle_prerouting",
 		show: []string{"chain mangle_prerouting", "tproxy ip to :7000", `iifname "gc"`, "th dport 80 ", "th dport 9000 ",
-			"ip daddr 198.18.3.0/24 return", "lookup 200"},
+			"elements = { 198.18.3.0/24 }", "ip daddr @bypass4 return", "lookup 200"},
 	},
 }
 
