@@ -132,7 +132,8 @@ func clientResolver(t *testing.T, tp *topo) {
 // TestBrowsersThroughUpstreams: for dante and squid, Chromium and Firefox
 // ESR get the page site.test has at the upstream; the upstream's own log
 // shows it was asked for site.test; detour's access line has the outer
-// name, ech=true and the original destination.
+// name, ech=true and the original destination, and the metrics count the
+// ECH hellos.
 func TestBrowsersThroughUpstreams(t *testing.T) {
 	tp := newTopo(t)
 	chromium, chromiumErr := exec.LookPath("chromium")
@@ -160,11 +161,12 @@ func TestBrowsersThroughUpstreams(t *testing.T) {
 		{"squid", proxyURL("http", "", f, squidPort), bySquid},
 	} {
 		t.Run(up.name, func(t *testing.T) {
-			d := startDetourUp(t, tp, "--upstream", up.url)
+			d := startDetourUp(t, tp, "--upstream", up.url, "--metrics", metricsAddr)
 			for _, b := range browsers {
 				t.Run(b.name, func(t *testing.T) {
 					site.reset()
 					before := ps.requests(siteName, httpsPort)[up.carrier]
+					m0 := scrape(t, tp)
 					page, err := b.load(t, "https://"+siteName+"/")
 					if err != nil {
 						t.Fatal(err)
@@ -178,6 +180,9 @@ func TestBrowsersThroughUpstreams(t *testing.T) {
 					rec := d.waitLog(t, 10*time.Second, "conn", map[string]string{"host": siteName, "dst": net.JoinHostPort(siteAtClient, "443")})
 					if rec["ech"] != true || rec["target"] != siteName+":443" || rec["route"] == "direct" {
 						t.Errorf("access line = %v; want ech=true (GREASE) and target %s:443 through the upstream", rec, siteName)
+					}
+					if n := delta(m0, scrape(t, tp), "detour_sniff_ech_total"); n < 1 {
+						t.Errorf("detour_sniff_ech_total rose by %g, want the browser's hellos", n)
 					}
 					if n := waitCount(10*time.Second, before+1, func() int { return ps.requests(siteName, httpsPort)[up.carrier] }); n <= before {
 						t.Errorf("%s's log shows no request for %s:%d:\n%s", up.name, siteName, httpsPort, lastLines(ps.byName(up.carrier).logText(), 20))

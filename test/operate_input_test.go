@@ -23,10 +23,13 @@ func TestOperateBadInput(t *testing.T) {
 	tp := newTopo(t)
 	startServers(t, tp)
 	// A sniff timeout well above any delay of this busy test's clients, so
-	// that no client is taken for a silent one (whose destination detour
-	// would then stop sniffing for a while).
+	// that every half hello waits for the timeout.
 	const sniffTimeout = 2 * time.Second
-	d := startOp(t, tp, "--sniff-timeout", sniffTimeout.String())
+	// All 520 clients come from one address, and one source may hold only
+	// a sixteenth of the sniffing slots: enough slots that this one
+	// address gets a slot for each (this test is about the parsers, not
+	// fairness; TestMaxSniffingPerSource in tunnel is).
+	d := startOp(t, tp, "--sniff-timeout", sniffTimeout.String(), "--max-sniffing", "16384")
 	pid := d.cmd.Process.Pid
 	m0 := scrape(t, tp)
 	rss0 := procKB(t, pid, "VmRSS")

@@ -485,7 +485,7 @@ func (pc *proxyConn) relay(info *connInfo, server *net.TCPConn, sniffTLS bool) {
 			info.found.ECH = found.ECH
 		}
 		if pc.obs != nil {
-			pc.obs.Sniffed(found.Proto, info.outcome, info.sniffTook)
+			pc.obs.Sniffed(found, info.outcome, info.sniffTook)
 		}
 	}
 	client.SetReadDeadline(time.Time{})

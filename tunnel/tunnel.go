@@ -153,10 +153,11 @@ type Observer interface {
 	// Refused: a connection was closed before routing; reason is
 	// "not_redirected" or "limit".
 	Refused(reason string)
-	// Sniffed: what peeking found; outcome is a sniff.Outcome's name, or
+	// Sniffed: what peeking found (found.Proto, and found.ECH for a
+	// ClientHello with encrypted_client_hello); outcome is a sniff.Outcome's name, or
 	// "skipped" (server-first port or destination), "busy" (too many
 	// sniffing) or "off".
-	Sniffed(proto sniff.Proto, outcome string, took time.Duration)
+	Sniffed(found sniff.Result, outcome string, took time.Duration)
 	// Dialed: a connection to the destination or an upstream was tried.
 	Dialed(route string, took time.Duration, err error)
 	// Closed: a served connection ended, with the bytes moved each way.
@@ -340,7 +341,7 @@ func (t *Tunnel) sniff(c *conn, router *Router, dst netip.AddrPort) (sn sniffed,
 		sn, err = t.peek(c, src, err)
 	}
 	if t.Observer != nil {
-		t.Observer.Sniffed(sn.found.Proto, sn.outcome, sn.took)
+		t.Observer.Sniffed(sn.found, sn.outcome, sn.took)
 	}
 	return sn, h, err
 }

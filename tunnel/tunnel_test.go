@@ -194,7 +194,7 @@ func (o *countingObserver) Refused(reason string) {
 	o.refused[reason]++
 	o.mu.Unlock()
 }
-func (o *countingObserver) Sniffed(_ sniff.Proto, outcome string, _ time.Duration) {
+func (o *countingObserver) Sniffed(_ sniff.Result, outcome string, _ time.Duration) {
 	o.mu.Lock()
 	o.sniffOutcomes[outcome]++
 	o.mu.Unlock()

@@ -28,6 +28,7 @@ type metrics struct {
 	closed   *prometheus.CounterVec
 	bytes    *prometheus.CounterVec
 	sniffs   *prometheus.CounterVec
+	sniffECH prometheus.Counter
 	sniffDur prometheus.Histogram
 	dialDur  *prometheus.HistogramVec
 	dialFail *prometheus.CounterVec
@@ -52,6 +53,7 @@ func newMetrics(active func() int, relays func() relay.Stats, groups func() []*u
 	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_connections_refused_total", Help: "Connections closed before routing: not redirected, or over --max-conns."}, []string{"reason"})
 	m.closed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_connections_closed_total", Help: "Served connections that ended, by route (direct, reject or a group)."}, []string{"route"})
 	m.bytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_bytes_total", Help: "Bytes relayed: up is client to destination, down the reverse."}, []string{"direction"})
+	m.sniffECH = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_sniff_ech_total", Help: "TLS ClientHellos with encrypted_client_hello (GREASE or real, which cannot be told apart); their outer name is routed on and sent upstream."})
 	m.sniffs = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_sniff_total", Help: "Sniffing outcomes by protocol found."}, []string{"proto", "outcome"})
 	m.sniffDur = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "detour_sniff_duration_seconds", Help: "Time from accept to the end of sniffing.",
 		Buckets: []float64{.0001, .0005, .001, .005, .01, .05, .1, .3, 1}})
@@ -63,7 +65,7 @@ func newMetrics(active func() int, relays func() relay.Stats, groups func() []*u
 	m.inRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_refused_total", Help: "Connections or requests refused before routing, by inbound and reason (proxy: not_allowed, auth, bad_request)."}, []string{"inbound", "reason"})
 	m.inClosed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_closed_total", Help: "Routed connections (for the proxy port's HTTP forwarding: requests) that ended, by inbound and route."}, []string{"inbound", "route"})
 	m.inBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_bytes_total", Help: "Bytes carried by inbound: up is client to destination, down the reverse."}, []string{"inbound", "direction"})
-	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffDur, m.dialDur, m.dialFail, m.reloads,
+	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffECH, m.sniffDur, m.dialDur, m.dialFail, m.reloads,
 		m.inAccepted, m.inRefused, m.inClosed, m.inBytes} {
 		f(c)
 	}
@@ -81,8 +83,11 @@ func newMetrics(active func() int, relays func() relay.Stats, groups func() []*u
 
 func (m *metrics) Accepted()             { m.accepted.Inc() }
 func (m *metrics) Refused(reason string) { m.refused.WithLabelValues(reason).Inc() }
-func (m *metrics) Sniffed(p sniff.Proto, outcome string, took time.Duration) {
-	m.sniffs.WithLabelValues(p.String(), outcome).Inc()
+func (m *metrics) Sniffed(found sniff.Result, outcome string, took time.Duration) {
+	m.sniffs.WithLabelValues(found.Proto.String(), outcome).Inc()
+	if found.ECH {
+		m.sniffECH.Inc()
+	}
 	if took > 0 {
 		m.sniffDur.Observe(took.Seconds())
 	}
