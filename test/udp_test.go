@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -261,5 +262,108 @@ func sendUDP(t *testing.T, ns, addr string, b []byte) {
 	})
 	if err != nil {
 		t.Fatalf("sending a datagram to %s from %s: %v", addr, ns, err)
+	}
+}
+
+// TestUDPQUIC: headless Chromium loads a page over HTTP/3 from the quic-go
+// server in the server namespace through detour, direct and through dante's
+// UDP ASSOCIATE, over IPv4 and IPv6; detour reads the SNI from the QUIC
+// Initial packets, names it in the access line and asks dante for it (the
+// upstream's log shows site.test); ngtcp2's client too where installed.
+func TestUDPQUIC(t *testing.T) {
+	tp := newTopo(t)
+	h3 := startH3Server(t, tp.S, "[::]:443", "site.test,ngtcp2.site.test")
+	startProxies(t, tp, map[string]string{"site.test": families[0].server, "ngtcp2.site.test": families[0].server})
+	dante := danteUDP(t, tp)
+
+	for _, via := range []string{"direct", "socks5"} {
+		t.Run(via, func(t *testing.T) {
+			var args []string
+			if via == "socks5" {
+				args = append(args, "--upstream", proxyURL("socks5", "", families[0], udpDantePort))
+			}
+			d := startChecked(t, tp, udpFlags(args...)...)
+			for _, f := range families {
+				t.Run(f.name, func(t *testing.T) {
+					ip := f.server
+					if f.name == "ipv6" {
+						ip = "[" + ip + "]"
+					}
+					before := len(h3.Requests())
+					dom, err := chromiumQUIC(t, tp.C, "site.test", ip, "443", h3.SPKI)
+					if err != nil || !strings.Contains(dom, "hello over h3 via HTTP/3.0") {
+						t.Fatalf("chromium over QUIC: %v\n%s", err, dom)
+					}
+					// The server saw the gateway (direct) or dante's external
+					// address: the QUIC connection crossed detour.
+					wantFrom := map[string]map[string]string{"direct": {"ipv4": "198.18.2.1", "ipv6": "fd00:2::1"},
+						"socks5": {"ipv4": "198.18.3.11", "ipv6": "198.18.3.11"}}[via][f.name]
+					reqs := h3.Requests()[before:]
+					if len(reqs) == 0 || !strings.Contains(reqs[0], "proto=HTTP/3.0") || !strings.Contains(reqs[0], "remote="+wantFrom) &&
+						!strings.Contains(reqs[0], "remote=["+wantFrom+"]") {
+						t.Fatalf("h3server requests %q, want HTTP/3.0 from %s", reqs, wantFrom)
+					}
+					dst := net.JoinHostPort(f.server, "443")
+					rec := d.waitLog(t, 15*time.Second, "udp", map[string]string{"dst": dst, "host": "site.test"})
+					want := map[string]string{"proto": "quic", "sniff": "found", "route": map[string]string{"direct": "direct", "socks5": "upstream"}[via]}
+					if via == "socks5" {
+						want["target"] = "site.test:443"
+					}
+					for k, v := range want {
+						if fmt.Sprint(rec[k]) != v {
+							t.Errorf("access line %s = %v, want %s; %v", k, rec[k], v, rec)
+						}
+					}
+					if toInt(rec["dgrams_up"]) < 3 || toInt(rec["dgrams_down"]) < 3 {
+						t.Errorf("access line counts %v up, %v down: a page load is more", rec["dgrams_up"], rec["dgrams_down"])
+					}
+				})
+			}
+			if via == "socks5" {
+				if n := dante.lines("site.test"); n == 0 {
+					t.Errorf("dante's log never names site.test:\n%s", lastLines(dante.logText(), 40))
+				}
+			}
+			t.Run("ngtcp2", func(t *testing.T) {
+				if _, err := exec.LookPath("gtlsclient"); err != nil {
+					t.Skip("gtlsclient is not installed (ngtcp2-client; scripts/install-deps.sh installs it)")
+				}
+				// Given an IP, gtlsclient sends the SNI "localhost": it is
+				// given the name, from the client namespace's /etc/hosts.
+				nsHosts(t, tp.C, "198.18.2.2 ngtcp2.site.test\n")
+				out, err := tp.exec(t, tp.C, "timeout", "20", "gtlsclient", "-q", "--exit-on-first-stream-close",
+					"ngtcp2.site.test", "443", "https://ngtcp2.site.test:443/ngtcp2")
+				if err != nil {
+					t.Fatalf("gtlsclient: %v\n%s", err, out)
+				}
+				h3.waitRequest(t, 5*time.Second, "proto=HTTP/3.0", "path=/ngtcp2")
+				d.waitLog(t, 15*time.Second, "udp", map[string]string{"host": "ngtcp2.site.test", "proto": "quic", "sniff": "found"})
+			})
+			m := scrape(t, tp)
+			if m.sum("detour_udp_sniff_total", "proto", "quic", "outcome", "found") < 2 {
+				t.Errorf("detour_udp_sniff_total{proto=quic,outcome=found} = %g, want at least 2", m.sum("detour_udp_sniff_total", "proto", "quic", "outcome", "found"))
+			}
+		})
+	}
+}
+
+// nsHosts writes the /etc/hosts that `ip netns exec ns` mounts (lines are
+// "IP name"), removed at the end of the test.
+func nsHosts(t *testing.T, ns, lines string) {
+	t.Helper()
+	_, err := os.Stat("/etc/netns")
+	hadNetns := err == nil
+	etc := filepath.Join("/etc/netns", ns)
+	if err := os.MkdirAll(etc, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		os.RemoveAll(etc)
+		if !hadNetns {
+			os.Remove("/etc/netns") // only if empty
+		}
+	})
+	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte("127.0.0.1 localhost\n::1 localhost\n"+lines), 0o644); err != nil {
+		t.Fatal(err)
 	}
 }
