@@ -1,36 +1,16 @@
 package main
 
 import (
-	"bytes"
+	"github.com/detour-proxy/detour/internal/testkit"
+
 	"fmt"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
 
-// lockedBuffer is a bytes.Buffer safe for the writer's goroutine and the test.
-type lockedBuffer struct {
-	mu     sync.Mutex
-	b      bytes.Buffer
-	writes int
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.writes++
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) snapshot() (string, int) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String(), b.writes
-}
-
 func TestLogWriterBatchesInOrder(t *testing.T) {
-	var out lockedBuffer
+	var out testkit.LogBuffer
 	l := newLogWriter(&out, logFlushEvery)
 	var want strings.Builder
 	for i := range 1000 {
@@ -43,7 +23,7 @@ func TestLogWriterBatchesInOrder(t *testing.T) {
 	// The lines arrive without Close, in a few writes.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		got, writes := out.snapshot()
+		got, writes := out.Snapshot()
 		if got == want.String() {
 			if writes > 10 {
 				t.Errorf("1000 lines took %d writes, want a few batches", writes)
@@ -58,14 +38,14 @@ func TestLogWriterBatchesInOrder(t *testing.T) {
 	l.Write([]byte("before close\n"))
 	l.Close()
 	l.Write([]byte("after close\n"))
-	got, _ := out.snapshot()
+	got, _ := out.Snapshot()
 	if want := want.String() + "before close\nafter close\n"; got != want {
 		t.Fatalf("after Close the output ends %q, want it to end %q", got[max(0, len(got)-40):], want[len(want)-40:])
 	}
 }
 
 func TestLogWriterFlushesWhenFull(t *testing.T) {
-	var out lockedBuffer
+	var out testkit.LogBuffer
 	l := newLogWriter(&out, time.Hour) // no tick during the test
 	defer l.Close()
 	line := []byte(strings.Repeat("x", 1023) + "\n")
@@ -73,7 +53,7 @@ func TestLogWriterFlushesWhenFull(t *testing.T) {
 		l.Write(line)
 	}
 	// The write that filled the buffer wrote it, without waiting for the tick.
-	if got, _ := out.snapshot(); len(got) < logFlushAt {
+	if got, _ := out.Snapshot(); len(got) < logFlushAt {
 		t.Fatalf("%d bytes written after filling the buffer, want %d", len(got), logFlushAt)
 	}
 }

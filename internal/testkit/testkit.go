@@ -177,14 +177,24 @@ func (c *Clock) Advance(d time.Duration) {
 
 // LogBuffer collects log output written from several goroutines.
 type LogBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+	mu     sync.Mutex
+	b      bytes.Buffer
+	writes int
 }
 
 func (l *LogBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.writes++
 	return l.b.Write(p)
+}
+
+// Snapshot is everything written so far and the number of Write calls
+// that wrote it, taken together.
+func (l *LogBuffer) Snapshot() (string, int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String(), l.writes
 }
 
 // String is everything written so far.
