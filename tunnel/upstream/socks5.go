@@ -96,7 +96,19 @@ func (s *SOCKS5) handshake(c *net.TCPConn, req []byte) error {
 // BND.PORT in bound, when not nil (a domain BND.ADDR leaves the address
 // zero).
 func (s *SOCKS5) handshakeBound(c *net.TCPConn, req []byte, bound *netip.AddrPort) error {
-	var buf [2 + 255]byte
+	if err := s.negotiate(c); err != nil {
+		return err
+	}
+	if _, err := c.Write(req); err != nil {
+		return err
+	}
+	return readReply(c, bound)
+}
+
+// negotiate offers no authentication, and user/password when s has a user,
+// and authenticates if the proxy picks it.
+func (s *SOCKS5) negotiate(c *net.TCPConn) error {
+	var buf [2]byte
 	greeting := []byte{socksVersion, 1, socksNoAuth}
 	if s.User != "" {
 		greeting = []byte{socksVersion, 2, socksNoAuth, socksUserPass}
@@ -104,7 +116,7 @@ func (s *SOCKS5) handshakeBound(c *net.TCPConn, req []byte, bound *netip.AddrPor
 	if _, err := c.Write(greeting); err != nil {
 		return err
 	}
-	if err := readFull(c, buf[:2], "method selection"); err != nil {
+	if err := readFull(c, buf[:], "method selection"); err != nil {
 		return err
 	}
 	if buf[0] != socksVersion {
@@ -112,34 +124,43 @@ func (s *SOCKS5) handshakeBound(c *net.TCPConn, req []byte, bound *netip.AddrPor
 	}
 	switch m := buf[1]; {
 	case m == socksNoAuth:
+		return nil
 	case m == socksUserPass && s.User != "":
-		auth := make([]byte, 0, 3+len(s.User)+len(s.Password))
-		auth = append(auth, socksAuthVersion, byte(len(s.User)))
-		auth = append(auth, s.User...)
-		auth = append(auth, byte(len(s.Password)))
-		auth = append(auth, s.Password...)
-		if _, err := c.Write(auth); err != nil {
-			return err
-		}
-		if err := readFull(c, buf[:2], "authentication reply"); err != nil {
-			return err
-		}
-		if buf[0] != socksAuthVersion {
-			return fmt.Errorf("authentication reply has version %#02x, want 0x01", buf[0])
-		}
-		if buf[1] != 0 {
-			return errors.New("username/password rejected")
-		}
+		return s.authenticate(c)
 	case m == socksNoAcceptable:
 		return errors.New("no acceptable authentication method")
 	default:
 		return fmt.Errorf("proxy chose authentication method %#02x, which was not offered", m)
 	}
+}
 
-	if _, err := c.Write(req); err != nil {
+// authenticate sends the user name and password (RFC 1929).
+func (s *SOCKS5) authenticate(c *net.TCPConn) error {
+	var buf [2]byte
+	auth := make([]byte, 0, 3+len(s.User)+len(s.Password))
+	auth = append(auth, socksAuthVersion, byte(len(s.User)))
+	auth = append(auth, s.User...)
+	auth = append(auth, byte(len(s.Password)))
+	auth = append(auth, s.Password...)
+	if _, err := c.Write(auth); err != nil {
 		return err
 	}
-	// VER REP RSV ATYP, then BND.ADDR and BND.PORT whose length ATYP gives.
+	if err := readFull(c, buf[:], "authentication reply"); err != nil {
+		return err
+	}
+	if buf[0] != socksAuthVersion {
+		return fmt.Errorf("authentication reply has version %#02x, want 0x01", buf[0])
+	}
+	if buf[1] != 0 {
+		return errors.New("username/password rejected")
+	}
+	return nil
+}
+
+// readReply reads the reply to a request: VER REP RSV ATYP, then BND.ADDR
+// and BND.PORT, whose length ATYP gives; those go to bound if not nil.
+func readReply(c *net.TCPConn, bound *netip.AddrPort) error {
+	var buf [2 + 255]byte
 	if err := readFull(c, buf[:4], "reply"); err != nil {
 		return err
 	}

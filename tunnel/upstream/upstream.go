@@ -87,90 +87,111 @@ func (u *Upstream) lastFailure() time.Time {
 // upstream opens (timeout, socket mark); nil means a zero net.Dialer. Errors
 // quote the value with its password masked.
 func Parse(raw string, forward *net.Dialer) (*Upstream, error) {
-	fail := func(format string, args ...any) error {
-		return fmt.Errorf("upstream %q: %s", redactURL(raw), fmt.Sprintf(format, args...))
+	up, err := parse(raw, forward)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %q: %w", redactURL(raw), err)
 	}
+	return up, nil
+}
+
+// parse is Parse without the value in its errors.
+func parse(raw string, forward *net.Dialer) (*Upstream, error) {
 	if raw == "direct" || strings.HasPrefix(raw, "direct?") {
 		_, query, _ := strings.Cut(raw, "?")
-		q, err := url.ParseQuery(query)
+		w, err := parseQueryWeight(query)
 		if err != nil {
-			return nil, fail("%v", err)
-		}
-		w, err := parseWeight(q)
-		if err != nil {
-			return nil, fail("%v", err)
+			return nil, err
 		}
 		return &Upstream{Name: "direct", Weight: w, Dialer: &Direct{Forward: forward}}, nil
 	}
+	u, err := parseProxyURL(raw)
+	if err != nil {
+		return nil, err
+	}
+	w, err := parseQueryWeight(u.RawQuery)
+	if err != nil {
+		return nil, err
+	}
+	return proxyUpstream(u, w, forward)
+}
 
+// parseProxyURL parses and checks a proxy's URL: a scheme detour speaks,
+// host:port, nothing after but a query.
+func parseProxyURL(raw string) (*url.URL, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		var ue *url.Error
 		if errors.As(err, &ue) {
 			err = ue.Err // its message quotes the whole URL, password included
 		}
-		return nil, fail("%v", err)
+		return nil, err
 	}
 	switch u.Scheme {
 	case "socks5", "http":
 	case "":
-		return nil, fail("missing scheme (want socks5://, http:// or direct)")
+		return nil, errors.New("missing scheme (want socks5://, http:// or direct)")
 	default:
-		return nil, fail("unsupported scheme %q (want socks5, http or direct)", u.Scheme)
-	}
-	if u.Opaque != "" || u.Host == "" {
-		return nil, fail("missing host:port")
+		return nil, fmt.Errorf("unsupported scheme %q (want socks5, http or direct)", u.Scheme)
 	}
 	host, port := u.Hostname(), u.Port()
-	if host == "" {
-		return nil, fail("missing host")
-	}
-	if port == "" {
-		return nil, fail("missing port")
+	switch {
+	case u.Opaque != "" || u.Host == "":
+		return nil, errors.New("missing host:port")
+	case host == "":
+		return nil, errors.New("missing host")
+	case port == "":
+		return nil, errors.New("missing port")
 	}
 	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
-		return nil, fail("invalid port %q", port)
+		return nil, fmt.Errorf("invalid port %q", port)
 	}
 	if u.Path != "" && u.Path != "/" {
-		return nil, fail("unexpected path %q", u.Path)
+		return nil, fmt.Errorf("unexpected path %q", u.Path)
 	}
 	if u.Fragment != "" {
-		return nil, fail("unexpected fragment %q", u.Fragment)
+		return nil, fmt.Errorf("unexpected fragment %q", u.Fragment)
 	}
-	q, err := url.ParseQuery(u.RawQuery)
-	if err != nil {
-		return nil, fail("%v", err)
-	}
-	w, err := parseWeight(q)
-	if err != nil {
-		return nil, fail("%v", err)
-	}
+	return u, nil
+}
 
-	proxy := net.JoinHostPort(host, port)
+// proxyUpstream makes the upstream for a checked proxy URL: its name (the
+// URL without password or weight) and its dialer.
+func proxyUpstream(u *url.URL, weight int, forward *net.Dialer) (*Upstream, error) {
+	proxy := net.JoinHostPort(u.Hostname(), u.Port())
 	var user, pass string
 	name := u.Scheme + "://" + proxy
 	if u.User != nil {
 		user = u.User.Username()
 		pass, _ = u.User.Password()
 		if user == "" {
-			return nil, fail("empty user name")
+			return nil, errors.New("empty user name")
 		}
 		name = u.Scheme + "://" + url.User(user).String() + "@" + proxy
 	}
-	up := &Upstream{Name: name, Weight: w}
+	up := &Upstream{Name: name, Weight: weight}
 	switch u.Scheme {
 	case "socks5":
 		if len(user) > 255 || len(pass) > 255 {
-			return nil, fail("user name and password must be at most 255 bytes each")
+			return nil, errors.New("user name and password must be at most 255 bytes each")
 		}
 		up.Dialer = &SOCKS5{Proxy: proxy, User: user, Password: pass, Forward: forward}
 	case "http":
 		if strings.IndexByte(user, ':') >= 0 {
-			return nil, fail("user name contains ':', which Basic credentials cannot carry")
+			return nil, errors.New("user name contains ':', which Basic credentials cannot carry")
 		}
 		up.Dialer = &HTTPConnect{Proxy: proxy, User: user, Password: pass, Forward: forward}
 	}
 	return up, nil
+}
+
+// parseQueryWeight reads the weight from a URL's query, the only parameter
+// allowed.
+func parseQueryWeight(query string) (int, error) {
+	q, err := url.ParseQuery(query)
+	if err != nil {
+		return 0, err
+	}
+	return parseWeight(q)
 }
 
 // parseWeight reads the weight from q, the only parameter allowed.
