@@ -1,0 +1,188 @@
+package tunnel
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+)
+
+// LoopGuard knows detour's own outbound connections, so that one that comes
+// back to detour (a routing loop: capture rules that do not exempt detour's
+// socket mark, or a policy rule whose fwmark/mask overlaps it) is recognised
+// at its first hop by its peer address, the local address of one of them.
+//
+// It holds each established outbound connection's local address, added once
+// connected (Dialed) and removed at close (Closed), and, while a dial is in
+// flight, its socket (from the Dialer's Control hook, Control): a looped
+// connection is accepted as soon as its handshake completes, which may be
+// before the dialling goroutine has run again, so Looped also asks the
+// in-flight sockets to the same destination for their local address. A
+// lookup for an ordinary connection is one map lookup under a sharded lock
+// (and a second one when connections to the same destination are being
+// dialled). The zero value is ready to use; it is safe for concurrent use.
+type LoopGuard struct {
+	shards [loopShards]loopShard
+}
+
+const (
+	loopShards = 32
+	// maxInFlight bounds the sockets remembered per destination while they
+	// connect; beyond it the oldest are forgotten (a loop through one of
+	// them is then found at the next hop).
+	maxInFlight = 64
+)
+
+type loopShard struct {
+	mu       sync.Mutex
+	local    map[netip.AddrPort]struct{}          // established: local addresses
+	inFlight map[netip.AddrPort][]syscall.RawConn // dialling: destination → sockets
+}
+
+func loopShardOf(g *LoopGuard, ap netip.AddrPort) *loopShard {
+	a := ap.Addr().As16()
+	h := uint64(ap.Port())
+	for _, b := range a[8:] {
+		h = h*0x100000001b3 ^ uint64(b)
+	}
+	h *= 0x9E3779B97F4A7C15
+	return &g.shards[h>>(64-5)]
+}
+
+// Control wraps a Dialer Control function (next may be nil): the socket is
+// remembered as in flight to address until Dialed or its close.
+func (g *LoopGuard) Control(next func(network, address string, c syscall.RawConn) error) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		if next != nil {
+			if err := next(network, address, c); err != nil {
+				return err
+			}
+		}
+		dst, err := netip.ParseAddrPort(address)
+		if err != nil {
+			return nil // not an IP literal: nothing loops to it by address
+		}
+		dst = unmap(dst)
+		s := loopShardOf(g, dst)
+		s.mu.Lock()
+		if s.inFlight == nil {
+			s.inFlight = map[netip.AddrPort][]syscall.RawConn{}
+		}
+		list := s.inFlight[dst]
+		if len(list) >= maxInFlight {
+			list = live(list)
+			if len(list) >= maxInFlight {
+				list = list[1:]
+			}
+		}
+		s.inFlight[dst] = append(list, c)
+		s.mu.Unlock()
+		return nil
+	}
+}
+
+// Dialed records c, a connection detour made, as established: a connection
+// from its local address is a loop until Closed(c). It also forgets the
+// sockets to c's destination whose dial has ended.
+func (g *LoopGuard) Dialed(c *net.TCPConn) {
+	local, remote := addrsOf(c)
+	if !local.IsValid() {
+		return
+	}
+	s := loopShardOf(g, local)
+	s.mu.Lock()
+	if s.local == nil {
+		s.local = map[netip.AddrPort]struct{}{}
+	}
+	s.local[local] = struct{}{}
+	s.mu.Unlock()
+
+	// c's own in-flight entry is a socket of a finished dial now. Its fd
+	// lives on in c, so it is found by fd number.
+	fd := -1
+	if rc, err := c.SyscallConn(); err == nil {
+		rc.Control(func(f uintptr) { fd = int(f) })
+	}
+	s = loopShardOf(g, remote)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	list := s.inFlight[remote]
+	out := list[:0]
+	for _, rc := range list {
+		same := false
+		if err := rc.Control(func(f uintptr) { same = int(f) == fd }); err == nil && !same {
+			out = append(out, rc)
+		}
+	}
+	clear(list[len(out):])
+	if len(out) == 0 {
+		delete(s.inFlight, remote)
+	} else {
+		s.inFlight[remote] = out
+	}
+}
+
+// Closed forgets c (call it before or right after closing c; its
+// addresses are cached by the net package).
+func (g *LoopGuard) Closed(c *net.TCPConn) {
+	local, _ := addrsOf(c)
+	if !local.IsValid() {
+		return
+	}
+	s := loopShardOf(g, local)
+	s.mu.Lock()
+	delete(s.local, local)
+	s.mu.Unlock()
+}
+
+// Looped reports whether a connection accepted from peer, going to dst, is
+// one of detour's own connections come back.
+func (g *LoopGuard) Looped(peer, dst netip.AddrPort) bool {
+	peer, dst = unmap(peer), unmap(dst)
+	s := loopShardOf(g, peer)
+	s.mu.Lock()
+	_, mine := s.local[peer]
+	s.mu.Unlock()
+	if mine {
+		return true
+	}
+	s = loopShardOf(g, dst)
+	s.mu.Lock()
+	var candidates [8]syscall.RawConn
+	n := copy(candidates[:], s.inFlight[dst])
+	s.mu.Unlock()
+	for _, rc := range candidates[:n] {
+		if local, ok := sockName(rc); ok && local == peer {
+			return true
+		}
+	}
+	return false
+}
+
+// addrsOf is c's local and remote address, IPv4-mapped ones unmapped.
+func addrsOf(c *net.TCPConn) (local, remote netip.AddrPort) {
+	if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		local = unmap(a.AddrPort())
+	}
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		remote = unmap(a.AddrPort())
+	}
+	return local, remote
+}
+
+func unmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// live drops the sockets that were closed (their dial failed, or they
+// were dialled and closed).
+func live(list []syscall.RawConn) []syscall.RawConn {
+	out := list[:0]
+	for _, rc := range list {
+		if rc.Control(func(uintptr) {}) == nil {
+			out = append(out, rc)
+		}
+	}
+	clear(list[len(out):])
+	return out
+}

@@ -1,0 +1,187 @@
+package tunnel
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+)
+
+func loopListener(t testing.TB) (*net.TCPListener, netip.AddrPort) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln.(*net.TCPListener), ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+func guardedDial(t testing.TB, g *LoopGuard, addr netip.AddrPort) *net.TCPConn {
+	t.Helper()
+	d := net.Dialer{Control: g.Control(nil)}
+	c, err := d.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+func peerOf(t testing.TB, ln *net.TCPListener) netip.AddrPort {
+	t.Helper()
+	a, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	return a.RemoteAddr().(*net.TCPAddr).AddrPort()
+}
+
+// A connection from the local address of one of detour's own connections is
+// a loop: while its dial is in flight (before Dialed), once established, and
+// no more after Closed. Other peers are not.
+func TestLoopGuard(t *testing.T) {
+	var g LoopGuard
+	ln, dst := loopListener(t)
+
+	// Connected, but Dialed not called yet: the in-flight socket answers.
+	c := guardedDial(t, &g, dst)
+	peer := peerOf(t, ln)
+	if !g.Looped(peer, dst) {
+		t.Fatal("a connection from an in-flight dial's socket is not a loop")
+	}
+	g.Dialed(c)
+	if n := len(loopShardOf(&g, dst).inFlight[dst]); n != 0 {
+		t.Errorf("%d in-flight sockets left after Dialed, want 0", n)
+	}
+	if !g.Looped(peer, dst) {
+		t.Fatal("a connection from an established connection's local address is not a loop")
+	}
+	// IPv4-mapped forms are the same address.
+	mapped := netip.AddrPortFrom(netip.AddrFrom16(peer.Addr().As16()), peer.Port())
+	if !g.Looped(mapped, dst) {
+		t.Error("the IPv4-mapped peer address is not recognised")
+	}
+	other := netip.AddrPortFrom(peer.Addr(), peer.Port()+1)
+	if g.Looped(other, dst) {
+		t.Error("another port of the same host is a loop")
+	}
+	g.Closed(c)
+	if g.Looped(peer, dst) {
+		t.Error("still a loop after Closed")
+	}
+}
+
+// A failed dial leaves nothing that matches, and is forgotten.
+func TestLoopGuardFailedDial(t *testing.T) {
+	var g LoopGuard
+	ln, dst := loopListener(t)
+	ln.Close()
+	d := net.Dialer{Control: g.Control(nil)}
+	if c, err := d.Dial("tcp", dst.String()); err == nil {
+		c.Close()
+		t.Skip("the closed port accepted a connection")
+	}
+	if g.Looped(netip.MustParseAddrPort("127.0.0.1:1"), dst) {
+		t.Error("a failed dial made a loop")
+	}
+	s := loopShardOf(&g, dst)
+	s.mu.Lock()
+	s.inFlight[dst] = live(s.inFlight[dst])
+	n := len(s.inFlight[dst])
+	s.mu.Unlock()
+	if n != 0 {
+		t.Errorf("%d sockets of failed dials kept, want 0", n)
+	}
+}
+
+// Many dials, checks and closes at once: each connection is recognised at
+// accept, whether its dialer has called Dialed yet or not (and the race
+// detector watches).
+func TestLoopGuardConcurrent(t *testing.T) {
+	var g LoopGuard
+	ln, dst := loopListener(t)
+	var seen sync.Map // peer → recognised at accept
+	go func() {
+		for {
+			a, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			peer := a.RemoteAddr().(*net.TCPAddr).AddrPort()
+			seen.Store(peer, g.Looped(peer, dst))
+			a.Close()
+		}
+	}()
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 50 {
+				d := net.Dialer{Control: g.Control(nil)}
+				c, err := d.Dial("tcp", dst.String())
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				tc := c.(*net.TCPConn)
+				g.Dialed(tc)
+				local := tc.LocalAddr().(*net.TCPAddr).AddrPort()
+				deadline := time.Now().Add(5 * time.Second)
+				for {
+					if v, ok := seen.Load(local); ok {
+						if !v.(bool) {
+							t.Errorf("connection from %s not recognised at accept", local)
+						}
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Error("not accepted within 5s")
+						break
+					}
+					time.Sleep(time.Millisecond)
+				}
+				g.Closed(tc)
+				c.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	if n := len(loopShardOf(&g, dst).inFlight[dst]); n != 0 {
+		t.Errorf("%d in-flight sockets left, want 0", n)
+	}
+}
+
+// The cost for an ordinary connection: a peer that is none of detour's,
+// with and without a dial to the same destination in flight.
+func BenchmarkLoopGuardLooped(b *testing.B) {
+	var g LoopGuard
+	_, dst := loopListener(b)
+	for i := range 10000 { // established connections elsewhere
+		ap := netip.AddrPortFrom(netip.MustParseAddr("198.18.2.1"), uint16(10000+i))
+		s := loopShardOf(&g, ap)
+		if s.local == nil {
+			s.local = map[netip.AddrPort]struct{}{}
+		}
+		s.local[ap] = struct{}{}
+	}
+	peer := netip.MustParseAddrPort("198.18.1.2:40000")
+	b.Run("miss", func(b *testing.B) {
+		for b.Loop() {
+			if g.Looped(peer, dst) {
+				b.Fatal("loop")
+			}
+		}
+	})
+	b.Run("miss-with-dial-in-flight", func(b *testing.B) {
+		guardedDial(b, &g, dst) // never Dialed: stays in flight
+		for b.Loop() {
+			if g.Looped(peer, dst) {
+				b.Fatal("loop")
+			}
+		}
+	})
+}
