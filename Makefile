@@ -8,6 +8,9 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # deadline exceeded" when a -fuzztime deadline lands while it minimizes a
 # new input (go.dev/issue/75804); a count has no deadline to race.
 FUZZEXECS ?= 300000
+# make bench's soak: connection churn for this long, then detour's RSS,
+# goroutines and descriptors back to their baseline (40 s in make test).
+SOAK ?= 5m
 
 .PHONY: all build deps demo test unit e2e fuzz deb clean
 
@@ -58,6 +61,7 @@ bench: build
 	@bash scripts/install-deps.sh --bench
 	$(GO) build -o bin/bench ./test/bench
 	./bin/bench -detour $(BIN) $(BENCH_FLAGS)
+	$(GO) test -count=1 -run '^TestSoak$$' -timeout 60m ./test/ -args -soak $(SOAK)
 	@left=$$(ip netns list 2>/dev/null | grep -E '^db[0-9a-f]{8}-' || true); \
 	 test -z "$$left" || { echo "namespaces left behind: $$left"; exit 1; }
 
