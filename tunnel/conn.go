@@ -64,6 +64,13 @@ func (c *conn) setServer(server *net.TCPConn) error {
 	return nil
 }
 
+// serverConn is the server attached to c, nil if none.
+func (c *conn) serverConn() *net.TCPConn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.server
+}
+
 // startRelay hands c's client and server to the engine, unless c was cut
 // (then it returns the cut's error). first, if not nil, hears whose bytes
 // came first (relay.Engine.StartWatching).

@@ -13,7 +13,9 @@ import (
 // at its first hop by its peer address, the local address of one of them.
 //
 // It holds each established outbound connection's local address, added once
-// connected (Dialed) and removed at close (Closed), and, while a dial is in
+// connected (Dialed) and removed at close (Closed; an entry whose socket was
+// closed without it is never taken for a loop, and is swept out as the
+// table grows), and, while a dial is in
 // flight, its socket (from the Dialer's Control hook, Control): a looped
 // connection is accepted as soon as its handshake completes, which may be
 // before the dialling goroutine has run again, so Looped also asks the
@@ -22,7 +24,18 @@ import (
 // (and a second one when connections to the same destination are being
 // dialled). The zero value is ready to use; it is safe for concurrent use.
 type LoopGuard struct {
+	// Cause is the likely cause named in the "routing loop" line; empty
+	// means a generic one.
+	Cause string
+
 	shards [loopShards]loopShard
+}
+
+func (g *LoopGuard) cause() string {
+	if g.Cause != "" {
+		return g.Cause
+	}
+	return "a connection detour made came back to it: the capture rules do not exempt detour's socket mark, or an ip rule's fwmark/mask matches it"
 }
 
 const (
@@ -35,8 +48,9 @@ const (
 
 type loopShard struct {
 	mu       sync.Mutex
-	local    map[netip.AddrPort]struct{}          // established: local addresses
+	local    map[netip.AddrPort]syscall.RawConn   // established: local address → socket
 	inFlight map[netip.AddrPort][]syscall.RawConn // dialling: destination → sockets
+	sweepAt  int                                  // sweep closed sockets out of local at this size
 }
 
 func loopShardOf(g *LoopGuard, ap netip.AddrPort) *loopShard {
@@ -57,6 +71,9 @@ func (g *LoopGuard) Control(next func(network, address string, c syscall.RawConn
 			if err := next(network, address, c); err != nil {
 				return err
 			}
+		}
+		if network != "tcp" && network != "tcp4" && network != "tcp6" {
+			return nil // a UDP session's socket: it is not accepted
 		}
 		dst, err := netip.ParseAddrPort(address)
 		if err != nil {
@@ -89,20 +106,32 @@ func (g *LoopGuard) Dialed(c *net.TCPConn) {
 	if !local.IsValid() {
 		return
 	}
+	crc, err := c.SyscallConn()
+	if err != nil {
+		return
+	}
 	s := loopShardOf(g, local)
 	s.mu.Lock()
 	if s.local == nil {
-		s.local = map[netip.AddrPort]struct{}{}
+		s.local, s.sweepAt = map[netip.AddrPort]syscall.RawConn{}, 16
 	}
-	s.local[local] = struct{}{}
+	s.local[local] = crc
+	if len(s.local) >= s.sweepAt {
+		// Connections closed without Closed: drop them, and sweep again
+		// when the table has doubled (amortised O(1) per Dialed).
+		for ap, rc := range s.local {
+			if rc.Control(func(uintptr) {}) != nil {
+				delete(s.local, ap)
+			}
+		}
+		s.sweepAt = max(16, 2*len(s.local))
+	}
 	s.mu.Unlock()
 
 	// c's own in-flight entry is a socket of a finished dial now. Its fd
 	// lives on in c, so it is found by fd number.
 	fd := -1
-	if rc, err := c.SyscallConn(); err == nil {
-		rc.Control(func(f uintptr) { fd = int(f) })
-	}
+	crc.Control(func(f uintptr) { fd = int(f) })
 	s = loopShardOf(g, remote)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -141,18 +170,18 @@ func (g *LoopGuard) Looped(peer, dst netip.AddrPort) bool {
 	peer, dst = unmap(peer), unmap(dst)
 	s := loopShardOf(g, peer)
 	s.mu.Lock()
-	_, mine := s.local[peer]
+	rc, mine := s.local[peer]
 	s.mu.Unlock()
-	if mine {
-		return true
+	if mine && rc.Control(func(uintptr) {}) == nil {
+		return true // still open: a socket closed without Closed is not
 	}
 	s = loopShardOf(g, dst)
 	s.mu.Lock()
-	var candidates [8]syscall.RawConn
+	var candidates [maxInFlight]syscall.RawConn
 	n := copy(candidates[:], s.inFlight[dst])
 	s.mu.Unlock()
-	for _, rc := range candidates[:n] {
-		if local, ok := sockName(rc); ok && local == peer {
+	for i := n - 1; i >= 0; i-- { // the newest dial is the likeliest
+		if local, ok := sockName(candidates[i]); ok && local == peer {
 			return true
 		}
 	}

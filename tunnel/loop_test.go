@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -74,6 +75,41 @@ func TestLoopGuard(t *testing.T) {
 	}
 }
 
+// A connection closed without Closed is no loop, and is swept out of the
+// table as it grows.
+func TestLoopGuardClosedWithoutClosed(t *testing.T) {
+	var g LoopGuard
+	ln, dst := loopListener(t)
+	go func() {
+		for {
+			a, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			a.Close()
+		}
+	}()
+	var locals []netip.AddrPort
+	for range 2000 {
+		c := guardedDial(t, &g, dst)
+		g.Dialed(c)
+		locals = append(locals, c.LocalAddr().(*net.TCPAddr).AddrPort())
+		c.Close()
+	}
+	for _, l := range locals {
+		if g.Looped(l, dst) {
+			t.Fatalf("closed connection %s taken for a loop", l)
+		}
+	}
+	n := 0
+	for i := range g.shards {
+		n += len(g.shards[i].local)
+	}
+	if n >= 1000 {
+		t.Errorf("%d entries of closed connections kept; want them swept", n)
+	}
+}
+
 // A failed dial leaves nothing that matches, and is forgotten.
 func TestLoopGuardFailedDial(t *testing.T) {
 	var g LoopGuard
@@ -132,7 +168,7 @@ func TestLoopGuardConcurrent(t *testing.T) {
 				local := tc.LocalAddr().(*net.TCPAddr).AddrPort()
 				deadline := time.Now().Add(5 * time.Second)
 				for {
-					if v, ok := seen.Load(local); ok {
+					if v, ok := seen.LoadAndDelete(local); ok {
 						if !v.(bool) {
 							t.Errorf("connection from %s not recognised at accept", local)
 						}
@@ -164,9 +200,9 @@ func BenchmarkLoopGuardLooped(b *testing.B) {
 		ap := netip.AddrPortFrom(netip.MustParseAddr("198.18.2.1"), uint16(10000+i))
 		s := loopShardOf(&g, ap)
 		if s.local == nil {
-			s.local = map[netip.AddrPort]struct{}{}
+			s.local, s.sweepAt = map[netip.AddrPort]syscall.RawConn{}, 1<<30
 		}
-		s.local[ap] = struct{}{}
+		s.local[ap] = nil
 	}
 	peer := netip.MustParseAddrPort("198.18.1.2:40000")
 	b.Run("miss", func(b *testing.B) {

@@ -87,6 +87,13 @@ type Tunnel struct {
 	// Observer hears about every connection (detour's metrics). Nil means
 	// nobody.
 	Observer Observer
+	// Loops knows detour's own outbound connections: one accepted from
+	// the local address of one of them is a routing loop, refused before
+	// anything is dialled (Refused("loop"), one "routing loop" line per
+	// loopLogEvery). The dialers' Control functions must go through
+	// Loops.Control: the direct dialer's does; upstream groups' dialers are
+	// the caller's. Nil means no loop detection.
+	Loops *LoopGuard
 
 	router   atomic.Pointer[Router]
 	sniffing atomic.Int64 // connections in the sniffing stage
@@ -96,10 +103,12 @@ type Tunnel struct {
 	// directDialer reaches original destinations (timeout, socket mark);
 	// built once, by the first Serve.
 	directDialer *upstream.Direct
-	refusals     warnLimiter // "refused" lines
-	acceptLog    warnLimiter // "accept failed" lines
-	evictions    warnLimiter // "resetting a connection of the client holding the most" lines
-	nameWarns    warnLimiter // "sniffed name does not resolve" lines
+	refusals     warnLimiter  // "refused" lines
+	loopLogged   atomic.Int64 // UnixNano of the last "routing loop" line
+	loopHeld     atomic.Int64 // loops not logged since
+	acceptLog    warnLimiter  // "accept failed" lines
+	evictions    warnLimiter  // "resetting a connection of the client holding the most" lines
+	nameWarns    warnLimiter  // "sniffed name does not resolve" lines
 	verify       verifyCache
 	once         sync.Once
 
@@ -151,7 +160,7 @@ type Observer interface {
 	// Accepted: a connection was accepted (and not refused for the limit).
 	Accepted()
 	// Refused: a connection was closed before routing; reason is
-	// "not_redirected" or "limit".
+	// "not_redirected", "limit" or "loop" (see Tunnel.Loops).
 	Refused(reason string)
 	// Sniffed: what peeking found (found.Proto, and found.ECH for a
 	// ClientHello with encrypted_client_hello); outcome is a sniff.Outcome's name, or
@@ -184,7 +193,11 @@ func (t *Tunnel) Serve(ln Listener) error {
 	defer t.untrack(ln)
 	t.once.Do(func() {
 		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
-		t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: t.Control, KeepAlive: -1}}
+		control := t.Control
+		if t.Loops != nil {
+			control = t.Loops.Control(control)
+		}
+		t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: control, KeepAlive: -1}}
 	})
 	var backoff time.Duration
 	for {
@@ -276,18 +289,47 @@ func (t *Tunnel) serveConn(ln Listener, c *conn) {
 
 // originalDst is stage 1: where was the client going? A connection the
 // listener cannot say (not redirected: addressed to detour itself) is
-// refused: closed at once, counted and logged, never dialled.
-//
-// Any other check that must refuse a connection before it is served (one
-// from detour's own outbound sockets, looping back) belongs here too,
-// refusing with a reason of its own.
+// refused: closed at once, counted and logged, never dialled. So is one
+// from one of detour's own outbound sockets (see Loops): a routing loop,
+// where dialling would make one more, without end.
 func (t *Tunnel) originalDst(ln Listener, c *conn) (netip.AddrPort, bool) {
 	dst, err := ln.OriginalDst(c.client)
 	if err != nil {
 		t.refuse(c, dst, "not_redirected", err)
 		return dst, false
 	}
+	if t.Loops != nil && t.Loops.Looped(addrPort(c.client.RemoteAddr()), dst) {
+		t.refuseLoop(c, dst)
+		return dst, false
+	}
 	return dst, true
+}
+
+// loopLogEvery spaces the "routing loop" lines: a loop repeats for as long
+// as the rules stay wrong, and one line says it all.
+const loopLogEvery = 10 * time.Second
+
+// refuseLoop ends a connection that is a routing loop: reset at once (which
+// resets the outbound connection it came from), counted, and logged as an
+// error with the likely cause, at most once per loopLogEvery.
+func (t *Tunnel) refuseLoop(c *conn, dst netip.AddrPort) {
+	defer t.remove(c)
+	c.end(true)
+	if t.Observer != nil {
+		t.Observer.Refused("loop")
+	}
+	now := time.Now().UnixNano()
+	last := t.loopLogged.Load()
+	if last != 0 && now-last < int64(loopLogEvery) || !t.loopLogged.CompareAndSwap(last, now) {
+		t.loopHeld.Add(1)
+		return
+	}
+	t.log().LogAttrs(context.Background(), slog.LevelError, "routing loop",
+		slog.String("client", c.client.RemoteAddr().String()),
+		slog.String("dst", dst.String()),
+		slog.String("mode", t.Mode),
+		slog.String("cause", t.Loops.cause()),
+		slog.Int64("suppressed", t.loopHeld.Swap(0)))
 }
 
 // refuse ends a connection that will not be served: it is closed (no
@@ -438,6 +480,9 @@ func (t *Tunnel) connectFor(r *conn, route Action, dst netip.AddrPort, found sni
 	if err != nil {
 		return nil, upstream.Lease{}, target, err
 	}
+	if t.Loops != nil {
+		t.Loops.Dialed(server)
+	}
 	return server, lease, target, nil
 }
 
@@ -527,6 +572,11 @@ func (t *Tunnel) finish(r *conn, c *connInfo, up, down int64, err error) {
 func (t *Tunnel) finishWith(r *conn, c *connInfo, obs Observer, up, down int64, err error) {
 	defer t.remove(r)
 	c.lease.Release()
+	if t.Loops != nil {
+		if s := r.serverConn(); s != nil {
+			t.Loops.Closed(s)
+		}
+	}
 	if obs != nil {
 		obs.Closed(c.route.String(), up, down)
 	}

@@ -33,6 +33,7 @@ type metrics struct {
 	dialDur  *prometheus.HistogramVec
 	dialFail *prometheus.CounterVec
 	reloads  *prometheus.CounterVec
+	loops    prometheus.Counter
 
 	// per inbound (transparent, proxy)
 	inAccepted *prometheus.CounterVec
@@ -65,7 +66,8 @@ func newMetrics(active func() int, relays func() relay.Stats, groups func() []*u
 	m.inRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_refused_total", Help: "Connections or requests refused before routing, by inbound and reason (proxy: not_allowed, auth, bad_request)."}, []string{"inbound", "reason"})
 	m.inClosed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_closed_total", Help: "Routed connections (for the proxy port's HTTP forwarding: requests) that ended, by inbound and route."}, []string{"inbound", "route"})
 	m.inBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_bytes_total", Help: "Bytes carried by inbound: up is client to destination, down the reverse."}, []string{"inbound", "direction"})
-	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffECH, m.sniffDur, m.dialDur, m.dialFail, m.reloads,
+	m.loops = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_loops_total", Help: "Connections refused as routing loops: detour's own connections that came back to it."})
+	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffECH, m.sniffDur, m.dialDur, m.dialFail, m.reloads, m.loops,
 		m.inAccepted, m.inRefused, m.inClosed, m.inBytes} {
 		f(c)
 	}
@@ -81,8 +83,13 @@ func newMetrics(active func() int, relays func() relay.Stats, groups func() []*u
 	return m
 }
 
-func (m *metrics) Accepted()             { m.accepted.Inc() }
-func (m *metrics) Refused(reason string) { m.refused.WithLabelValues(reason).Inc() }
+func (m *metrics) Accepted() { m.accepted.Inc() }
+func (m *metrics) Refused(reason string) {
+	m.refused.WithLabelValues(reason).Inc()
+	if reason == "loop" {
+		m.loops.Inc()
+	}
+}
 func (m *metrics) Sniffed(found sniff.Result, outcome string, took time.Duration) {
 	m.sniffs.WithLabelValues(found.Proto.String(), outcome).Inc()
 	if found.ECH {

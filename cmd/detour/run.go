@@ -317,7 +317,10 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 
 	// No keepalive on outbound sockets: the idle timeout ends dead
 	// connections (and upstreams have their probe).
-	forward := &net.Dialer{Timeout: cfg.dialTimeout, Control: redirect.MarkControl(cfg.mark), KeepAlive: -1}
+	// Every outbound socket (direct and to upstreams) is known to loops,
+	// so that a connection coming back from one is refused at accept.
+	loops := &tunnel.LoopGuard{Cause: loopCause(cfg.mode, cfg.mark)}
+	forward := &net.Dialer{Timeout: cfg.dialTimeout, Control: loops.Control(redirect.MarkControl(cfg.mark)), KeepAlive: -1}
 	cfg.routing, err = buildRouting(cfg.upstreams, cfg.strategy, cfg.file, forward, log)
 	if err != nil {
 		if cfg.file != nil && len(cfg.upstreams) == 0 {
@@ -403,6 +406,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		cfg.maxConns = max(int(nofile)-256, 64) / 2
 	}
 	t := &tunnel.Tunnel{
+		Loops:       loops,
 		Control:     redirect.MarkControl(cfg.mark),
 		DialTimeout: cfg.dialTimeout,
 		IdleTimeout: cfg.idleTimeout,
@@ -696,4 +700,13 @@ func warnMarkRoutes(log *slog.Logger, mark uint32) {
 	for _, p := range problems {
 		log.Warn("ip rule overlaps detour's mark", "problem", p.Msg)
 	}
+}
+
+// loopCause is the likely cause of a routing loop, for its log line.
+func loopCause(mode redirect.Mode, mark uint32) string {
+	c := fmt.Sprintf("a connection detour made came back to it: a rule that captures connections (iptables/nft %s, not detour's own) does not exempt detour's socket mark %#x (add `-m mark ! --mark %#x` or a RETURN for it first)", strings.ToUpper(mode.String()), mark, mark)
+	if mode == redirect.TProxy {
+		c += fmt.Sprintf(", or an ip rule whose fwmark/mask matches %#x sends detour's own packets to a local route (`detour doctor` names it; pick a --mark it does not match)", mark)
+	}
+	return c
 }
