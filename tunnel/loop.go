@@ -166,18 +166,32 @@ func (g *LoopGuard) Closed(c *net.TCPConn) {
 
 // Looped reports whether a connection accepted from peer, going to dst, is
 // one of detour's own connections come back.
+//
+// The dials in flight are asked before the established table: Dialed adds
+// to the table before it drops the dial, so a connection missed by the
+// first look is found by the second.
 func (g *LoopGuard) Looped(peer, dst netip.AddrPort) bool {
 	peer, dst = unmap(peer), unmap(dst)
-	s := loopShardOf(g, peer)
+	s := loopShardOf(g, dst)
+	s.mu.Lock()
+	dialling := len(s.inFlight[dst]) > 0
+	s.mu.Unlock()
+	if dialling && inFlightFrom(s, dst, peer) {
+		return true
+	}
+	s = loopShardOf(g, peer)
 	s.mu.Lock()
 	rc, mine := s.local[peer]
 	s.mu.Unlock()
-	if mine && rc.Control(func(uintptr) {}) == nil {
-		return true // still open: a socket closed without Closed is not
-	}
-	s = loopShardOf(g, dst)
-	s.mu.Lock()
+	// Still open: a socket closed without Closed is not a loop.
+	return mine && rc.Control(func(uintptr) {}) == nil
+}
+
+// inFlightFrom reports whether one of the sockets being dialled to dst (in
+// shard s) has the local address peer.
+func inFlightFrom(s *loopShard, dst, peer netip.AddrPort) bool {
 	var candidates [maxInFlight]syscall.RawConn
+	s.mu.Lock()
 	n := copy(candidates[:], s.inFlight[dst])
 	s.mu.Unlock()
 	for i := n - 1; i >= 0; i-- { // the newest dial is the likeliest
