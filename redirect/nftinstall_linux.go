@@ -147,7 +147,29 @@ func (in *NFTInstaller) Check(o RuleOptions) []Problem {
 			}
 		}
 	}
+	if stale := staleIptablesChains(c); len(stale) > 0 {
+		out = append(out, Problem{Msg: fmt.Sprintf("detour's iptables rules are installed too (%s), by a run with "+
+			"--firewall iptables that did not remove them: both would capture; remove them with "+
+			"`detour rules remove --firewall iptables`", strings.Join(stale, ", "))})
+	}
 	return append(out, sysctlProblems(o, in.sysctl, in.interfaces())...)
+}
+
+// staleIptablesChains lists detour's iptables chains that iptables-nft
+// holds ("ip nat DETOUR"), read over netlink: no iptables command runs.
+func staleIptablesChains(c *nftables.Conn) []string {
+	chains, err := c.ListChains()
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, ch := range chains {
+		fam := familyName(ch.Table.Family)
+		if (fam == "ip" || fam == "ip6") && slices.Contains(ownedChains[ch.Table.Name], ch.Name) && ch.Name != chainProbe {
+			out = append(out, fam+" "+ch.Table.Name+" "+ch.Name)
+		}
+	}
+	return out
 }
 
 // nftExtension names the kernel module a rule needs beyond nf_tables.
@@ -446,23 +468,29 @@ func (in *NFTInstaller) Ensure(o RuleOptions) (restored bool, missing string, er
 // Removing what is not there is not an error.
 func (in *NFTInstaller) Remove() error {
 	in.want, in.seen = nftTable{}, ""
-	var errs []error
-	// Only whether the table is there: what is in it does not matter.
+	return errors.Join(removeNFTTable(true), in.removeRoutes())
+}
+
+// removeNFTTable deletes detour's table if it is there; what is in it does
+// not matter. Unless strict, a ruleset that cannot be listed (a kernel
+// without nftables) holds no table of detour's.
+func removeNFTTable(strict bool) error {
 	exists, err := tableExists()
-	switch {
-	case err != nil:
-		errs = append(errs, err)
-	case exists:
-		c, err := nftables.New()
-		if err == nil {
-			c.DelTable(detourTable())
-			err = c.Flush()
-		}
-		if err != nil && !errors.Is(err, unix.ENOENT) {
-			errs = append(errs, fmt.Errorf("nft delete table inet %s: %w", NFTTable, err))
-		}
+	if err != nil && !strict {
+		return nil
 	}
-	return errors.Join(append(errs, in.removeRoutes())...)
+	if err != nil || !exists {
+		return err
+	}
+	c, err := nftables.New()
+	if err == nil {
+		c.DelTable(detourTable())
+		err = c.Flush()
+	}
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("nft delete table inet %s: %w", NFTTable, err)
+	}
+	return nil
 }
 
 // Show writes what of detour's the kernel holds: detour's table in nft

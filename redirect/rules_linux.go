@@ -46,6 +46,10 @@ type Installer struct {
 	sysctl func(path string) (string, bool)
 	// interfaces lists the interfaces the kernel has.
 	interfaces func() []string
+	// removeNFT removes a table of detour's nftables backend, left by a
+	// killed run of it, so that two sets of rules never capture at once;
+	// nil does nothing (the unit tests' fake kernel).
+	removeNFT func() error
 
 	// What was last installed or verified, and its chains as `iptables -S`
 	// printed them then: a re-check that finds the same lines is done.
@@ -73,6 +77,7 @@ func NewInstaller() (*Installer, error) {
 		close:      h.Close,
 		sysctl:     readProcSys,
 		interfaces: interfaceNames,
+		removeNFT:  func() error { return removeNFTTable(false) },
 	}
 	for _, f := range []Family{IPv4, IPv6} {
 		proto := iptables.ProtocolIPv4
@@ -183,6 +188,11 @@ func (in *Installer) Install(o RuleOptions) (changed bool, warnings []Problem, e
 	}
 	if len(fatal) > 0 {
 		return false, warnings, errors.Join(fatal...)
+	}
+	if in.removeNFT != nil {
+		if err := in.removeNFT(); err != nil {
+			return false, warnings, err
+		}
 	}
 	if ok, _, err := in.matches(sets); err == nil && ok {
 		return false, warnings, in.remember(sets)
@@ -416,8 +426,9 @@ func (in *Installer) matches(sets []RuleSet) (bool, string, error) {
 
 // Remove deletes every rule, chain, ip rule and route of detour's, whatever
 // options made them: the jumps from the built-in chains (found by comment),
-// detour's chains (found by name), and ip rules and routes with proto
-// RouteProtocol. Deleting what is already gone is not an error.
+// detour's chains (found by name), ip rules and routes with proto
+// RouteProtocol, and a table inet detour of the nftables backend. Deleting
+// what is already gone is not an error.
 func (in *Installer) Remove() error {
 	var errs []error
 	for _, f := range []Family{IPv4, IPv6} {
@@ -426,6 +437,9 @@ func (in *Installer) Remove() error {
 		}
 	}
 	errs = append(errs, in.removeRoutes())
+	if in.removeNFT != nil {
+		errs = append(errs, in.removeNFT())
+	}
 	in.want, in.seen = nil, nil
 	return errors.Join(errs...)
 }

@@ -822,3 +822,49 @@ func TestFirewallAutoWithoutIptables(t *testing.T) {
 	}
 	tp.sameStateFor(t, be, before, "after the second remove")
 }
+
+// A killed run of one backend leaves rules that would capture beside the
+// other's: an iptables run removes a stale nftables table of detour's, and
+// an nftables check (which runs no iptables command) warns about stale
+// iptables chains, read over netlink.
+func TestRulesStaleOtherBackend(t *testing.T) {
+	tp := newTopo(t)
+	tp.operatorFirewall(t)
+	state := func() string {
+		return tp.stateOf(t, []string{"iptables-save"}, []string{"ip6tables-save"}, []string{"nft", "list", "ruleset"})
+	}
+	before := state()
+	startServers(t, tp)
+
+	d := startDetour(t, tp, append([]string{"--firewall", "nftables", "--mode", "tproxy"}, capture...)...)
+	d.cmd.Process.Kill()
+	<-d.done
+	if out, err := tp.exec(t, tp.G, "nft", "list", "table", "inet", "detour"); err != nil {
+		t.Fatalf("no stale table after kill -9: %v\n%s", err, out)
+	}
+	d = startDetour(t, tp, append([]string{"--firewall", "iptables", "--mode", "redirect"}, capture...)...)
+	if out, err := tp.exec(t, tp.G, "nft", "list", "table", "inet", "detour"); err == nil {
+		t.Fatalf("the stale nftables table is still there beside the iptables rules:\n%s", out)
+	}
+	if st := state(); strings.Contains(st, "proto 45") || countIn(st, jumpRule) != 2 {
+		t.Fatalf("after the iptables run started:\n%s", diffLines(before, st))
+	}
+	if out := curlFrom(t, tp, tp.C, httpURL(families[0].server)); strings.Contains(out, families[0].client) {
+		t.Fatalf("curl = %q; want it through detour", out)
+	}
+	d.waitLog(t, 5*time.Second, "conn", map[string]string{"dst": net.JoinHostPort(families[0].server, "80")})
+
+	d.cmd.Process.Kill()
+	<-d.done
+	out, code := tp.detourCmd(t, nil, "rules", "check", "--firewall", "nftables", "--bypass", "none")
+	if code != 0 || !strings.Contains(out, "detour's iptables rules are installed too (ip nat DETOUR") ||
+		!strings.Contains(out, "detour rules remove --firewall iptables") {
+		t.Fatalf("detour rules check --firewall nftables with stale iptables rules = %d:\n%s", code, out)
+	}
+	if out, code := tp.detourCmd(t, nil, "rules", "remove", "--firewall", "iptables"); code != 0 {
+		t.Fatalf("rules remove: %d\n%s", code, out)
+	}
+	if after := state(); after != before {
+		t.Fatalf("after rules remove the gateway's kernel differs from before:\n%s", diffLines(before, after))
+	}
+}
