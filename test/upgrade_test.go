@@ -146,12 +146,18 @@ func echoOnce(tp *topo, t *testing.T) error {
 // sample taken every 50 ms, the old process exits once its download ended,
 // and the new one (the new binary: its version) serves on.
 func TestUpgradeUnderLoad(t *testing.T) {
+	newBin := buildVersion(t, "upgrade-test")
+	for _, mode := range []string{"redirect", "tproxy"} {
+		t.Run(mode, func(t *testing.T) { testUpgradeUnderLoad(t, mode, newBin) })
+	}
+}
+
+func testUpgradeUnderLoad(t *testing.T, mode, newBin string) {
 	tp := newTopo(t)
 	startServers(t, tp)
-	newBin := buildVersion(t, "upgrade-test")
 	bin := filepath.Join(t.TempDir(), "detour")
 	copyBinary(t, detourBin, bin)
-	d := startUpgradable(t, tp, bin, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--grace", "60s",
+	d := startUpgradable(t, tp, bin, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--mode", mode, "--grace", "60s",
 		"--metrics", "127.0.0.1:9090", "--pprof", "127.0.0.1:9091"}, capture...)...)
 	oldPID := d.cmd.Process.Pid
 	server := net.JoinHostPort(families[0].server, fmt.Sprint(bulkPort))
@@ -174,9 +180,9 @@ func TestUpgradeUnderLoad(t *testing.T) {
 		tick := time.NewTicker(50 * time.Millisecond)
 		defer tick.Stop()
 		for {
-			out, _ := exec.Command("ip", "netns", "exec", tp.G, "sh", "-c", "iptables-save -t nat; ip6tables-save -t nat").CombinedOutput()
+			out, _ := exec.Command("ip", "netns", "exec", tp.G, "sh", "-c", "iptables-save; ip6tables-save; ip rule; ip -6 rule").CombinedOutput()
 			samples.Add(1)
-			if countIn(string(out), jumpRule) != 2 {
+			if countIn(string(out), jumpRule) != 2 || (mode == "tproxy" && countIn(string(out), "lookup 100 proto 45") != 2) {
 				if missing.Add(1) == 1 {
 					firstMissing.Store(string(out))
 				}
@@ -326,15 +332,22 @@ func TestUpgradeUnderLoad(t *testing.T) {
 	}
 }
 
-// A new binary that fails (exits at once; serves and then crashes within
-// its probation) leaves the old process serving with its rules, and the
-// log says why.
+// A new binary that fails (exits at once; refuses a configuration broken
+// meanwhile; serves and then crashes within its probation) leaves the old
+// process serving with its rules, and the log says why.
 func TestUpgradeFailedKeepsServing(t *testing.T) {
 	tp := newTopo(t)
 	startServers(t, tp)
 	bin := filepath.Join(t.TempDir(), "detour")
 	copyBinary(t, detourBin, bin)
-	d := startUpgradable(t, tp, bin, append([]string{"--listen", fmt.Sprintf(":%d", listenPort)}, capture...)...)
+	config := filepath.Join(t.TempDir(), "detour.yaml")
+	writeConfig := func(s string) {
+		if err := os.WriteFile(config, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeConfig("default: direct\n")
+	d := startUpgradable(t, tp, bin, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--config", config}, capture...)...)
 	real := filepath.Join(t.TempDir(), "detour-real")
 	copyBinary(t, detourBin, real)
 
@@ -342,23 +355,35 @@ func TestUpgradeFailedKeepsServing(t *testing.T) {
 		name, script, reason string
 	}{
 		{"exits at once", "#!/bin/sh\necho 'broken build' >&2\nexit 1\n", "exited before it served: exit status 1"},
+		// The real binary, with the configuration broken meanwhile: it
+		// refuses to start (exit 2) and says why.
+		{"bad configuration", "", "exit status 2 (bad flags or configuration"},
 		// The real binary, killed 1.5 s after start: before it served, or
 		// during its probation.
 		{"crashes", "#!/bin/sh\n" + real + " \"$@\" &\nsleep 1.5\nkill -9 $!\nexit 0\n", "the new process"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tmp := bin + ".new"
-			if err := os.WriteFile(tmp, []byte(tc.script), 0o755); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.Rename(tmp, bin); err != nil {
-				t.Fatal(err)
+			if tc.script == "" {
+				copyBinary(t, detourBin, bin)
+				writeConfig("default: nowhere\n")
+				defer writeConfig("default: direct\n")
+			} else {
+				tmp := bin + ".new"
+				if err := os.WriteFile(tmp, []byte(tc.script), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.Rename(tmp, bin); err != nil {
+					t.Fatal(err)
+				}
 			}
 			d.cmd.Process.Signal(syscall.SIGUSR2)
 			waitFor(t, 40*time.Second, "upgrade failed", func() bool { return len(d.find("upgrade failed", nil)) > i })
 			rec := d.find("upgrade failed", nil)[i]
 			if reason := fmt.Sprint(rec["reason"]); !strings.Contains(reason, tc.reason) {
 				t.Errorf("upgrade failed: reason %q, want it to say %q", reason, tc.reason)
+			}
+			if tc.script == "" && !strings.Contains(d.rawLog(), "nowhere") {
+				t.Errorf("the new process's own error line, naming the bad field, is not in the log")
 			}
 			if rec["kept"] != "this process serves on" {
 				t.Errorf("upgrade failed line %v: want kept=this process serves on", rec)
