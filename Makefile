@@ -39,7 +39,7 @@ unit:
 # tests. A hang fails at -timeout.
 FUZZTARGETS := sniff:FuzzTLS sniff:FuzzHTTP sniff:FuzzParse \
 	sniff:FuzzQUIC sniff:FuzzQUICFrames sniff:FuzzDNS \
-	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS
+	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS tunnel/proxyport:FuzzUDPHeader
 fuzz:
 	@for t in $(FUZZTARGETS); do \
 		p=$${t%%:*}; f=$${t#*:}; \

@@ -25,6 +25,7 @@ packages=(
 	ngtcp2-client  # gtlsclient, a real QUIC client (UDP tests, sniff corpus)
 	squid          # HTTP CONNECT upstream (with Basic auth) in the upstream tests
 	dante-server   # danted, SOCKS5 upstream in the upstream tests
+	dante-client   # socksify: a SOCKS5 UDP ASSOCIATE client in the proxy-port tests
 	microsocks     # SOCKS5 upstream with user/password in the upstream tests
 	apache2-utils  # htpasswd, squid's password file in the upstream tests
 )

@@ -114,6 +114,17 @@ func readResp(t *testing.T, br *bufio.Reader, method string) (*http.Response, st
 	return resp, string(b)
 }
 
+// gatewayServerSide is the gateway's address towards the server, where a
+// direct connection comes from.
+func gatewayServerSide(f family) string {
+	for addr, who := range carriers {
+		if who == byDirect && strings.Contains(addr, ":") == strings.Contains(f.server, ":") {
+			return addr
+		}
+	}
+	return ""
+}
+
 // rss is a process's resident memory in KiB.
 func rss(t *testing.T, pid int) int {
 	t.Helper()
@@ -155,7 +166,8 @@ proxy:
 	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := startChecked(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--config", path, "--metrics", "127.0.0.1:9101")
+	d := startChecked(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--config", path, "--metrics", "127.0.0.1:9101",
+		"--udp-dns-timeout", "500ms")
 	d.waitLog(t, 10*time.Second, "proxy port listening", nil)
 	proxy4 := net.JoinHostPort(v4.gateway, strconv.Itoa(proxyPortPort))
 	proxy6 := net.JoinHostPort(v6.gateway, strconv.Itoa(proxyPortPort))
@@ -447,6 +459,48 @@ proxy:
 		if strings.Contains(d3.rawLog(), wrongPass) || strings.Contains(d3.rawLog(), proxyPass) {
 			t.Errorf("detour logged a password:\n%s", d3.rawLog())
 		}
+	})
+
+	t.Run("SOCKS5 UDP ASSOCIATE with socksify", func(t *testing.T) {
+		if _, err := exec.LookPath("socksify"); err != nil {
+			t.Fatal("socksify is not installed (scripts/install-deps.sh installs dante-client)")
+		}
+		dns := startDNS(t, tp)
+		conf := filepath.Join(t.TempDir(), "socks.conf")
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf(`route {
+	from: 0.0.0.0/0 to: 0.0.0.0/0 via: %s port = %d
+	proxyprotocol: socks_v5
+	command: connect udpassociate
+	method: none
+}
+`, v4.gateway, proxyPortPort)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// python's socket module with dante's client library taking over
+		// its UDP calls (dig's BIND library is not one socksify can take
+		// over: its queries go out directly, and time out).
+		out, err := tp.exec(t, tp.C, "env", "SOCKS_CONF="+conf, "socksify", "/usr/bin/python3", "-c", fmt.Sprintf(`
+import socket
+q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"\x06python\x09udp-proxy\x04test\x00" + b"\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(q, (%q, %d))
+r, src = s.recvfrom(512)
+print(src[0], socket.inet_ntoa(r[-4:]))
+`, v4.server, dnsPort))
+		if strings.TrimSpace(out) != v4.server+" "+v4.server {
+			t.Errorf("socksify python: %q (%v)", out, err)
+		}
+		for _, name := range []string{"python.udp-proxy.test"} {
+			if from := dns.askedBy(name); len(from) != 1 || from[0].String() != gatewayServerSide(v4) {
+				t.Errorf("the DNS server was asked for %s by %v, want once by the gateway", name, from)
+			}
+			rec := d.waitLog(t, 10*time.Second, "udp", map[string]string{"inbound": "proxy", "host": name})
+			if rec["route"] != "direct" || rec["dst"] != net.JoinHostPort(v4.server, strconv.Itoa(dnsPort)) {
+				t.Errorf("UDP access line = %v", rec)
+			}
+		}
+		d.waitLog(t, 10*time.Second, "conn", map[string]string{"inbound": "proxy", "request": "socks5-udp"})
 	})
 
 	t.Run("metrics per inbound", func(t *testing.T) {

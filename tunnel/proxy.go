@@ -48,8 +48,18 @@ type ProxyPort struct {
 	// Observer hears about this inbound's connections. Nil means the
 	// tunnel's Observer.
 	Observer Observer
+	// NoUDP refuses SOCKS5 UDP ASSOCIATE ("command not supported").
+	// Otherwise each association gets a UDP socket of its own on the
+	// address the client connected to, and its datagrams become UDP
+	// sessions like the kernel's, with UDP's limits and timeouts.
+	NoUDP bool
+	// UDP are the limits and timeouts of those sessions.
+	UDP UDPOptions
+	// UDPObserver hears about them. Nil means nobody.
+	UDPObserver UDPObserver
 
 	local localAddrs
+	udp   proxyUDP
 }
 
 // DefaultProxyAllow are the private ranges: RFC 1918, CGNAT (RFC 6598),
@@ -404,7 +414,7 @@ func (pc *proxyConn) serveCONNECT(req *proxyport.Request) {
 
 // serveSOCKS runs the SOCKS handshake, connects, replies and relays.
 func (pc *proxyConn) serveSOCKS() {
-	req, err := proxyport.ReadSOCKS(pc.br, pc.r.client, pc.p.Users)
+	req, err := proxyport.ReadSOCKS(pc.br, pc.r.client, pc.p.Users, !pc.p.NoUDP)
 	if err != nil {
 		info := pc.info("socks")
 		reason := "bad_request"
@@ -413,6 +423,10 @@ func (pc *proxyConn) serveSOCKS() {
 			reason = "auth"
 		}
 		pc.fail(info, reason, err)
+		return
+	}
+	if req.Cmd == proxyport.CmdUDPAssociate {
+		pc.serveAssociation(req)
 		return
 	}
 	info := pc.info(fmt.Sprintf("socks%d", req.Version))

@@ -110,6 +110,14 @@ type UDPServer struct {
 	Options UDPOptions
 	// Observer hears about sessions. Nil means nobody.
 	Observer UDPObserver
+	// Inbound is how the datagrams came in, for the rules and the access
+	// line: the kernel (the zero value), or SOCKS5 UDP ASSOCIATE on the
+	// proxy port.
+	Inbound Inbound
+
+	// refuseLocal, when set, refuses a destination on the gateway itself
+	// that no rule (only the default) routes (the proxy port's rule).
+	refuseLocal func(netip.Addr) bool
 
 	once     sync.Once
 	poll     *udpPoller
@@ -464,7 +472,11 @@ func (s *udpSession) decide() {
 		srv.Observer.UDPSniffed(s.found.Proto, s.outcome)
 	}
 	router := srv.Tunnel.router.Load()
-	s.route, _ = router.RouteUDP(s.found.Host, s.found.Proto, s.key.dst)
+	var idx int
+	s.route, idx = router.route(NetUDP, srv.Inbound, s.found.Host, s.found.Proto, s.key.dst)
+	if idx < 0 && srv.refuseLocal != nil && s.route.Kind == ActionDirect && srv.refuseLocal(s.key.dst.Addr()) {
+		s.err, s.route = errLocalTarget, Action{Kind: ActionReject}
+	}
 	if s.route.Kind == ActionProxy && s.route.Group != nil {
 		if s.route.Group.CarriesUDP() == 0 {
 			// No upstream of the group can carry UDP: its fallback.
@@ -689,6 +701,7 @@ func (s *udpSession) finish(end string) {
 	attrs := []slog.Attr{
 		slog.String("client", s.key.client.String()),
 		slog.String("dst", s.key.dst.String()),
+		slog.String("inbound", srv.Inbound.String()),
 		slog.String("host", s.found.Host),
 		slog.String("proto", s.found.Proto.String()),
 		slog.String("sniff", s.outcome),

@@ -166,9 +166,9 @@ func listenProxy(inh *inherited, pass *handover, addrs []string, log *slog.Logge
 const fdProxyPrefix = "proxy "
 
 // port is the tunnel's configuration for the proxy port, with obs as its
-// observer (nil: none).
-func (pf *proxyFlags) port(obs tunnel.Observer) *tunnel.ProxyPort {
-	return &tunnel.ProxyPort{Allow: pf.allow, Users: pf.users, Observer: obs}
+// observer (nil: none) and udp the limits of its SOCKS5 UDP sessions.
+func (pf *proxyFlags) port(obs tunnel.Observer, udp tunnel.UDPOptions) *tunnel.ProxyPort {
+	return &tunnel.ProxyPort{Allow: pf.allow, Users: pf.users, Observer: obs, UDP: udp}
 }
 
 // allowString lists the allowed client ranges for the log.

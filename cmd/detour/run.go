@@ -475,7 +475,12 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	serveErr := make(chan error, 1+len(proxyLns))
 	go func() { serveErr <- t.Serve(ln) }()
-	port := cfg.proxy.port(proxyObs)
+	udpOpts := cfg.udp.opts
+	udpOpts.SniffDisabled = cfg.sniff.Disabled
+	if udpOpts.MaxSessions == 0 {
+		udpOpts.MaxSessions = min(16384, max(int(nofile)/4, 64))
+	}
+	port := cfg.proxy.port(proxyObs, udpOpts)
 	for _, pl := range proxyLns {
 		log.Info("proxy port listening", "addr", pl.Addr().String(), "users", len(cfg.proxy.users), "allow", allowString(cfg.proxy.allow))
 		go func() { serveErr <- t.ServeProxy(pl, port) }()
@@ -581,6 +586,7 @@ wait:
 		}
 	}()
 	udp.shutdown()
+	port.ShutdownUDP()
 	if err := t.Shutdown(sctx); err != nil {
 		log.Warn("grace period over; reset the connections left", "grace", cfg.grace)
 	}

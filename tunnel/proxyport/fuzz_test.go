@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -78,20 +79,25 @@ func FuzzRequest(f *testing.F) {
 }
 
 // FuzzSOCKS: the server side of the SOCKS handshake, with and without
-// credentials, never panics, accepts only CONNECT with a destination, and
-// writes at most the replies the protocol has.
+// credentials and UDP ASSOCIATE, never panics, accepts only CONNECT with a
+// destination (or UDP ASSOCIATE when asked to), and writes at most the
+// replies the protocol has.
 func FuzzSOCKS(f *testing.F) {
 	addFlights(f, "socks")
 	f.Add([]byte("\x05\x01\x02\x01\x05alice\x06secret\x05\x01\x00\x03\x01a\x00\x50"))
 	f.Add([]byte("\x04\x01\x00\x50\x00\x00\x00\x01\x00a.test\x00"))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		for _, users := range []Users{nil, {"alice": "secret"}} {
+		for i, users := range []Users{nil, {"alice": "secret"}, nil} {
+			udp := i == 2
 			var out bytes.Buffer
-			req, err := ReadSOCKS(bufio.NewReaderSize(bytes.NewReader(data), 4096), &out, users)
+			req, err := ReadSOCKS(bufio.NewReaderSize(bytes.NewReader(data), 4096), &out, users, udp)
 			if out.Len() > 2+2+22 {
 				t.Fatalf("wrote %d bytes", out.Len())
 			}
 			if err != nil {
+				continue
+			}
+			if req.Cmd == CmdUDPAssociate && udp && req.Version == 5 {
 				continue
 			}
 			if req.Cmd != CmdConnect || req.Port == 0 || (req.Host == "") == !req.Addr.IsValid() {
@@ -100,6 +106,33 @@ func FuzzSOCKS(f *testing.F) {
 			if len(users) > 0 && (req.Version != 5 || !users.Check(req.User, "secret")) {
 				t.Fatalf("accepted without credentials: %+v", req)
 			}
+		}
+	})
+}
+
+// FuzzUDPHeader: a SOCKS5 UDP header either parses to a destination and a
+// payload inside the datagram, and one written for that destination parses
+// back to it, or is refused; never a panic.
+func FuzzUDPHeader(f *testing.F) {
+	f.Add([]byte("\x00\x00\x00\x01\xc6\x12\x02\x02\x00\x35payload"))
+	f.Add([]byte("\x00\x00\x00\x04\xfd\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x01\xbbquic"))
+	f.Add([]byte("\x00\x00\x00\x03\x09site.test\x00\x35q"))
+	f.Add([]byte("\x00\x00\x01\x01\x01\x02\x03\x04\x00\x35fragment"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		addr, host, port, off, err := ParseUDPHeader(data)
+		if err != nil {
+			return
+		}
+		if off > len(data) || port == 0 || (host == "") == !addr.IsValid() {
+			t.Fatalf("parsed %v %q %d %d from %d bytes", addr, host, port, off, len(data))
+		}
+		if host != "" {
+			return
+		}
+		b := AppendUDPHeader(nil, netip.AddrPortFrom(addr, port))
+		a2, h2, p2, off2, err := ParseUDPHeader(b)
+		if err != nil || a2 != addr || h2 != "" || p2 != port || off2 != len(b) {
+			t.Fatalf("round trip of %v:%d: %v %q %d %d %v", addr, port, a2, h2, p2, off2, err)
 		}
 	})
 }

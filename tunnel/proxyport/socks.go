@@ -70,22 +70,23 @@ func (e *SOCKSError) Unwrap() error { return e.Err }
 // SOCKS4 carries no password). Replies that end the handshake in failure
 // are written to w; the reply to a request it returns is the caller's, with
 // WriteSOCKSReply once the destination is connected or not. Commands other
-// than CONNECT get "command not supported".
-func ReadSOCKS(br *bufio.Reader, w io.Writer, users Users) (*SOCKSRequest, error) {
+// than CONNECT, and UDP ASSOCIATE when udp is set (SOCKS5 only; its address
+// may be all zeros), get "command not supported".
+func ReadSOCKS(br *bufio.Reader, w io.Writer, users Users, udp bool) (*SOCKSRequest, error) {
 	v, err := br.ReadByte()
 	if err != nil {
 		return nil, &SOCKSError{Msg: "reading the version", Err: noEOF(err)}
 	}
 	switch v {
 	case 5:
-		return readSOCKS5(br, w, users)
+		return readSOCKS5(br, w, users, udp)
 	case 4:
 		return readSOCKS4(br, w, users)
 	}
 	return nil, &SOCKSError{Msg: fmt.Sprintf("version %d is not SOCKS4 or SOCKS5", v)}
 }
 
-func readSOCKS5(br *bufio.Reader, w io.Writer, users Users) (*SOCKSRequest, error) {
+func readSOCKS5(br *bufio.Reader, w io.Writer, users Users, udp bool) (*SOCKSRequest, error) {
 	fail := func(msg string, err error) (*SOCKSRequest, error) {
 		return nil, &SOCKSError{Msg: msg, Err: noEOF(err)}
 	}
@@ -194,9 +195,17 @@ func readSOCKS5(br *bufio.Reader, w io.Writer, users Users) (*SOCKSRequest, erro
 		return fail("reading the port", err)
 	}
 	req.Port = uint16(port[0])<<8 | uint16(port[1])
-	if req.Cmd != CmdConnect {
+	switch {
+	case req.Cmd == CmdUDPAssociate && udp:
+		// The client's UDP address, or zeros when it does not know it yet.
+		return req, nil
+	case req.Cmd != CmdConnect:
 		WriteSOCKSReply(w, 5, RepCommandUnsupported, netip.AddrPort{})
-		return nil, &SOCKSError{Msg: fmt.Sprintf("command %s is not supported (only CONNECT)", cmdName(req.Cmd))}
+		supported := "only CONNECT"
+		if udp {
+			supported = "only CONNECT and UDP ASSOCIATE"
+		}
+		return nil, &SOCKSError{Msg: fmt.Sprintf("command %s is not supported (%s)", cmdName(req.Cmd), supported)}
 	}
 	if req.Port == 0 {
 		WriteSOCKSReply(w, 5, RepGeneralFailure, netip.AddrPort{})
@@ -333,4 +342,69 @@ func lower(s string) string {
 		}
 	}
 	return s
+}
+
+// ParseUDPHeader reads the header of a datagram a SOCKS5 client sends to its
+// UDP relay (RFC 1928 §7): RSV (2 bytes, zero), FRAG, ATYP, DST.ADDR,
+// DST.PORT. It returns the destination (an address, or a name) and where
+// the payload starts. Fragments (FRAG not 0) are refused, as most servers
+// do.
+func ParseUDPHeader(b []byte) (addr netip.Addr, host string, port uint16, payload int, err error) {
+	if len(b) < 4 {
+		return netip.Addr{}, "", 0, 0, errors.New("datagram shorter than a SOCKS5 UDP header")
+	}
+	if b[0] != 0 || b[1] != 0 {
+		return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: reserved bytes not zero")
+	}
+	if b[2] != 0 {
+		return netip.Addr{}, "", 0, 0, fmt.Errorf("SOCKS5 UDP fragment %d (fragments are not supported)", b[2])
+	}
+	i := 4
+	switch b[3] {
+	case 1:
+		if len(b) < i+4+2 {
+			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short IPv4 address")
+		}
+		addr = netip.AddrFrom4([4]byte(b[i : i+4]))
+		i += 4
+	case 4:
+		if len(b) < i+16+2 {
+			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short IPv6 address")
+		}
+		addr = netip.AddrFrom16([16]byte(b[i : i+16])).Unmap()
+		i += 16
+	case 3:
+		if len(b) < i+1 {
+			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short domain name")
+		}
+		l := int(b[i])
+		if len(b) < i+1+l+2 {
+			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short domain name")
+		}
+		var req SOCKSRequest
+		if err := req.setName(string(b[i+1 : i+1+l])); err != nil {
+			return netip.Addr{}, "", 0, 0, fmt.Errorf("SOCKS5 UDP header: %v", err)
+		}
+		addr, host = req.Addr, req.Host
+		i += 1 + l
+	default:
+		return netip.Addr{}, "", 0, 0, fmt.Errorf("SOCKS5 UDP header: address type %d", b[3])
+	}
+	port = uint16(b[i])<<8 | uint16(b[i+1])
+	if port == 0 {
+		return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: destination port 0")
+	}
+	return addr, host, port, i + 2, nil
+}
+
+// AppendUDPHeader appends the header of a reply datagram from src.
+func AppendUDPHeader(b []byte, src netip.AddrPort) []byte {
+	a := src.Addr().Unmap()
+	if a.Is4() {
+		b = append(b, 0, 0, 0, 1)
+	} else {
+		b = append(b, 0, 0, 0, 4)
+	}
+	b = append(b, a.AsSlice()...)
+	return append(b, byte(src.Port()>>8), byte(src.Port()))
 }

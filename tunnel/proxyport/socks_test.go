@@ -10,7 +10,7 @@ import (
 
 func socks(in string, users Users) (*SOCKSRequest, string, error) {
 	var out bytes.Buffer
-	req, err := ReadSOCKS(reader(in), &out, users)
+	req, err := ReadSOCKS(reader(in), &out, users, false)
 	return req, out.String(), err
 }
 

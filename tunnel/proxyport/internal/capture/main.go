@@ -138,7 +138,7 @@ func record(c net.Conn, users proxyport.Users, host string) []byte {
 			return nil
 		}
 	case proxyport.SOCKS5, proxyport.SOCKS4:
-		req, err := proxyport.ReadSOCKS(br, c, users)
+		req, err := proxyport.ReadSOCKS(br, c, users, false)
 		if err != nil {
 			log.Printf("socks: %v", err)
 			return nil
