@@ -77,8 +77,12 @@ type UDPObserver interface {
 
 // UDPOptions configure UDP sessions. The zero value uses the defaults.
 type UDPOptions struct {
-	// MaxSessions caps the sessions at once; a new one beyond it evicts the
-	// session idle for longest. Zero means 16384.
+	// MaxSessions caps the sessions at once; a new one beyond it evicts one:
+	// the least recently used of its own source's (an IPv4 address, an IPv6
+	// /64) if that source holds the most, else that of a source holding at
+	// least two more than it, else the session idle longest. So one client
+	// opening sessions evicts only its own once it is the heaviest, not the
+	// others'. Zero means 16384.
 	MaxSessions int
 	// DNSTimeout, QUICTimeout and IdleTimeout end a session with no
 	// datagram either way for that long: DNS (a query was sniffed), QUIC
@@ -92,7 +96,8 @@ type UDPOptions struct {
 	// Zero means 16 KiB.
 	SniffMaxBytes int
 	// MaxSniffing caps the sessions being sniffed at once; a new session
-	// beyond it is routed by IP at once ("busy"). Zero means 1024.
+	// beyond it is routed by IP at once ("busy"). One source holds at most a
+	// sixteenth of them (at least one), as for TCP. Zero means 1024.
 	MaxSniffing int
 	// SniffDisabled routes every session by IP.
 	SniffDisabled bool
@@ -128,7 +133,9 @@ type UDPServer struct {
 	lru      list.List // of *udpSession, most recently active first
 	nextID   uint64
 	closed   bool
+	bySource map[netip.Prefix]int // sessions per client source
 	sniffing atomic.Int64
+	sniffers sourceCount    // sessions being sniffed, per source
 	wg       sync.WaitGroup // sessions
 	stop     chan struct{}
 	lns      map[PacketListener]struct{}
@@ -164,6 +171,7 @@ const maxUDPHeader = upstream.MaxHeader
 type udpSession struct {
 	srv   *UDPServer
 	key   udpKey
+	src   netip.Prefix // sniff.SourceKey of the client
 	id    uint64
 	start time.Time
 	last  atomic.Int64 // UnixNano of the last datagram either way
@@ -233,6 +241,21 @@ func (o UDPOptions) sniffMaxBytes() int {
 		return o.SniffMaxBytes
 	}
 	return 16 << 10
+}
+
+// enterSniffing takes a sniffing slot for a session from src, unless they
+// are all taken or src holds its share; endSniff gives it back.
+func (srv *UDPServer) enterSniffing(src netip.Prefix) bool {
+	limit := srv.Options.maxSniffing()
+	if srv.sniffing.Add(1) > limit {
+		srv.sniffing.Add(-1)
+		return false
+	}
+	if !srv.sniffers.add(src, max(int(limit/16), 1)) {
+		srv.sniffing.Add(-1)
+		return false
+	}
+	return true
 }
 
 func (o UDPOptions) maxSniffing() int64 {
@@ -325,9 +348,10 @@ func (srv *UDPServer) datagram(buf []byte, n int, key udpKey) {
 		srv.mu.Unlock()
 		return
 	}
+	src := sniff.SourceKey(key.client.Addr())
 	var victims []*udpSession
 	for len(srv.sessions) >= srv.Options.maxSessions() {
-		v := srv.oldestIdle()
+		v := srv.victim(src)
 		if v == nil {
 			break
 		}
@@ -335,7 +359,11 @@ func (srv *UDPServer) datagram(buf []byte, n int, key udpKey) {
 		victims = append(victims, v)
 	}
 	srv.nextID++
-	s = &udpSession{srv: srv, key: key, id: srv.nextID, start: time.Now(), touched: now}
+	s = &udpSession{srv: srv, key: key, src: src, id: srv.nextID, start: time.Now(), touched: now}
+	if srv.bySource == nil {
+		srv.bySource = make(map[netip.Prefix]int)
+	}
+	srv.bySource[src]++
 	s.last.Store(now)
 	s.elem = srv.lru.PushFront(s)
 	srv.sessions[key] = s
@@ -349,6 +377,45 @@ func (srv *UDPServer) datagram(buf []byte, n int, key udpKey) {
 		srv.Observer.UDPSessionStarted()
 	}
 	s.first(buf, n, now)
+}
+
+// victim picks the session to evict for a new one from src: one of src's
+// own if src holds the most (so a client flooding sessions churns its own),
+// else one of a source holding at least two more than src, else the session
+// idle longest. Finding the heaviest source is a pass over the sources, and
+// a source's least recently used session a walk from the LRU's back: both
+// only when the cap is reached. Called with srv.mu held.
+func (srv *UDPServer) victim(src netip.Prefix) *udpSession {
+	mine := srv.bySource[src]
+	var hog netip.Prefix
+	most := 0
+	for p, n := range srv.bySource {
+		if n > most {
+			hog, most = p, n
+		}
+	}
+	var v *udpSession
+	switch {
+	case mine > 0 && mine >= most:
+		v = srv.leastRecent(src)
+	case most >= mine+2:
+		v = srv.leastRecent(hog)
+	}
+	if v == nil {
+		v = srv.oldestIdle()
+	}
+	return v
+}
+
+// leastRecent is src's session nearest the LRU's back, or nil. Called with
+// srv.mu held.
+func (srv *UDPServer) leastRecent(src netip.Prefix) *udpSession {
+	for e := srv.lru.Back(); e != nil; e = e.Prev() {
+		if s := e.Value.(*udpSession); s.src == src {
+			return s
+		}
+	}
+	return nil
 }
 
 // oldestIdle picks the session to evict for a new one: the LRU's back,
@@ -380,6 +447,11 @@ func (srv *UDPServer) unlink(s *udpSession) {
 	if srv.sessions[s.key] == s {
 		delete(srv.sessions, s.key)
 	}
+	if srv.byID[s.id] == s {
+		if srv.bySource[s.src]--; srv.bySource[s.src] <= 0 {
+			delete(srv.bySource, s.src)
+		}
+	}
 	delete(srv.byID, s.id)
 	srv.lru.Remove(s.elem)
 }
@@ -395,8 +467,7 @@ func (s *udpSession) first(buf []byte, n int, now int64) {
 	switch {
 	case srv.Options.SniffDisabled:
 		s.outcome = "off"
-	case srv.sniffing.Add(1) > srv.Options.maxSniffing():
-		srv.sniffing.Add(-1)
+	case !srv.enterSniffing(s.src):
 		s.outcome = "busy"
 	default:
 		s.quic = quicAssemblers.Get().(*sniff.QUICAssembler)
@@ -443,6 +514,7 @@ func (s *udpSession) endSniff() {
 		s.quic.Reset()
 		quicAssemblers.Put(s.quic)
 		s.quic = nil
+		s.srv.sniffers.done(s.src)
 		s.srv.sniffing.Add(-1)
 	}
 	if s.timer != nil {

@@ -55,7 +55,7 @@ type udpRunFlags struct {
 }
 
 func (u *udpRunFlags) register(fs *flag.FlagSet) {
-	fs.IntVar(&u.opts.MaxSessions, "max-udp-sessions", 0, "UDP sessions at once; a new one beyond it evicts the session idle longest (0: 16384, or a quarter of the open-file limit if lower)")
+	fs.IntVar(&u.opts.MaxSessions, "max-udp-sessions", 0, "UDP sessions at once; a new one beyond it evicts one: its own client's least recent if that client holds the most, else one of a client holding two more, else the session idle longest (0: 16384, or a quarter of the open-file limit if lower)")
 	fs.DurationVar(&u.opts.IdleTimeout, "udp-idle-timeout", time.Minute, "end a UDP session (other than DNS and QUIC) after this long without a datagram either way")
 	fs.DurationVar(&u.opts.DNSTimeout, "udp-dns-timeout", 10*time.Second, "end a DNS session after this long without a datagram either way")
 	fs.DurationVar(&u.opts.QUICTimeout, "udp-quic-timeout", 30*time.Second, "end a QUIC session after this long without a datagram either way")
