@@ -134,6 +134,8 @@ type UDPServer struct {
 	nextID   uint64
 	closed   bool
 	bySource map[netip.Prefix]int // sessions per client source
+	srcHist  map[int]int          // how many sources hold n sessions
+	srcMost  int                  // the most sessions one source holds
 	sniffing atomic.Int64
 	sniffers sourceCount    // sessions being sniffed, per source
 	wg       sync.WaitGroup // sessions
@@ -360,10 +362,7 @@ func (srv *UDPServer) datagram(buf []byte, n int, key udpKey) {
 	}
 	srv.nextID++
 	s = &udpSession{srv: srv, key: key, src: src, id: srv.nextID, start: time.Now(), touched: now}
-	if srv.bySource == nil {
-		srv.bySource = make(map[netip.Prefix]int)
-	}
-	srv.bySource[src]++
+	srv.countSource(src, +1)
 	s.last.Store(now)
 	s.elem = srv.lru.PushFront(s)
 	srv.sessions[key] = s
@@ -382,24 +381,17 @@ func (srv *UDPServer) datagram(buf []byte, n int, key udpKey) {
 // victim picks the session to evict for a new one from src: one of src's
 // own if src holds the most (so a client flooding sessions churns its own),
 // else one of a source holding at least two more than src, else the session
-// idle longest. Finding the heaviest source is a pass over the sources, and
-// a source's least recently used session a walk from the LRU's back: both
-// only when the cap is reached. Called with srv.mu held.
+// idle longest. The most any source holds is kept as sessions come and go;
+// the session is looked for from the LRU's back, a bounded walk (a heavy
+// source's sessions are many, so one is near). Called with srv.mu held.
 func (srv *UDPServer) victim(src netip.Prefix) *udpSession {
 	mine := srv.bySource[src]
-	var hog netip.Prefix
-	most := 0
-	for p, n := range srv.bySource {
-		if n > most {
-			hog, most = p, n
-		}
-	}
 	var v *udpSession
 	switch {
-	case mine > 0 && mine >= most:
-		v = srv.leastRecent(src)
-	case most >= mine+2:
-		v = srv.leastRecent(hog)
+	case mine > 0 && mine >= srv.srcMost:
+		v = srv.leastRecent(func(s *udpSession) bool { return s.src == src })
+	case srv.srcMost >= mine+2:
+		v = srv.leastRecent(func(s *udpSession) bool { return srv.bySource[s.src] >= mine+2 })
 	}
 	if v == nil {
 		v = srv.oldestIdle()
@@ -407,15 +399,50 @@ func (srv *UDPServer) victim(src netip.Prefix) *udpSession {
 	return v
 }
 
-// leastRecent is src's session nearest the LRU's back, or nil. Called with
-// srv.mu held.
-func (srv *UDPServer) leastRecent(src netip.Prefix) *udpSession {
-	for e := srv.lru.Back(); e != nil; e = e.Prev() {
-		if s := e.Value.(*udpSession); s.src == src {
+// victimWalk bounds the walk of leastRecent.
+const victimWalk = 256
+
+// leastRecent is the session nearest the LRU's back, among the last
+// victimWalk, for which match holds; or nil. Called with srv.mu held.
+func (srv *UDPServer) leastRecent(match func(*udpSession) bool) *udpSession {
+	e := srv.lru.Back()
+	for range victimWalk {
+		if e == nil {
+			return nil
+		}
+		if s := e.Value.(*udpSession); match(s) {
 			return s
 		}
+		e = e.Prev()
 	}
 	return nil
+}
+
+// countSource adds d (+1 or -1) to the sessions src holds, keeping srcMost.
+// Called with srv.mu held.
+func (srv *UDPServer) countSource(src netip.Prefix, d int) {
+	if srv.bySource == nil {
+		srv.bySource, srv.srcHist = make(map[netip.Prefix]int), make(map[int]int)
+	}
+	n := srv.bySource[src]
+	if n > 0 {
+		if srv.srcHist[n]--; srv.srcHist[n] == 0 {
+			delete(srv.srcHist, n)
+		}
+	}
+	n += d
+	if n > 0 {
+		srv.bySource[src] = n
+		srv.srcHist[n]++
+	} else {
+		delete(srv.bySource, src)
+	}
+	switch {
+	case n > srv.srcMost:
+		srv.srcMost = n
+	case srv.srcHist[srv.srcMost] == 0 && srv.srcMost > 0:
+		srv.srcMost-- // src held the most alone; now it holds one less
+	}
 }
 
 // oldestIdle picks the session to evict for a new one: the LRU's back,
@@ -448,9 +475,7 @@ func (srv *UDPServer) unlink(s *udpSession) {
 		delete(srv.sessions, s.key)
 	}
 	if srv.byID[s.id] == s {
-		if srv.bySource[s.src]--; srv.bySource[s.src] <= 0 {
-			delete(srv.bySource, s.src)
-		}
+		srv.countSource(s.src, -1)
 	}
 	delete(srv.byID, s.id)
 	srv.lru.Remove(s.elem)

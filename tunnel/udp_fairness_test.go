@@ -3,10 +3,14 @@ package tunnel
 import (
 	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/detour-proxy/detour/sniff"
 )
 
 // One client opening session after session at the cap evicts only its
@@ -96,5 +100,34 @@ func TestUDPSniffingSlotsPerSource(t *testing.T) {
 	}
 	if n := obs.get("sniff:unknown:busy"); n != 8 {
 		t.Fatalf("busy = %d: another client's session found no sniffing slot", n)
+	}
+}
+
+// countSource keeps the most sessions any source holds as sessions come
+// and go, checked against a count from scratch.
+func TestUDPCountSource(t *testing.T) {
+	var srv UDPServer
+	rng := rand.New(rand.NewPCG(1, 2))
+	srcs := make([]netip.Prefix, 8)
+	for i := range srcs {
+		srcs[i] = sniff.SourceKey(netip.AddrFrom4([4]byte{198, 18, 1, byte(i + 2)}))
+	}
+	held := map[netip.Prefix]int{}
+	for i := range 10000 {
+		src := srcs[rng.IntN(len(srcs))]
+		if held[src] > 0 && rng.IntN(2) == 0 {
+			held[src]--
+			srv.countSource(src, -1)
+		} else {
+			held[src]++
+			srv.countSource(src, +1)
+		}
+		most := 0
+		for _, n := range held {
+			most = max(most, n)
+		}
+		if srv.srcMost != most || srv.bySource[src] != held[src] {
+			t.Fatalf("step %d: most %d, want %d; %v holds %d, want %d", i, srv.srcMost, most, src, srv.bySource[src], held[src])
+		}
 	}
 }
