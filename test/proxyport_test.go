@@ -198,6 +198,15 @@ proxy:
 		if rec["route"] != "direct" || rec["dst"] != net.JoinHostPort(v4.server, "443") || rec["sni"] != "one.proxy.test" || rec["sni_mismatch"] != nil {
 			t.Errorf("CONNECT access line = %v", rec)
 		}
+		// A TLS name other than the CONNECT host is flagged: curl asks the
+		// proxy for two.proxy.test but says one.proxy.test in its hello.
+		if out, err := curl("-x", "http://"+proxy4, "--connect-to", "one.proxy.test:443:two.proxy.test:443", "https://one.proxy.test/"); err != nil {
+			t.Fatal(err, out)
+		}
+		rec = d.waitLog(t, 5*time.Second, "conn", map[string]string{"inbound": "proxy", "request": "connect", "host": "two.proxy.test"})
+		if rec["sni"] != "one.proxy.test" || rec["sni_mismatch"] != true {
+			t.Errorf("CONNECT two.proxy.test with SNI one.proxy.test: access line = %v", rec)
+		}
 		rec = d.waitLog(t, 5*time.Second, "conn", map[string]string{"inbound": "proxy", "request": "http", "host": "two.proxy.test"})
 		if rec["route"] != "direct" || rec["dst"] != net.JoinHostPort(v6.server, "80") || toInt(rec["status"]) != 200 {
 			t.Errorf("forwarded request's access line = %v", rec)
