@@ -144,7 +144,8 @@ func echoOnce(tp *topo, t *testing.T) error {
 // runs across the handover and 20 new connections a second come in. None
 // fails, the download is byte-exact, detour's rules are there in every
 // sample taken every 50 ms, the old process exits once its download ended,
-// and the new one (the new binary: its version) serves on.
+// and the new one (the new binary: its version) serves on, and upgrades
+// again on its own SIGUSR2; only the last process out removes the rules.
 func TestUpgradeUnderLoad(t *testing.T) {
 	newBin := buildVersion(t, "upgrade-test")
 	for _, mode := range []string{"redirect", "tproxy"} {
@@ -323,10 +324,23 @@ func testUpgradeUnderLoad(t *testing.T, mode, newBin string) {
 		t.Errorf("%d of %d samples without detour's rules; first:\n%v", missing.Load(), samples.Load(), firstMissing.Load())
 	}
 
+	// A process started by an upgrade upgrades in turn (its successor
+	// gets what it inherited); the second one leaves at once, idle.
+	syscall.Kill(newPID, syscall.SIGUSR2)
+	waitFor(t, 45*time.Second, "a second handover", func() bool { return len(d.find("upgrade: handed over", nil)) == 2 })
+	third := toInt(d.find("upgrade: handed over", nil)[1]["new_pid"])
+	waitFor(t, 15*time.Second, "the second detour to exit", func() bool { return gone(newPID) })
+	if err := echoOnce(tp, t); err != nil {
+		t.Fatalf("connection through the third detour: %v", err)
+	}
+
 	// The last process out removes the rules.
-	syscall.Kill(newPID, syscall.SIGTERM)
-	waitFor(t, 15*time.Second, "the new detour to exit", func() bool { return gone(newPID) })
+	syscall.Kill(third, syscall.SIGTERM)
+	waitFor(t, 15*time.Second, "the third detour to exit", func() bool { return gone(third) })
 	d.waitLog(t, 5*time.Second, "rules removed", nil)
+	if n := len(d.find("rules removed", nil)); n != 1 {
+		t.Errorf("%d processes removed the rules, want the last one only", n)
+	}
 	if st := tp.kernelState(t); countIn(st, "detour:") > 0 {
 		t.Errorf("rules left after the last detour exited:\n%s", st)
 	}

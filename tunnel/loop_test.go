@@ -221,3 +221,24 @@ func BenchmarkLoopGuardLooped(b *testing.B) {
 		}
 	})
 }
+
+// The bookkeeping per outbound connection: Dialed once connected, Closed at
+// the end (the dial's Control registration is measured with the dial).
+func BenchmarkLoopGuardDialedClosed(b *testing.B) {
+	var g LoopGuard
+	ln, dst := loopListener(b)
+	go func() {
+		for {
+			a, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			defer a.Close()
+		}
+	}()
+	c := guardedDial(b, &g, dst)
+	for b.Loop() {
+		g.Dialed(c)
+		g.Closed(c)
+	}
+}
