@@ -90,6 +90,11 @@ func TestMaxConnsOneSourceCannotLockOthersOut(t *testing.T) {
 	if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("a source near its share beyond the limit: %v, want a reset", err)
 	}
+	// Counted just after the reset the client saw.
+	deadline := time.Now().Add(5 * time.Second)
+	for obs.get(func(o *countingObserver) int { return o.refused["limit"] }) < 2 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
 	if n := obs.get(func(o *countingObserver) int { return o.refused["limit"] }); n != 2 {
 		t.Errorf("refused for limit = %d, want 2", n)
 	}
