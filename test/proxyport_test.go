@@ -518,7 +518,7 @@ print(src[0], socket.inet_ntoa(r[-4:]))
 			t.Fatalf("metrics: %v %s", err, out)
 		}
 		for _, want := range []string{`detour_inbound_accepted_total{inbound="proxy"}`, `detour_inbound_closed_total{inbound="proxy",route="viadante"}`,
-			`detour_inbound_refused_total{inbound="proxy",reason="bad_request"}`} {
+			`detour_inbound_refused_total{inbound="proxy",reason="bad_request"}`, "detour_proxy_udp_sessions_total 1\n"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("metrics lack %s", want)
 			}

@@ -36,18 +36,35 @@ type proxyUDP struct {
 // server returns the port's UDPServer, made on first use.
 func (p *ProxyPort) udpServer(t *Tunnel) *UDPServer {
 	p.udp.once.Do(func() {
-		p.udp.byClient = map[netip.AddrPort]*association{}
-		p.udp.srv = &UDPServer{Tunnel: t, Replies: &p.udp, Options: p.UDP, Observer: p.UDPObserver,
+		srv := &UDPServer{Tunnel: t, Replies: &p.udp, Options: p.UDP, Observer: p.UDPObserver,
 			Inbound: ProxyInbound, refuseLocal: p.isLocal}
+		p.udp.mu.Lock()
+		p.udp.byClient = map[netip.AddrPort]*association{}
+		p.udp.srv = srv
+		p.udp.mu.Unlock()
 	})
 	return p.udp.srv
+}
+
+// UDPSessions is the number of UDP sessions of the port's associations.
+func (p *ProxyPort) UDPSessions() int {
+	p.udp.mu.Lock()
+	srv := p.udp.srv
+	p.udp.mu.Unlock()
+	if srv == nil {
+		return 0
+	}
+	return srv.Sessions()
 }
 
 // ShutdownUDP ends the UDP sessions of the port's associations (their TCP
 // connections end with the tunnel's Shutdown).
 func (p *ProxyPort) ShutdownUDP() {
-	if p.udp.srv != nil {
-		p.udp.srv.Shutdown()
+	p.udp.mu.Lock()
+	srv := p.udp.srv
+	p.udp.mu.Unlock()
+	if srv != nil {
+		srv.Shutdown()
 	}
 }
 

@@ -198,3 +198,41 @@ func (b *groupsBox) get() []*upstream.Group {
 	}
 	return nil
 }
+
+// proxyUDPMetrics are the proxy port's UDP ASSOCIATE sessions; it
+// implements tunnel.UDPObserver.
+type proxyUDPMetrics struct {
+	started prometheus.Counter
+	closed  *prometheus.CounterVec
+	bytes   *prometheus.CounterVec
+	dropped *prometheus.CounterVec
+}
+
+// addProxyUDP registers the proxy port's UDP metrics; sessions reports
+// its sessions now.
+func (m *metrics) addProxyUDP(sessions func() int) *proxyUDPMetrics {
+	u := &proxyUDPMetrics{
+		started: prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_proxy_udp_sessions_total", Help: "UDP sessions of the proxy port's SOCKS5 UDP associations."}),
+		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_proxy_udp_sessions_closed_total",
+			Help: "The proxy port's UDP sessions ended, by route and how (idle, evicted, error, shutdown)."}, []string{"route", "end"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_proxy_udp_bytes_total",
+			Help: "Payload bytes carried by the proxy port's ended UDP sessions."}, []string{"direction"}),
+		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_proxy_udp_dropped_total",
+			Help: "Datagrams on a UDP association dropped outside any session: not_associated (another source), bad_header, unresolved; reply_failed."}, []string{"reason"}),
+	}
+	for _, c := range []prometheus.Collector{u.started, u.closed, u.bytes, u.dropped} {
+		m.reg.MustRegister(c)
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_proxy_udp_sessions_active", Help: "The proxy port's UDP sessions now."},
+		func() float64 { return float64(sessions()) }))
+	return u
+}
+
+func (u *proxyUDPMetrics) UDPSessionStarted() { u.started.Inc() }
+func (u *proxyUDPMetrics) UDPSessionEnded(route, end string, _, _, up, down int64) {
+	u.closed.WithLabelValues(route, end).Inc()
+	u.bytes.WithLabelValues("up").Add(float64(up))
+	u.bytes.WithLabelValues("down").Add(float64(down))
+}
+func (u *proxyUDPMetrics) UDPDropped(reason string)           { u.dropped.WithLabelValues(reason).Inc() }
+func (u *proxyUDPMetrics) UDPSniffed(_ sniff.Proto, _ string) {}

@@ -481,6 +481,9 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 		udpOpts.MaxSessions = min(16384, max(int(nofile)/4, 64))
 	}
 	port := cfg.proxy.port(proxyObs, udpOpts)
+	if m != nil && len(proxyLns) > 0 {
+		port.UDPObserver = m.addProxyUDP(port.UDPSessions)
+	}
 	for _, pl := range proxyLns {
 		log.Info("proxy port listening", "addr", pl.Addr().String(), "users", len(cfg.proxy.users), "allow", allowString(cfg.proxy.allow))
 		go func() { serveErr <- t.ServeProxy(pl, port) }()
