@@ -44,7 +44,7 @@ const helperNofile = 200000
 
 func runHelper(args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: bench helper socks5|holdserver|holdclient|tlsserver|tlsclient|minproxy|source|connectload|ctflush [flags]")
+		return errors.New("usage: bench helper socks5|holdserver|holdclient|tlsserver|tlsclient|minproxy|source|connectload|udpsessions|ctflush [flags]")
 	}
 	raiseNofile(helperNofile)
 	switch args[0] {
@@ -64,6 +64,8 @@ func runHelper(args []string) error {
 		return sourceMain(args[1:])
 	case "connectload":
 		return connectLoadMain(args[1:])
+	case "udpsessions":
+		return udpSessionsMain(args[1:])
 	case "ctflush":
 		// conntrack -F: a candidate must not inherit the NAT bindings of
 		// the one before (a reused client port would follow them).

@@ -414,6 +414,9 @@ func (b *bench) run(cands []candidate) error {
 	if err := b.proxyPortCost(cands); err != nil {
 		return err
 	}
+	if err := b.udpCost(cands); err != nil {
+		return err
+	}
 	return b.ctx.Err()
 }
 

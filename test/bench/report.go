@@ -28,8 +28,10 @@ type results struct {
 	// ProxyPort compares CONNECT through detour's proxy port, squid and
 	// the transparent path.
 	ProxyPort []proxyPortResult `json:"proxy_port"`
-	Targets   []target          `json:"targets"`
-	Micro     string            `json:"go_microbenchmarks,omitempty"`
+	// UDP compares detour's UDP path (TPROXY) with kernel forwarding.
+	UDP     []udpResult `json:"udp"`
+	Targets []target    `json:"targets"`
+	Micro   string      `json:"go_microbenchmarks,omitempty"`
 }
 
 // repResult is one candidate in one repetition.
@@ -324,6 +326,24 @@ func (b *bench) report(w io.Writer) {
 			continue
 		}
 		fmt.Fprintf(tw, "%s\t%.0f\t%d\t%.2f\t\n", p.Setup, p.Conns.PerSec, p.Conns.Errors, p.Flow.Gbps)
+	}
+	tw.Flush()
+
+	fmt.Fprintf(w, "\nUDP: iperf3 -u, %d-byte datagrams, client to server, at rising rates (received, loss, proxy CPU per GB); new sessions: one datagram to each of %d ports, as fast as one client sends, for %ds\n",
+		udpPayload, udpSilentHi-udpSilentLo+1, udpSessionSeconds)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "setup	target	Mbit/s	datagrams/s	lost %	CPU s/GB	")
+	for _, u := range b.res.UDP {
+		if u.Error != "" {
+			fmt.Fprintf(w, "%s FAILED: %s\n", u.Setup, firstLine(u.Error))
+		}
+		for _, r := range u.Rates {
+			fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.0f\t%.2f\t%.2f\t\n", u.Setup, r.Target, r.Mbps, r.PerSec, r.LostPct, r.CPUPerGB)
+		}
+		if u.Sessions != nil {
+			fmt.Fprintf(tw, "%s\tnew sessions\t\t%.0f/s\t%.1f\t\t\n", u.Setup, u.Sessions.PerSec,
+				100*(1-float64(u.Sessions.Received)/float64(max(u.Sessions.Sent, 1))))
+		}
 	}
 	tw.Flush()
 
