@@ -90,6 +90,10 @@ func socketFamily(rc syscall.RawConn) (int, error) {
 	return fam, serr
 }
 
+// udpListenBuffer is the receive buffer of the UDP listener (the kernel
+// doubles it for its bookkeeping).
+const udpListenBuffer = 4 << 20
+
 // udpListenControl sets the receiving socket's options (see ListenUDP).
 func udpListenControl(network, address string, c syscall.RawConn) error {
 	type opt struct {
@@ -112,6 +116,12 @@ func udpListenControl(network, address string, c syscall.RawConn) error {
 				serr = fmt.Errorf("setting %s on udp %s: %w (needs CAP_NET_ADMIN)", o.what, address, err)
 				return
 			}
+		}
+		// Every client's datagrams queue here while sessions are made
+		// and while this process waits for a CPU: room for bursts beyond
+		// net.core.rmem_max (CAP_NET_ADMIN may go past it).
+		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, udpListenBuffer) != nil {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, udpListenBuffer)
 		}
 	})
 	if err != nil {

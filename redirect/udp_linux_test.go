@@ -235,3 +235,18 @@ func TestReplyPool(t *testing.T) {
 		t.Fatalf("IPv6 client got %q from %v (%v)", buf[:n], src, err)
 	}
 }
+
+// The listener's receive buffer is raised past rmem_max for bursts.
+func TestUDPListenerBuffer(t *testing.T) {
+	requireRootUDP(t)
+	ln, err := ListenUDP(context.Background(), "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var v int
+	ln.rc.Control(func(fd uintptr) { v, err = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF) })
+	if err != nil || v < udpListenBuffer {
+		t.Fatalf("SO_RCVBUF = %d (%v), want at least %d", v, err, udpListenBuffer)
+	}
+}

@@ -468,3 +468,38 @@ func TestUDPFallbackForHTTPGroup(t *testing.T) {
 		})
 	}
 }
+
+type discardReplies struct{}
+
+func (discardReplies) AcquireReply(netip.AddrPort) (ReplySender, error) { return discardSender{}, nil }
+
+type discardSender struct{}
+
+func (discardSender) WriteTo([]byte, netip.AddrPort) error { return nil }
+func (discardSender) Release()                             {}
+
+// BenchmarkUDPSessionSetup: the cost of a new direct session (first
+// datagram to a new destination: session, sniff, route, socket, send),
+// with the cap evicting the oldest as a flood of new sessions would.
+func BenchmarkUDPSessionSetup(b *testing.B) {
+	ln := newFakePackets()
+	tun := &Tunnel{Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	srv := &UDPServer{Tunnel: tun, Replies: discardReplies{}, Options: UDPOptions{MaxSessions: 4096}}
+	if err := srv.init(); err != nil {
+		b.Fatal(err)
+	}
+	defer srv.Shutdown()
+	buf := make([]byte, maxUDPHeader+64)
+	copy(buf[maxUDPHeader:], "x")
+	client := netip.MustParseAddrPort("127.0.0.9:5000")
+	ip := netip.MustParseAddr("127.0.0.1")
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		// Port 9: discard; nothing listens, but a connected UDP socket
+		// learns that only from an ICMP error, after the send.
+		srv.datagram(buf, 1, udpKey{client, netip.AddrPortFrom(ip, uint16(10000+i%50000))})
+	}
+	b.StopTimer()
+	_ = ln
+}
