@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -131,6 +132,23 @@ func TestUDPScale(t *testing.T) {
 		t.Errorf("%d sessions hold %d descriptors, want one each", cap, heldFDs-idleFDs)
 	}
 
+	// A last round, slow enough that no datagram is dropped (checked by
+	// the gateway's RcvbufErrors), puts the sessions in a known order: a
+	// session whose datagram of a round was dropped would stay older than
+	// the rest.
+	for try := 0; ; try++ {
+		before := rcvbufErrors(t, tp)
+		for _, f := range families {
+			sendPaced(t, conns[f.name], dsts(f, silentLo, perFamily))
+		}
+		if rcvbufErrors(t, tp) == before {
+			break
+		}
+		if try == 3 {
+			t.Fatal("the gateway drops datagrams even at a slow pace")
+		}
+	}
+
 	// Past the cap: the oldest (the first IPv4 ports) go, one for each
 	// new session.
 	sendEach(t, conns["ipv4"], dsts(families[0], silentLo+perFamily, extra))
@@ -143,7 +161,13 @@ func TestUDPScale(t *testing.T) {
 	})
 	for _, a := range dsts(families[0], silentLo, extra) {
 		if !evicted[a.String()] {
-			t.Errorf("session to %s (among the %d oldest) was not evicted; evicted: %d", a, extra, len(evicted))
+			var some []string
+			for k := range evicted {
+				if some = append(some, k); len(some) == 5 {
+					break
+				}
+			}
+			t.Errorf("session to %s (among the %d oldest) was not evicted; evicted %d, among them %v", a, extra, len(evicted), some)
 			break
 		}
 	}
@@ -245,4 +269,42 @@ func sendSpoofed(src, dst netip.AddrPort) error {
 		return err
 	}
 	return unix.Sendto(fd, []byte("x"), 0, &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()})
+}
+
+// sendPaced is sendEach at a tenth of the pace.
+func sendPaced(t *testing.T, conn *net.UDPConn, addrs []netip.AddrPort) {
+	t.Helper()
+	for i := 0; i < len(addrs); i += 100 {
+		sendEach(t, conn, addrs[i:min(i+100, len(addrs))])
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// rcvbufErrors is the gateway's count of UDP datagrams dropped for a full
+// receive buffer.
+func rcvbufErrors(t *testing.T, tp *topo) int {
+	t.Helper()
+	out, err := tp.exec(t, tp.G, "cat", "/proc/net/snmp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 0 || f[0] != "Udp:" {
+			continue
+		}
+		if names == nil {
+			names = f
+			continue
+		}
+		for i, n := range names {
+			if n == "RcvbufErrors" && i < len(f) {
+				v, _ := strconv.Atoi(f[i])
+				return v
+			}
+		}
+	}
+	t.Fatalf("no Udp RcvbufErrors in the gateway's /proc/net/snmp:\n%s", out)
+	return 0
 }
