@@ -24,6 +24,9 @@ log_format: json
 sniff:
   timeout: 200ms
   skip_ports: [22, 25, 3306]
+  max_bytes: 32768
+  silent_ttl: 5m
+  silent_entries: 100
 groups:
   - name: proxies
     strategy: weighted
@@ -63,7 +66,7 @@ func writeConfig(t *testing.T, text string) string {
 
 func TestConfigFull(t *testing.T) {
 	p := writeConfig(t, fullConfig)
-	cfg, err := parseRunFlags([]string{"--config", p, "--idle-timeout", "30s"}, io.Discard)
+	cfg, err := parseRunFlags([]string{"--config", p, "--idle-timeout", "30s", "--sniff-silent-ttl", "1m"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,8 +76,9 @@ func TestConfigFull(t *testing.T) {
 	if cfg.idleTimeout != 30*time.Second {
 		t.Errorf("idle timeout = %v; the flag must override the file's 2m", cfg.idleTimeout)
 	}
-	if cfg.sniff.Timeout != 200*time.Millisecond || len(cfg.sniff.SkipPorts) != 3 {
-		t.Errorf("sniff settings = %+v", cfg.sniff)
+	if cfg.sniff.Timeout != 200*time.Millisecond || len(cfg.sniff.SkipPorts) != 3 || cfg.sniff.MaxBytes != 32768 ||
+		cfg.sniff.SilentEntries != 100 || cfg.sniff.SilentTTL != time.Minute {
+		t.Errorf("sniff settings = %+v; want the file's, and --sniff-silent-ttl over its 5m", cfg.sniff)
 	}
 	rt, err := buildRouting(cfg.upstreams, cfg.strategy, cfg.file, &net.Dialer{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
@@ -161,6 +165,11 @@ func TestUpstreamFlags(t *testing.T) {
 		{[]string{"--strategy", "weighted"}, exitUsage, "--strategy"},
 		{[]string{"--sniff-timeout", "0s"}, exitUsage, "--sniff-timeout"},
 		{[]string{"--sniff-skip-ports", "22,x"}, exitUsage, "--sniff-skip-ports"},
+		{[]string{"--sniff-max-bytes", "0"}, exitUsage, "--sniff-max-bytes"},
+		{[]string{"--sniff-max-bytes", "2000000"}, exitUsage, "--sniff-max-bytes"},
+		{[]string{"--sniff-silent-ttl", "0s"}, exitUsage, "--sniff-silent-ttl"},
+		{[]string{"--sniff-silent-entries", "0"}, exitUsage, "--sniff-silent-entries"},
+		{[]string{"--sniff-max-bytes", "4096", "--sniff-silent-ttl", "30s", "--sniff-silent-entries", "10"}, exitOK, "configuration OK"},
 		{[]string{"--config", "/nonexistent/detour.yaml"}, exitUsage, "--config"},
 	} {
 		var stdout, stderr bytes.Buffer

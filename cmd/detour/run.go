@@ -101,6 +101,9 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 	fs.StringVar(&cfg.metricsAddr, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics (off by default)")
 	fs.StringVar(&cfg.pprofAddr, "pprof", "", "serve Go's runtime profiles at http://`ADDR`/debug/pprof/ (off by default; bind it to loopback)")
 	fs.IntVar(&cfg.maxConns, "max-conns", 0, "connections served at once; beyond it new ones are reset (0: as many as the open-file limit allows)")
+	fs.IntVar(&cfg.sniff.MaxBytes, "sniff-max-bytes", sniff.DefaultMaxBytes, "most bytes read while looking for the host name (1 to 1048576)")
+	fs.DurationVar(&cfg.sniff.SilentTTL, "sniff-silent-ttl", sniff.DefaultSilentTTL, "how long a destination whose server was seen speaking first is not sniffed")
+	fs.IntVar(&cfg.sniff.SilentEntries, "sniff-silent-entries", sniff.DefaultSilentMaxEntries, "most destinations remembered as speaking first")
 	fs.IntVar(&cfg.maxSniffing, "max-sniffing", 1024, "connections waiting for their first bytes at once; beyond it new ones are routed by IP")
 	cfg.capture.registerRun(fs)
 	cfg.proxy.register(fs)
@@ -145,6 +148,12 @@ func parseRunFlags(args []string, stdout io.Writer) (runConfig, error) {
 		return cfg, usageError{fmt.Sprintf("--pprof: %v", checkMetricsAddr(cfg.pprofAddr))}
 	case cfg.sniff.Timeout <= 0:
 		return cfg, usageError{fmt.Sprintf("--sniff-timeout %s: must be positive (use --sniff=false to turn sniffing off)", cfg.sniff.Timeout)}
+	case cfg.sniff.MaxBytes < 1 || cfg.sniff.MaxBytes > 1<<20:
+		return cfg, usageError{fmt.Sprintf("--sniff-max-bytes %d: must be from 1 to 1048576", cfg.sniff.MaxBytes)}
+	case cfg.sniff.SilentTTL <= 0:
+		return cfg, usageError{fmt.Sprintf("--sniff-silent-ttl %s: must be positive", cfg.sniff.SilentTTL)}
+	case cfg.sniff.SilentEntries < 1:
+		return cfg, usageError{fmt.Sprintf("--sniff-silent-entries %d: must be at least 1", cfg.sniff.SilentEntries)}
 	}
 	cfg.sniff.Disabled = !sniffOn
 	if err := cfg.udp.check(); err != nil {
@@ -231,7 +240,9 @@ func (cfg *runConfig) applyFile(fc *fileConfig, set map[string]bool) error {
 		if sc.MaxBytes < 0 || sc.MaxBytes > 1<<20 {
 			return fmt.Errorf("%s: max_bytes %d is not from 1 to 1048576", where, sc.MaxBytes)
 		}
-		cfg.sniff.MaxBytes = sc.MaxBytes
+		if sc.MaxBytes != 0 && !set["sniff-max-bytes"] {
+			cfg.sniff.MaxBytes = sc.MaxBytes
+		}
 		if sc.SkipPorts != nil && !set["sniff-skip-ports"] {
 			if cfg.sniff.SkipPorts, err = parseSkipPorts(strings.Join(*sc.SkipPorts, ",")); err != nil {
 				return fmt.Errorf("%s: skip_ports: %v", where, err)
@@ -240,7 +251,15 @@ func (cfg *runConfig) applyFile(fc *fileConfig, set map[string]bool) error {
 		if sc.SilentEntries < 0 {
 			return fmt.Errorf("%s: silent_entries must not be negative", where)
 		}
-		cfg.sniff.SilentTTL, cfg.sniff.SilentEntries = sc.SilentTTL.Duration, sc.SilentEntries
+		if sc.SilentTTL.Duration < 0 {
+			return fmt.Errorf("%s: silent_ttl must not be negative", where)
+		}
+		if sc.SilentTTL.Duration != 0 && !set["sniff-silent-ttl"] {
+			cfg.sniff.SilentTTL = sc.SilentTTL.Duration
+		}
+		if sc.SilentEntries != 0 && !set["sniff-silent-entries"] {
+			cfg.sniff.SilentEntries = sc.SilentEntries
+		}
 	}
 	return nil
 }
