@@ -159,7 +159,7 @@ func testUpgradeUnderLoad(t *testing.T, mode, newBin string) {
 	bin := filepath.Join(t.TempDir(), "detour")
 	copyBinary(t, detourBin, bin)
 	d := startUpgradable(t, tp, bin, append([]string{"--listen", fmt.Sprintf(":%d", listenPort), "--mode", mode, "--grace", "60s",
-		"--metrics", "127.0.0.1:9090", "--pprof", "127.0.0.1:9091"}, capture...)...)
+		"--metrics", "127.0.0.1:9090", "--pprof", "127.0.0.1:9091", "--proxy-listen", fmt.Sprintf("[::]:%d", proxyPortPort)}, capture...)...)
 	oldPID := d.cmd.Process.Pid
 	server := net.JoinHostPort(families[0].server, fmt.Sprint(bulkPort))
 
@@ -311,6 +311,15 @@ func testUpgradeUnderLoad(t *testing.T, mode, newBin string) {
 	}
 	if gone(newPID) {
 		t.Fatalf("the new detour (pid %d) is gone", newPID)
+	}
+	// The proxy port was handed over too (a new listen would have failed
+	// while the old process held the port): it serves from the new one.
+	proxy := net.JoinHostPort(families[0].gateway, fmt.Sprint(proxyPortPort))
+	if out, err := tp.exec(t, tp.C, "curl", "-sSf", "-m", "5", "-x", "http://"+proxy, "http://"+families[0].server+"/"); err != nil {
+		t.Errorf("the proxy port after the old process left: %v\n%s", err, out)
+	}
+	if recs := d.find("upgrade: not using an inherited listener; listening anew", nil); len(recs) > 0 {
+		t.Errorf("an inherited listener was not used: %v", recs)
 	}
 
 	t.Logf("%d connections during the upgrade, %d failed; %d rule samples, %d without the rules", churned.Load(), failed.Load(), samples.Load(), missing.Load())
