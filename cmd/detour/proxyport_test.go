@@ -81,3 +81,13 @@ func TestProxyFlagErrors(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckNamesProxyPort(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if got := detour([]string{"run", "--check", "--proxy-listen", ":3128", "--proxy-allow", "10.0.0.0/8", "--proxy-users", "a:b"}, &stdout, &stderr); got != exitOK {
+		t.Fatalf("status %d: %s", got, stderr.String())
+	}
+	if want := "proxy port on :3128 (clients: 10.0.0.0/8, 1 users)"; !strings.Contains(stdout.String(), want) {
+		t.Fatalf("--check said %q, want %q in it", stdout.String(), want)
+	}
+}

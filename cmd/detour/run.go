@@ -360,7 +360,11 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 				fmt.Fprintf(stdout, "warning: %s\n", w)
 			}
 		}
-		fmt.Fprintf(stdout, "configuration OK: %d upstream groups, %d routing rules\n", len(cfg.routing.groups), ruleCount(cfg.routing.router))
+		fmt.Fprintf(stdout, "configuration OK: %d upstream groups, %d routing rules", len(cfg.routing.groups), ruleCount(cfg.routing.router))
+		if n := len(cfg.proxy.listen); n > 0 {
+			fmt.Fprintf(stdout, ", proxy port on %s (clients: %s, %d users)", strings.Join(cfg.proxy.listen, " "), allowString(cfg.proxy.allow), len(cfg.proxy.users))
+		}
+		fmt.Fprintln(stdout)
 		return exitOK
 	}
 	if len(cfg.upstreams) > 0 && cfg.file != nil && (len(cfg.file.Groups) > 0 || len(cfg.file.Rules) > 0) {
