@@ -147,7 +147,7 @@ func TestProxyPort(t *testing.T) {
 	startServers(t, tp)
 	served := headerServer(t, tp)
 	v4, v6 := families[0], families[1]
-	ps := startProxies(t, tp, map[string]string{"b.viadante.test": v4.server})
+	ps := startProxies(t, tp, map[string]string{"b.viadante.test": v4.server, "one.proxy.test": v4.server})
 	writeHosts(t, tp.G, map[string]string{"one.proxy.test": v4.server, "two.proxy.test": v6.server})
 	config := fmt.Sprintf(`groups:
   - name: viadante
@@ -467,6 +467,38 @@ proxy:
 		d3.waitLog(t, 5*time.Second, "conn", map[string]string{"inbound": "proxy", "error": "wrong user name or password"})
 		if strings.Contains(d3.rawLog(), wrongPass) || strings.Contains(d3.rawLog(), proxyPass) {
 			t.Errorf("detour logged a password:\n%s", d3.rawLog())
+		}
+	})
+
+	t.Run("a CIDR rule matches a name by its address", func(t *testing.T) {
+		cfg4 := filepath.Join(t.TempDir(), "cidr.yaml")
+		if err := os.WriteFile(cfg4, []byte(fmt.Sprintf(`groups:
+  - name: viadante
+    upstreams: [%q]
+rules:
+  - cidr: [198.18.2.0/24]
+    inbound: proxy
+    action: viadante
+proxy:
+  listen: ["[::]:%d"]
+`, proxyURL("socks5", "", v4, dantePort), proxyPortPort+4)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		d4 := startChecked(t, tp, "--listen", fmt.Sprintf(":%d", listenPort+4), "--config", cfg4)
+		d4.waitLog(t, 10*time.Second, "proxy port listening", nil)
+		addr := net.JoinHostPort(v4.gateway, strconv.Itoa(proxyPortPort+4))
+		for _, tc := range []struct{ url, host, who, route string }{
+			{"http://one.proxy.test/", "one.proxy.test", byDante, "viadante"}, // 198.18.2.2
+			{"http://two.proxy.test/", "two.proxy.test", byDirect, "direct"},  // fd00:2::2
+		} {
+			out, err := curl("-x", "http://"+addr, tc.url)
+			if who, err2 := carrierOf(out); err != nil || err2 != nil || who != tc.who {
+				t.Fatalf("%s carried by %q (%v %v), want %s", tc.url, who, err, err2, tc.who)
+			}
+			rec := d4.waitLog(t, 5*time.Second, "conn", map[string]string{"inbound": "proxy", "host": tc.host})
+			if rec["route"] != tc.route {
+				t.Errorf("access line = %v, want route %s", rec, tc.route)
+			}
 		}
 	})
 

@@ -290,9 +290,16 @@ func (pc *proxyConn) dial(info *connInfo, host string, addr netip.Addr, port uin
 
 // route picks the route for a request (the first matching rule with
 // inbound=proxy, else the default) and sets info's destination as far as it
-// is known: the address asked for, or none for a name.
+// is known: the address asked for; for a name, its address when rules with
+// CIDR conditions need one (resolved by the gateway; a name that does not
+// resolve is routed by name alone), else none.
 func (pc *proxyConn) route(info *connInfo, host string, addr netip.Addr, port uint16, proto sniff.Proto) (Action, int) {
 	info.found = sniff.Result{Proto: proto, Host: host}
+	if host != "" && pc.router.hasCIDRs(ProxyInbound) {
+		if ip, err := pc.resolve(host); err == nil {
+			addr = ip
+		}
+	}
 	info.dst = netip.AddrPortFrom(addr.Unmap(), port)
 	route, idx := pc.router.RouteFor(ProxyInbound, host, proto, info.dst)
 	info.route = route
@@ -309,17 +316,12 @@ func (pc *proxyConn) connect(info *connInfo, route Action, idx int) (*net.TCPCon
 	case ActionReject:
 		return nil, errRejected
 	case ActionDirect:
-		if host != "" {
-			ctx, cancel := context.WithTimeout(context.Background(), pc.t.dialTimeout())
-			ips, err := pc.t.lookup(ctx, host)
-			cancel()
+		if host != "" && !info.dst.Addr().IsValid() {
+			ip, err := pc.resolve(host)
 			if err != nil {
-				return nil, fmt.Errorf("resolving %s: %w", host, err)
+				return nil, err
 			}
-			if len(ips) == 0 {
-				return nil, fmt.Errorf("resolving %s: no address", host)
-			}
-			info.dst = netip.AddrPortFrom(ips[0].Unmap(), info.dst.Port())
+			info.dst = netip.AddrPortFrom(ip, info.dst.Port())
 		}
 		if idx < 0 && pc.p.isLocal(info.dst.Addr()) {
 			return nil, errLocalTarget
@@ -328,11 +330,28 @@ func (pc *proxyConn) connect(info *connInfo, route Action, idx int) (*net.TCPCon
 		if host == "" && idx < 0 && pc.p.isLocal(info.dst.Addr()) {
 			return nil, errLocalTarget
 		}
-		route.Name = Override // the name is what the client asked for
+		// The name is what the client asked for; the upstream resolves it
+		// (dst, if resolved for the rules, serves the group's direct
+		// members).
+		route.Name = Override
 	}
 	server, lease, target, err := pc.t.connectFor(pc.r, route, info.dst, info.found, pc.obs)
 	info.lease, info.target = lease, target
 	return server, err
+}
+
+// resolve looks host up for a direct route or a CIDR condition.
+func (pc *proxyConn) resolve(host string) (netip.Addr, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), pc.t.dialTimeout())
+	defer cancel()
+	ips, err := pc.t.lookup(ctx, host)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("resolving %s: %w", host, err)
+	}
+	if len(ips) == 0 {
+		return netip.Addr{}, fmt.Errorf("resolving %s: no address", host)
+	}
+	return ips[0].Unmap(), nil
 }
 
 // serveHTTP reads HTTP requests: CONNECT becomes a tunnel, anything else is

@@ -239,6 +239,20 @@ func (ru *Rule) match(host string, proto sniff.Proto, dst netip.AddrPort) bool {
 	return true
 }
 
+// hasCIDRs reports whether a rule that applies to inbound in sets CIDR
+// conditions (the proxy port then resolves names before routing).
+func (r *Router) hasCIDRs(in Inbound) bool {
+	if r == nil {
+		return false
+	}
+	for i := range r.Rules {
+		if len(r.Rules[i].CIDRs) > 0 && r.Rules[i].matchInbound(in) {
+			return true
+		}
+	}
+	return false
+}
+
 func (ru *Rule) matchInbound(in Inbound) bool {
 	if len(ru.Inbounds) == 0 {
 		return true
