@@ -284,3 +284,35 @@ func TestProxyStreamsBodies(t *testing.T) {
 		t.Fatalf("slow response (480 ms, idle timeout 200 ms): %d %q", resp.StatusCode, body)
 	}
 }
+
+// Requests to the same destination on one client connection share one
+// connection to it; a request for another destination opens its own.
+func TestProxyKeepsOriginConnection(t *testing.T) {
+	var mu sync.Mutex
+	conns := map[string]int{}
+	newServer := func(name string) *httptest.Server {
+		s := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, name) }))
+		s.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				mu.Lock()
+				conns[name]++
+				mu.Unlock()
+			}
+		}
+		s.Start()
+		t.Cleanup(s.Close)
+		return s
+	}
+	one, two := newServer("one"), newServer("two")
+	addr, _ := startProxy(t, &ProxyPort{IsLocal: notLocal}, nil)
+	c, br := dialProxyPort(t, addr)
+	for _, s := range []*httptest.Server{one, one, one, two, one} {
+		fmt.Fprintf(c, "GET http://%s/ HTTP/1.1\r\n\r\n", s.Listener.Addr())
+		readResponse(t, br, "GET")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if conns["one"] != 2 || conns["two"] != 1 {
+		t.Fatalf("connections to the servers: %v, want one 2 (three requests, then one after two's), two 1", conns)
+	}
+}
