@@ -39,7 +39,8 @@ unit:
 # tests. A hang fails at -timeout.
 FUZZTARGETS := sniff:FuzzTLS sniff:FuzzHTTP sniff:FuzzParse \
 	sniff:FuzzQUIC sniff:FuzzQUICFrames sniff:FuzzDNS \
-	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS tunnel/proxyport:FuzzUDPHeader
+	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS tunnel/proxyport:FuzzUDPHeader \
+	tunnel/upstream:FuzzUDPUnwrap
 fuzz:
 	@for t in $(FUZZTARGETS); do \
 		p=$${t%%:*}; f=$${t#*:}; \

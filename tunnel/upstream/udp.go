@@ -92,7 +92,7 @@ func (p *PacketConn) Unwrap(b []byte) ([]byte, bool) {
 	case socksATYPIPv6:
 		h = 4 + 16 + 2
 	case socksATYPDomain:
-		if len(b) < 5 {
+		if len(b) < 5 || b[4] == 0 {
 			return nil, false
 		}
 		h = 4 + 1 + int(b[4]) + 2
