@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -402,4 +403,44 @@ func nsHosts(t *testing.T, ns, lines string) {
 	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte("127.0.0.1 localhost\n::1 localhost\n"+lines), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestUDPUpgrade: SIGUSR2 hands the transparent UDP socket to the new
+// binary with the TCP listener; DNS through detour works before, and after
+// the old process left, from the new one, which used the socket it
+// inherited.
+func TestUDPUpgrade(t *testing.T) {
+	newBin := buildVersion(t, "udp-upgrade-test")
+	tp := newTopo(t)
+	startDNS(t, tp)
+	bin := filepath.Join(t.TempDir(), "detour")
+	copyBinary(t, detourBin, bin)
+	d := startUpgradable(t, tp, bin, udpFlags("--grace", "1s")...)
+	oldPID := d.cmd.Process.Pid
+	if got, err := dig(t, tp, families[0].server, "before.site.test"); err != nil || got != families[0].server {
+		t.Fatalf("dig before the upgrade = %q (%v)", got, err)
+	}
+	copyBinary(t, newBin, bin)
+	d.cmd.Process.Signal(syscall.SIGUSR2)
+	d.waitLog(t, 45*time.Second, "upgrade: handed over", nil)
+	d.waitLog(t, 5*time.Second, "listening", map[string]string{"version": "udp-upgrade-test", "inherited": "true", "udp": "true"})
+	deadline := time.Now().Add(20 * time.Second)
+	for !gone(oldPID) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !gone(oldPID) {
+		t.Fatalf("the old detour (pid %d) still runs", oldPID)
+	}
+	for _, f := range families {
+		if got, err := dig(t, tp, f.server, "after-"+f.name+".site.test"); err != nil || got != families[0].server {
+			t.Fatalf("dig @%s after the upgrade = %q (%v)", f.server, got, err)
+		}
+	}
+	if recs := d.find("upgrade: not using the inherited UDP socket; listening anew", nil); len(recs) > 0 {
+		t.Fatalf("the new process did not use the UDP socket it inherited: %v", recs[0])
+	}
+	// The old process is gone, so waitLog (which watches it) cannot wait.
+	waitFor(t, 10*time.Second, "the new process's access line for the last query", func() bool {
+		return len(d.find("udp", map[string]string{"host": "after-ipv6.site.test", "proto": "dns"})) == 1
+	})
 }
