@@ -35,7 +35,8 @@ bench_packages=(
 	iperf3      # bulk throughput
 	nginx-light # the HTTP server for connections per second
 	wrk         # the HTTP client, a new connection per request
-	redsocks    # the peer detour is compared with
+	redsocks    # the peer detour is compared with through SOCKS5
+	haproxy     # the direct-path anchor (server 0.0.0.0:0, splice both ways)
 	util-linux  # prlimit, the open-file limit of the proxies under test
 )
 case "${1:-}" in

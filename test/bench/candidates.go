@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -21,6 +22,8 @@ const (
 	detourKind
 	redsocksKind
 	gominKind
+	haproxyKind
+	ipt2socksKind
 )
 
 // candidate is one way across the gateway.
@@ -44,8 +47,16 @@ var allCandidates = []candidate{
 	{Name: "go-minimal", kind: gominKind, Peer: gatewayIP},
 	{Name: "detour-redirect", kind: detourKind, args: []string{"--mode", "redirect"}, Peer: gatewayIP},
 	{Name: "detour-tproxy", kind: detourKind, args: []string{"--mode", "tproxy"}, Peer: gatewayIP},
+	// HAProxy is the direct-path anchor: a C proxy that does the same
+	// accept, original destination (server 0.0.0.0:0 reads SO_ORIGINAL_DST),
+	// connect and splice, without sniffing.
+	{Name: "haproxy", kind: haproxyKind, Peer: gatewayIP},
 	{Name: "detour-socks5", kind: detourKind, args: []string{"--mode", "redirect", "--upstream", fmt.Sprintf("socks5://%s:%d", upstreamIP, socksPort)}, Peer: upstreamIP},
+	{Name: "detour-socks5-tproxy", kind: detourKind, args: []string{"--mode", "tproxy", "--upstream", fmt.Sprintf("socks5://%s:%d", upstreamIP, socksPort)}, Peer: upstreamIP},
 	{Name: "redsocks-socks5", kind: redsocksKind, Peer: upstreamIP},
+	// ipt2socks (C, libev, TPROXY) runs only when -ipt2socks names a
+	// binary built by hand: it is not a Debian package.
+	{Name: "ipt2socks-socks5", kind: ipt2socksKind, Peer: upstreamIP},
 }
 
 // extraCandidates run only when asked for with -candidates.
@@ -75,6 +86,10 @@ func (b *bench) startCandidate(c candidate, extra ...string) (*running, error) {
 		r.proxy, err = b.startRedsocks()
 	case gominKind:
 		r.proxy, err = b.startGoMinimal()
+	case haproxyKind:
+		r.proxy, err = b.startHAProxy()
+	case ipt2socksKind:
+		r.proxy, err = b.startIpt2socks()
 	}
 	if err != nil {
 		if r.proxy != nil {
@@ -195,6 +210,98 @@ redsocks {
 	return b.redirectTo(p, redsPort)
 }
 
+// haproxyConf runs HAProxy as the issue's anchor: 2 threads, TCP mode,
+// splice both ways, the original destination as the server (0.0.0.0:0),
+// no logging; maxconn 7500 keeps its descriptors (two per connection and
+// splice pipes) under the open-file limit of the proxies.
+const haproxyConf = `global
+	nbthread 2
+	maxconn 7500
+	stats socket %[1]s/haproxy.sock mode 600 level admin
+defaults
+	mode tcp
+	timeout connect 5s
+	timeout client 300s
+	timeout server 300s
+	option splice-request
+	option splice-response
+frontend bench
+	bind 0.0.0.0:%[2]d backlog 4096
+	default_backend original
+backend original
+	server dst 0.0.0.0:0
+`
+
+func (b *bench) startHAProxy() (*proc, error) {
+	path := filepath.Join(b.tmp, "haproxy.cfg")
+	if err := os.WriteFile(path, []byte(fmt.Sprintf(haproxyConf, b.tmp, haproxyPort)), 0o644); err != nil {
+		return nil, err
+	}
+	p, err := b.procs.start("haproxy", b.topo.G, nofile, false, "haproxy", "-db", "-f", path)
+	if err != nil {
+		return nil, err
+	}
+	return b.redirectTo(p, haproxyPort)
+}
+
+// The TPROXY capture for ipt2socks, as its README sets it up: mark and
+// divert TCP from the client to its port, and deliver marked packets
+// locally.
+const (
+	tproxyChain = "BENCH_TPROXY"
+	tproxyMark  = "0x1"
+	tproxyTable = "100"
+)
+
+func tproxyRules(port int) [][]string {
+	return [][]string{
+		{"-t", "mangle", "-N", tproxyChain},
+		{"-t", "mangle", "-A", tproxyChain, "-d", "198.18.3.0/24", "-j", "RETURN"},
+		{"-t", "mangle", "-A", tproxyChain, "-p", "tcp", "-j", "TPROXY", "--on-port", strconv.Itoa(port), "--on-ip", "0.0.0.0", "--tproxy-mark", tproxyMark + "/" + tproxyMark},
+		{"-t", "mangle", "-A", "PREROUTING", "-i", "gc", "-p", "tcp", "-j", tproxyChain},
+	}
+}
+
+func (b *bench) startIpt2socks() (*proc, error) {
+	if b.opts.ipt2socks == "" {
+		return nil, errors.New("no ipt2socks binary (-ipt2socks)")
+	}
+	p, err := b.procs.start("ipt2socks", b.topo.G, nofile, false, b.opts.ipt2socks,
+		"-s", upstreamIP, "-p", strconv.Itoa(socksPort), "-b", "0.0.0.0", "-l", strconv.Itoa(ipt2socksPort),
+		"-j", "2", "-T", "-4", "-n", strconv.Itoa(nofile))
+	if err != nil {
+		return nil, err
+	}
+	if err := b.waitListen(b.topo.G, ipt2socksPort, 10*time.Second); err != nil {
+		p.stop(time.Second)
+		return nil, fmt.Errorf("%s: %w\n%s", p.name, err, p.tail())
+	}
+	for _, args := range [][]string{
+		{"ip", "rule", "add", "fwmark", tproxyMark + "/" + tproxyMark, "lookup", tproxyTable},
+		{"ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", tproxyTable},
+	} {
+		if out, err := b.topo.exec(b.ctx, b.topo.G, args...); err != nil {
+			return p, fmt.Errorf("%v: %v\n%s", args, err, out)
+		}
+	}
+	for _, rule := range tproxyRules(ipt2socksPort) {
+		if out, err := b.topo.exec(b.ctx, b.topo.G, append([]string{"iptables", "-w"}, rule...)...); err != nil {
+			return p, fmt.Errorf("iptables %v: %v\n%s", rule, err, out)
+		}
+	}
+	return p, nil
+}
+
+func (b *bench) removeTproxyRules() {
+	ctx := context.Background()
+	g := b.topo.G
+	b.topo.exec(ctx, g, "iptables", "-w", "-t", "mangle", "-D", "PREROUTING", "-i", "gc", "-p", "tcp", "-j", tproxyChain)
+	b.topo.exec(ctx, g, "iptables", "-w", "-t", "mangle", "-F", tproxyChain)
+	b.topo.exec(ctx, g, "iptables", "-w", "-t", "mangle", "-X", tproxyChain)
+	b.topo.exec(ctx, g, "ip", "rule", "del", "fwmark", tproxyMark+"/"+tproxyMark, "lookup", tproxyTable)
+	b.topo.exec(ctx, g, "ip", "route", "flush", "table", tproxyTable)
+}
+
 // stopCandidate stops the proxy and removes its rules; the gateway must be
 // back to plain forwarding afterwards.
 func (b *bench) stopCandidate(r *running) error {
@@ -208,6 +315,9 @@ func (b *bench) stopCandidate(r *running) error {
 			// Killed, or it failed: take away whatever it left.
 			b.topo.exec(context.Background(), b.topo.G, b.detour, "rules", "remove")
 		}
+	case ipt2socksKind:
+		r.proxy.stop(2 * time.Second)
+		b.removeTproxyRules()
 	default:
 		r.proxy.stop(2 * time.Second)
 		b.removeBenchRules()
@@ -240,7 +350,7 @@ func (b *bench) checkNoRules() error {
 	}
 	for _, line := range strings.Split(out, "\n") {
 		if strings.HasPrefix(line, "-A") && (strings.Contains(line, "REDIRECT") || strings.Contains(line, "TPROXY") ||
-			strings.Contains(line, "-j DETOUR") || strings.Contains(line, benchChain)) {
+			strings.Contains(line, "-j DETOUR") || strings.Contains(line, benchChain) || strings.Contains(line, tproxyChain)) {
 			return fmt.Errorf("capture rules left in the gateway: %s", line)
 		}
 	}

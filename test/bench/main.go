@@ -58,6 +58,8 @@ type options struct {
 	outDir         string
 	candidates     string
 	redsocksSplice bool
+	ipt2socks      string
+	bulk           bool
 	timeout        time.Duration
 }
 
@@ -111,6 +113,8 @@ func parseFlags() (options, error) {
 	fs.StringVar(&o.outDir, "out", "", "directory for the JSON results (default test/bench/out)")
 	fs.StringVar(&o.candidates, "candidates", "", "comma-separated candidates from: "+candidateNames()+" (default: all but those only when named)")
 	fs.BoolVar(&o.redsocksSplice, "redsocks-splice", true, "run redsocks with its splice = on option (its fastest relay)")
+	fs.StringVar(&o.ipt2socks, "ipt2socks", os.Getenv("IPT2SOCKS"), "ipt2socks binary, built by hand outside the repository (also IPT2SOCKS=path); without it the candidate ipt2socks-socks5 is skipped and detour through SOCKS5 is compared with redsocks")
+	fs.BoolVar(&o.bulk, "bulk", true, "run the iperf3 throughput tests (false: connections only, for quick comparisons)")
 	fs.DurationVar(&o.timeout, "timeout", 0, "stop everything after this long (default 25m, quick 8m)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return o, err
@@ -178,7 +182,15 @@ func candidateNamed(name string) candidate {
 
 func (o options) chosen() ([]candidate, error) {
 	if o.candidates == "" {
-		return allCandidates, nil
+		var out []candidate
+		for _, c := range allCandidates {
+			if c.kind == ipt2socksKind && o.ipt2socks == "" {
+				fmt.Fprintln(os.Stderr, "bench: no ipt2socks binary (-ipt2socks or IPT2SOCKS): skipping ipt2socks-socks5; detour through SOCKS5 is judged against redsocks")
+				continue
+			}
+			out = append(out, c)
+		}
+		return out, nil
 	}
 	var out []candidate
 	for _, name := range strings.Split(o.candidates, ",") {
@@ -191,6 +203,9 @@ func (o options) chosen() ([]candidate, error) {
 		}
 		if !found {
 			return nil, fmt.Errorf("unknown candidate %q (want one of %s)", name, candidateNames())
+		}
+		if name == "ipt2socks-socks5" && o.ipt2socks == "" {
+			return nil, errors.New("candidate ipt2socks-socks5 needs -ipt2socks PATH (or IPT2SOCKS=PATH): a binary built by hand")
 		}
 	}
 	return out, nil
@@ -214,7 +229,16 @@ func benchMain() int {
 		fmt.Fprintln(os.Stderr, "bench: must run as root (network namespaces, iptables): sudo make bench")
 		return 2
 	}
-	for _, tool := range []string{"ip", "iptables", "iptables-save", "ss", "prlimit", "curl", "iperf3", "wrk", "nginx", "redsocks"} {
+	if opts.ipt2socks != "" {
+		if opts.ipt2socks, err = filepath.Abs(opts.ipt2socks); err == nil {
+			_, err = os.Stat(opts.ipt2socks)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench: -ipt2socks:", err)
+			return 2
+		}
+	}
+	for _, tool := range []string{"ip", "iptables", "iptables-save", "ss", "prlimit", "curl", "iperf3", "wrk", "nginx", "redsocks", "haproxy"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			fmt.Fprintf(os.Stderr, "bench: %s not found: install the bench dependencies (scripts/install-deps.sh --bench)\n", tool)
 			return 2
@@ -306,6 +330,7 @@ func (b *bench) run(cands []candidate) error {
 			"reps": b.opts.reps, "bulk_seconds": b.opts.bulkSeconds, "conn_seconds": b.opts.connSeconds,
 			"lat_seconds": b.opts.latSeconds, "concurrency": b.opts.concurrency, "hold": b.opts.hold,
 			"max_hold": b.opts.maxHold, "sniff_n": b.opts.sniffN, "redsocks_splice": b.opts.redsocksSplice,
+			"ipt2socks": b.opts.ipt2socks, "bulk": b.opts.bulk,
 			"proxy_nofile": nofile,
 		},
 		Host: hostInfo(b.root),
@@ -448,6 +473,9 @@ func (b *bench) measureRep(c candidate, rep int) (rr repResult) {
 		return rr
 	}
 	for _, t := range bulkTests {
+		if !b.opts.bulk {
+			break
+		}
 		res, err := b.bulk(r, t.Reverse, t.Streams)
 		if err != nil {
 			return fail(t.Key, err)
@@ -632,7 +660,7 @@ func hostInfo(root string) map[string]any {
 	if out, err := runCmd(ctx, 5*time.Second, "git", "-C", root, "describe", "--always", "--dirty"); err == nil {
 		info["commit"] = strings.TrimSpace(out)
 	}
-	for _, tool := range [][]string{{"iperf3", "--version"}, {"wrk", "-v"}, {"nginx", "-v"}, {"redsocks", "-v"}} {
+	for _, tool := range [][]string{{"iperf3", "--version"}, {"wrk", "-v"}, {"nginx", "-v"}, {"redsocks", "-v"}, {"haproxy", "-v"}} {
 		out, _ := runCmd(ctx, 5*time.Second, tool[0], tool[1:]...)
 		line, _, _ := strings.Cut(strings.TrimSpace(out), "\n")
 		info[tool[0]] = line

@@ -257,6 +257,15 @@ func (b *bench) report(w io.Writer) {
 		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
 	}
 	tw.Flush()
+	for _, pair := range [][2]string{{"detour-redirect", "haproxy"}, {"detour-tproxy", "haproxy"}, {"detour-socks5-tproxy", "ipt2socks-socks5"}, {"detour-socks5-tproxy", "redsocks-socks5"}} {
+		d, o := med[pair[0]], med[pair[1]]
+		if d == nil || o == nil || !d.candidateOK || !o.candidateOK || o.ConnPerSec == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "\n%s / %s: conn/s %.2f, p50 under load %.2f vs %.2f ms, CPU µs/conn %.0f vs %.0f", pair[0], pair[1],
+			d.ConnPerSec/o.ConnPerSec, d.ConnP50ms, o.ConnP50ms, d.ConnCPUus, o.ConnCPUus)
+	}
+	fmt.Fprintln(w)
 	if rs, ds := med["redsocks-socks5"], med["detour-socks5"]; rs != nil && ds != nil && rs.candidateOK && ds.candidateOK {
 		fmt.Fprintf(w, "\ndetour-socks5 / redsocks-socks5:")
 		for _, t := range bulkTests {
@@ -376,7 +385,7 @@ func status(ok bool) string {
 	return "MISS"
 }
 
-// targets are the goals of issue 7, with where detour stands.
+// targets are the goals of issues 7 and 16, with where detour stands.
 func (b *bench) targets() []target {
 	med := b.res.Medians
 	ok := func(name string) *medianSet {
@@ -421,6 +430,43 @@ func (b *bench) targets() []target {
 		pass = pass && x >= 1.1
 		parts = append(parts, fmt.Sprintf("conn/s %.2f×", x))
 		ts = append(ts, target{tn, strings.Join(parts, ", "), status(pass)})
+	}
+	haproxy := ok("haproxy")
+	for _, name := range []string{"detour-redirect", "detour-tproxy"} {
+		tn := name + ": new conn/s ≥ haproxy's, p50 under load ≤ haproxy's"
+		d := ok(name)
+		if d == nil || haproxy == nil {
+			na(tn)
+			continue
+		}
+		r := d.ConnPerSec / haproxy.ConnPerSec
+		ts = append(ts, target{tn, fmt.Sprintf("%.2f× (%.0f vs %.0f), p50 %.2f vs %.2f ms", r, d.ConnPerSec, haproxy.ConnPerSec, d.ConnP50ms, haproxy.ConnP50ms),
+			status(r >= 1 && d.ConnP50ms <= haproxy.ConnP50ms)})
+	}
+	// Through SOCKS5 with TPROXY: against ipt2socks when it ran, else
+	// redsocks. One upstream round trip is taken as kernel forwarding's
+	// one-at-a-time p50 (a request and its response across the gateway).
+	if d := ok("detour-socks5-tproxy"); d != nil {
+		peer := "ipt2socks-socks5"
+		o := ok(peer)
+		if o == nil {
+			peer = "redsocks-socks5"
+			o = ok(peer)
+		}
+		tn := "detour-socks5-tproxy: new conn/s ≥ 1.1× " + peer
+		if o == nil {
+			na(tn)
+		} else {
+			r := d.ConnPerSec / o.ConnPerSec
+			ts = append(ts, target{tn, fmt.Sprintf("%.2f× (%.0f vs %.0f)", r, d.ConnPerSec, o.ConnPerSec), status(r >= 1.1)})
+		}
+		tn = "detour-socks5-tproxy: p50 under load ≤ detour-tproxy's + one round trip (kernel p50 @1)"
+		if direct := ok("detour-tproxy"); direct == nil || kernel == nil {
+			na(tn)
+		} else {
+			limit := direct.ConnP50ms + kernel.LatP50ms
+			ts = append(ts, target{tn, fmt.Sprintf("%.2f ms (limit %.2f + %.3f)", d.ConnP50ms, direct.ConnP50ms, kernel.LatP50ms), status(d.ConnP50ms <= limit)})
+		}
 	}
 	for _, h := range b.res.Hold {
 		if !strings.HasPrefix(h.Candidate, "detour") {

@@ -33,15 +33,17 @@ const (
 
 // Servers in the server and upstream namespaces.
 const (
-	httpPort   = 80   // nginx
-	iperfPort  = 5201 // iperf3 -s
-	holdPort   = 9000 // holdserver
-	tlsPort    = 8443 // tlsserver, sniffed
-	tlsSkip    = 9443 // tlsserver, in --sniff-skip-ports
-	socksPort  = 1080 // the bench's SOCKS5 upstream
-	detourPort = 7777
-	redsPort   = 12345
-	minPort    = 7001 // go-minimal
+	httpPort      = 80   // nginx
+	iperfPort     = 5201 // iperf3 -s
+	holdPort      = 9000 // holdserver
+	tlsPort       = 8443 // tlsserver, sniffed
+	tlsSkip       = 9443 // tlsserver, in --sniff-skip-ports
+	socksPort     = 1080 // the bench's SOCKS5 upstream
+	detourPort    = 7777
+	redsPort      = 12345
+	minPort       = 7001 // go-minimal
+	haproxyPort   = 7002
+	ipt2socksPort = 7003
 
 	minMark = "0x2d" // go-minimal's socket mark, as detour's default
 )
