@@ -263,7 +263,12 @@ func (t *Tunnel) serveConn(ln Listener, c *conn) {
 	// install another while it is sniffed.
 	router := t.router.Load()
 	sn, h, err := t.sniff(c, router, dst)
-	if err == nil && h.server == nil { // not connected early
+	switch {
+	case h.pending != nil && err != nil:
+		t.dropPending(h.pending)
+	case h.pending != nil: // the route is final: the name cannot change it
+		h, err = t.connectPending(c, h, dst, sn.found)
+	case err == nil && h.server == nil: // not connected early
 		h.route, err = route(router, dst, sn.found)
 		if err == nil {
 			h, err = t.connect(c, h.route, dst, sn.found)
@@ -365,8 +370,8 @@ type sniffed struct {
 // off, the port is a server-first one, dst is known to speak first, or too
 // many connections are being sniffed.
 //
-// When the name cannot change the route and the route is direct, it
-// connects first (see connectEarly), and returns that hop.
+// When the name cannot change the route, it connects first (see
+// connectEarly), and returns that hop.
 func (t *Tunnel) sniff(c *conn, router *Router, dst netip.AddrPort) (sn sniffed, h hop, err error) {
 	src := addrPort(c.client.RemoteAddr()).Addr()
 	switch {
@@ -389,15 +394,22 @@ func (t *Tunnel) sniff(c *conn, router *Router, dst netip.AddrPort) (sn sniffed,
 }
 
 // connectEarly connects before the client's first bytes are read when they
-// cannot change the route and the route is direct: the bytes arrive
-// meanwhile, so the peek finds them queued instead of parking until they
-// come. Otherwise it does nothing and returns no hop.
+// cannot change the route: the bytes arrive meanwhile, so the peek finds
+// them queued instead of parking until they come. A direct route is
+// connected; through an upstream group whose pick cannot depend on the
+// name, the handshake goes as far as the request (see preconnect).
+// Otherwise it does nothing and returns no hop.
 func (t *Tunnel) connectEarly(c *conn, router *Router, dst netip.AddrPort) (hop, error) {
 	a, final := router.RouteByAddr(dst)
-	if !final || a.Kind != ActionDirect {
+	switch {
+	case !final:
 		return hop{}, nil
+	case a.Kind == ActionDirect:
+		return t.connect(c, a, dst, sniff.Result{})
+	case a.Kind == ActionProxy && a.Group != nil:
+		return t.preconnect(c, a, dst)
 	}
-	return t.connect(c, a, dst, sniff.Result{})
+	return hop{}, nil
 }
 
 // peek reads the client's first bytes for sniff, which holds one of the
@@ -435,6 +447,9 @@ type hop struct {
 	server *net.TCPConn   // nil until connected
 	lease  upstream.Lease // for a proxied route: the upstream carrying it
 	target string         // what the upstream was asked for
+	// pending is the upstream connection preconnect opened, waiting for
+	// the target; nil once connected (or when none was opened).
+	pending *upstream.Pending
 }
 
 // connect is stage 4: it dials route's next hop for dst (see connectFor)

@@ -34,6 +34,7 @@ type metrics struct {
 	dialFail *prometheus.CounterVec
 	reloads  *prometheus.CounterVec
 	loops    prometheus.Counter
+	preconn  *prometheus.CounterVec
 
 	// per inbound (transparent, proxy)
 	inAccepted *prometheus.CounterVec
@@ -42,7 +43,10 @@ type metrics struct {
 	inBytes    *prometheus.CounterVec
 }
 
-var _ tunnel.Observer = (*metrics)(nil)
+var (
+	_ tunnel.Observer           = (*metrics)(nil)
+	_ tunnel.PreconnectObserver = inboundObserver{}
+)
 
 // newMetrics registers detour's metrics. active reports the connections
 // being served; relays what the relay engine holds; groups the upstream
@@ -67,7 +71,8 @@ func newMetrics(active func() int, relays func() relay.Stats, groups func() []*u
 	m.inClosed = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_closed_total", Help: "Routed connections (for the proxy port's HTTP forwarding: requests) that ended, by inbound and route."}, []string{"inbound", "route"})
 	m.inBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_inbound_bytes_total", Help: "Bytes carried by inbound: up is client to destination, down the reverse."}, []string{"inbound", "direction"})
 	m.loops = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_loops_total", Help: "Connections refused as routing loops: detour's own connections that came back to it."})
-	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffECH, m.sniffDur, m.dialDur, m.dialFail, m.reloads, m.loops,
+	m.preconn = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_upstream_preconnects_total", Help: "Upstream connections opened while the client's first bytes were awaited (the group's pick cannot depend on the name), by outcome: used, or unused (closed: the client went away or a fresh dial replaced it)."}, []string{"outcome"})
+	for _, c := range []prometheus.Collector{m.accepted, m.refused, m.closed, m.bytes, m.sniffs, m.sniffECH, m.sniffDur, m.dialDur, m.dialFail, m.reloads, m.loops, m.preconn,
 		m.inAccepted, m.inRefused, m.inClosed, m.inBytes} {
 		f(c)
 	}
@@ -103,6 +108,13 @@ func (m *metrics) Dialed(route string, took time.Duration, err error) {
 	m.dialDur.WithLabelValues(route).Observe(took.Seconds())
 	if err != nil {
 		m.dialFail.WithLabelValues(route).Inc()
+	}
+}
+func (m *metrics) Preconnected(used bool) {
+	if used {
+		m.preconn.WithLabelValues("used").Inc()
+	} else {
+		m.preconn.WithLabelValues("unused").Inc()
 	}
 }
 func (m *metrics) Closed(route string, up, down int64) {

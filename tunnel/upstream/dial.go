@@ -93,21 +93,32 @@ func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, targe
 		return nil, fail(errors.New("no proxy address"))
 	}
 	fd := forwardOf(forward)
-	deadline := handshakeDeadline(ctx, fd, time.Now())
+	start := time.Now()
 	tc, err := dialTCP(ctx, fd, proxy)
 	if err != nil {
 		return nil, fail(err)
 	}
-	if !deadline.IsZero() {
+	if err := exchange(ctx, fd, start, tc, handshake); err != nil {
+		tc.Close()
+		return nil, fail(err)
+	}
+	return tc, nil
+}
+
+// exchange runs handshake on tc, bounded by ctx and by forward's Timeout
+// (from start) and Deadline: the earliest of them is tc's deadline during
+// the handshake, and cancelling ctx interrupts it. The deadline is cleared
+// afterwards; on an error the caller closes tc.
+func exchange(ctx context.Context, forward *net.Dialer, start time.Time, tc *net.TCPConn, handshake func(*net.TCPConn) error) error {
+	if deadline := handshakeDeadline(ctx, forward, start); !deadline.IsZero() {
 		if err := tc.SetDeadline(deadline); err != nil {
-			tc.Close()
-			return nil, fail(err)
+			return err
 		}
 	}
 	// Cancelling ctx puts the deadline in the past, which wakes a blocked
 	// read or write.
 	stop := context.AfterFunc(ctx, func() { tc.SetDeadline(time.Unix(1, 0)) })
-	err = handshake(tc)
+	err := handshake(tc)
 	if !stop() {
 		// ctx is done and the deadline is being (or was) moved: the
 		// connection can't be handed out whatever the handshake said.
@@ -120,11 +131,7 @@ func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, targe
 	if err == nil {
 		err = tc.SetDeadline(time.Time{})
 	}
-	if err != nil {
-		tc.Close()
-		return nil, fail(err)
-	}
-	return tc, nil
+	return err
 }
 
 // handshakeDeadline is the earliest of ctx's deadline, d.Deadline and

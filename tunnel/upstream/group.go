@@ -110,13 +110,14 @@ func (g *Group) Dial(ctx context.Context, target string, dst netip.AddrPort, key
 	if len(g.Upstreams) == 0 {
 		return Lease{}, fmt.Errorf("group %q: no upstreams", g.Name)
 	}
+	return g.dial(ctx, target, dst, key, nil, nil)
+}
+
+// dial is Dial after the upstreams in tried failed with errs.
+func (g *Group) dial(ctx context.Context, target string, dst netip.AddrPort, key string, tried []*Upstream, errs []error) (Lease, error) {
 	g.unbench(g.now())
-	strategy := g.Strategy
-	if strategy == nil {
-		strategy = &g.rr
-	}
-	tried := make([]*Upstream, 0, len(g.Upstreams))
-	var errs []error
+	strategy := g.strategy()
+	tried = append(make([]*Upstream, 0, len(g.Upstreams)), tried...)
 	for len(tried) < len(g.Upstreams) {
 		u := strategy.Pick(key, g.Upstreams, tried)
 		if u == nil || slices.Contains(tried, u) {
@@ -133,17 +134,17 @@ func (g *Group) Dial(ctx context.Context, target string, dst netip.AddrPort, key
 			g.markUp(u, "dial")
 			return Lease{Conn: c, Upstream: u}, nil
 		case ctxErr(ctx) != nil:
-			return Lease{Upstream: u}, fmt.Errorf("group %q: upstream %s: %w", g.Name, u.Name, err)
+			return Lease{Upstream: u}, groupErr(g.Name, u, err)
 		case isTargetFailure(err):
 			g.markUp(u, "dial") // it answered
-			return Lease{Upstream: u}, fmt.Errorf("group %q: upstream %s: %w", g.Name, u.Name, err)
+			return Lease{Upstream: u}, groupErr(g.Name, u, err)
 		case isRequestRefused(err):
 			g.markUp(u, "dial") // it answered
-			errs = append(errs, fmt.Errorf("upstream %s: %w", u.Name, err))
+			errs = append(errs, upstreamErr(u, err))
 			continue
 		}
 		g.markDown(u, err)
-		errs = append(errs, fmt.Errorf("upstream %s: %w", u.Name, err))
+		errs = append(errs, upstreamErr(u, err))
 	}
 	var last *Upstream
 	if len(tried) > 0 {
@@ -170,6 +171,14 @@ func (l Lease) Release() {
 		l.Upstream.active.Add(-1)
 	}
 }
+
+// groupErr is a failure of upstream u that ends the search of group.
+func groupErr(group string, u *Upstream, err error) error {
+	return fmt.Errorf("group %q: upstream %s: %w", group, u.Name, err)
+}
+
+// upstreamErr is one failed attempt, among others of a groupError.
+func upstreamErr(u *Upstream, err error) error { return fmt.Errorf("upstream %s: %w", u.Name, err) }
 
 // groupError is the failure of every upstream of a group.
 type groupError struct {

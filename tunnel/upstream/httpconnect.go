@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"time"
 )
 
 // maxReplyHead bounds a CONNECT reply head; a proxy that sends more without
@@ -34,13 +35,24 @@ type HTTPConnect struct {
 // connection to the proxy, positioned right after the reply head: bytes the
 // proxy sent after it are the tunnel's and are still there to read.
 func (h *HTTPConnect) Dial(ctx context.Context, target string, _ netip.AddrPort) (*net.TCPConn, error) {
+	req, err := h.connectRequest(target)
+	if err != nil {
+		return nil, err
+	}
+	return dialProxy(ctx, "http connect", h.Forward, h.Proxy, target, func(c *net.TCPConn) error {
+		return connectExchange(c, req)
+	})
+}
+
+// connectRequest is the CONNECT request head for target.
+func (h *HTTPConnect) connectRequest(target string) (string, error) {
 	fail := func(err error) error { return proxyError("http connect", h.Proxy, target, err) }
 	t, err := parseTarget(target)
 	if err != nil {
-		return nil, fail(err)
+		return "", fail(err)
 	}
 	if strings.IndexByte(h.User, ':') >= 0 {
-		return nil, fail(errors.New("user name contains ':', which Basic credentials cannot carry"))
+		return "", fail(errors.New("user name contains ':', which Basic credentials cannot carry"))
 	}
 	authority := t.authority()
 	var b strings.Builder
@@ -51,18 +63,48 @@ func (h *HTTPConnect) Dial(ctx context.Context, target string, _ netip.AddrPort)
 		b.WriteString("\r\n")
 	}
 	b.WriteString("\r\n")
-	req := b.String()
+	return b.String(), nil
+}
 
-	return dialProxy(ctx, "http connect", h.Forward, h.Proxy, target, func(c *net.TCPConn) error {
-		if _, err := io.WriteString(c, req); err != nil {
-			return err
-		}
-		head, err := readHead(c, maxReplyHead)
-		if err != nil {
-			return readError("reply", err)
-		}
-		return checkStatus(head)
+// connectExchange writes the request head and reads the reply head.
+func connectExchange(c *net.TCPConn, req string) error {
+	if _, err := io.WriteString(c, req); err != nil {
+		return err
+	}
+	head, err := readHead(c, maxReplyHead)
+	if err != nil {
+		return readError("reply", err)
+	}
+	return checkStatus(head)
+}
+
+// prepare opens the TCP connection to the proxy: a CONNECT request is all
+// there is to its handshake, and it names the target.
+func (h *HTTPConnect) prepare(ctx context.Context) (*net.TCPConn, error) {
+	if h.Proxy == "" {
+		return nil, proxyError("http connect", h.Proxy, "", errors.New("no proxy address"))
+	}
+	c, err := dialTCP(ctx, forwardOf(h.Forward), h.Proxy)
+	if err != nil {
+		return nil, proxyError("http connect", h.Proxy, "", err)
+	}
+	return c, nil
+}
+
+// request asks the proxy, on a connection prepare made, for a tunnel to
+// target.
+func (h *HTTPConnect) request(ctx context.Context, c *net.TCPConn, target string) error {
+	req, err := h.connectRequest(target)
+	if err != nil {
+		return err
+	}
+	err = exchange(ctx, forwardOf(h.Forward), time.Now(), c, func(c *net.TCPConn) error {
+		return connectExchange(c, req)
 	})
+	if err != nil {
+		return proxyError("http connect", h.Proxy, target, err)
+	}
+	return nil
 }
 
 // errHeadTooLarge is returned for a reply head longer than maxReplyHead.

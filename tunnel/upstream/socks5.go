@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"time"
 )
 
 // SOCKS5 dials through a SOCKS5 proxy (RFC 1928) with the CONNECT command,
@@ -61,6 +62,39 @@ func (s *SOCKS5) Dial(ctx context.Context, target string, _ netip.AddrPort) (*ne
 	return dialProxy(ctx, "socks connect", s.Forward, s.Proxy, target, func(c *net.TCPConn) error {
 		return s.handshake(c, req)
 	})
+}
+
+// prepare connects to the proxy and negotiates the method (and
+// authenticates): everything before the request, which names the target.
+func (s *SOCKS5) prepare(ctx context.Context) (*net.TCPConn, error) {
+	if len(s.User) > 255 || len(s.Password) > 255 {
+		return nil, proxyError("socks connect", s.Proxy, "", errors.New("user name or password longer than 255 bytes"))
+	}
+	return dialProxy(ctx, "socks connect", s.Forward, s.Proxy, "", s.negotiate)
+}
+
+// request asks the proxy, on a connection prepare made, to connect to
+// target, and reads the reply.
+func (s *SOCKS5) request(ctx context.Context, c *net.TCPConn, target string) error {
+	fail := func(err error) error { return proxyError("socks connect", s.Proxy, target, err) }
+	t, err := parseTarget(target)
+	if err != nil {
+		return fail(err)
+	}
+	req, err := socksRequest(t)
+	if err != nil {
+		return fail(err)
+	}
+	err = exchange(ctx, forwardOf(s.Forward), time.Now(), c, func(c *net.TCPConn) error {
+		if _, err := c.Write(req); err != nil {
+			return err
+		}
+		return readReply(c, nil)
+	})
+	if err != nil {
+		return fail(err)
+	}
+	return nil
 }
 
 // socksRequest is the CONNECT request for t.
