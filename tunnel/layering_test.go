@@ -1,7 +1,11 @@
 package tunnel
 
 import (
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -30,6 +34,33 @@ func TestLayering(t *testing.T) {
 			for _, b := range banned {
 				if b == "*" || dep == mod+b {
 					t.Errorf("%s imports %s", pkg, dep)
+				}
+			}
+		}
+	}
+}
+
+// The data path stays readable as short functions: none in this package's
+// own files is over 60 lines (issue 13).
+func TestFunctionsShort(t *testing.T) {
+	const limit = 60
+	files, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fset := token.NewFileSet()
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		af, err := parser.ParseFile(fset, f, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range af.Decls {
+			if fd, ok := d.(*ast.FuncDecl); ok {
+				if n := fset.Position(fd.End()).Line - fset.Position(fd.Pos()).Line + 1; n > limit {
+					t.Errorf("%s: %s is %d lines, more than %d: split it into named steps", f, fd.Name.Name, n, limit)
 				}
 			}
 		}

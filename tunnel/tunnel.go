@@ -191,14 +191,7 @@ func (t *Tunnel) Serve(ln Listener) error {
 		return ErrServerClosed
 	}
 	defer t.untrack(ln)
-	t.once.Do(func() {
-		t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
-		control := t.Control
-		if t.Loops != nil {
-			control = t.Loops.Control(control)
-		}
-		t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: control, KeepAlive: -1}}
-	})
+	t.once.Do(t.setup)
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
@@ -209,45 +202,73 @@ func (t *Tunnel) Serve(ln Listener) error {
 			if errors.Is(err, net.ErrClosed) {
 				return err
 			}
-			// Out of file descriptors, or a connection aborted before
-			// accept: wait a little and go on, as net/http does.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			if ok, held := t.acceptLog.allow(time.Now()); ok {
-				t.log().Warn("accept failed; retrying", "listener", ln.Addr().String(), "error", err.Error(),
-					"retry_in", backoff, "suppressed", held)
-			}
-			time.Sleep(backoff)
+			backoff = t.acceptFailed(ln, err, backoff)
 			continue
 		}
 		backoff = 0
-		cn := &conn{client: c}
-		result, evicted := t.add(cn)
-		switch result {
-		case addShutdown:
-			c.Close()
+		if !t.dispatch(ln, c) {
 			return ErrServerClosed
-		case addFull:
-			c.SetLinger(0)
-			c.Close()
-			t.refusedForLimit(c)
-			continue
 		}
-		if evicted != nil {
-			evicted.cutOff(errEvicted)
-			t.evictedForLimit(evicted, c)
-		}
-		if pl, ok := ln.(*proxyListener); ok {
-			if obs := pl.observer(t); obs != nil {
-				obs.Accepted()
-			}
-			go t.serveProxy(pl.port, cn)
-			continue
-		}
-		if t.Observer != nil {
-			t.Observer.Accepted()
-		}
-		go t.serveConn(ln, cn)
 	}
+}
+
+// setup makes what every Serve shares, once: the silent cache's size and
+// the direct dialer (timeout, socket mark, loop detection).
+func (t *Tunnel) setup() {
+	t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
+	control := t.Control
+	if t.Loops != nil {
+		control = t.Loops.Control(control)
+	}
+	t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: control, KeepAlive: -1}}
+}
+
+// acceptFailed waits after a failed accept (out of file descriptors, or a
+// connection aborted before accept), a little longer each time in a row,
+// as net/http does, and returns the wait.
+func (t *Tunnel) acceptFailed(ln Listener, err error, backoff time.Duration) time.Duration {
+	backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+	if ok, held := t.acceptLog.allow(time.Now()); ok {
+		t.log().Warn("accept failed; retrying", "listener", ln.Addr().String(), "error", err.Error(),
+			"retry_in", backoff, "suppressed", held)
+	}
+	time.Sleep(backoff)
+	return backoff
+}
+
+// dispatch counts c as served and starts its data path (the transparent
+// one, or the proxy port's) in a goroutine of its own. Beyond MaxConns it
+// is reset, or a connection of the client holding the most is. It reports
+// false, closing c, after Shutdown.
+func (t *Tunnel) dispatch(ln Listener, c *net.TCPConn) bool {
+	cn := &conn{client: c}
+	result, evicted := t.add(cn)
+	switch result {
+	case addShutdown:
+		c.Close()
+		return false
+	case addFull:
+		c.SetLinger(0)
+		c.Close()
+		t.refusedForLimit(c)
+		return true
+	}
+	if evicted != nil {
+		evicted.cutOff(errEvicted)
+		t.evictedForLimit(evicted, c)
+	}
+	if pl, ok := ln.(*proxyListener); ok {
+		if obs := pl.observer(t); obs != nil {
+			obs.Accepted()
+		}
+		go t.serveProxy(pl.port, cn)
+		return true
+	}
+	if t.Observer != nil {
+		t.Observer.Accepted()
+	}
+	go t.serveConn(ln, cn)
+	return true
 }
 
 // serveConn is the data path of one connection: the stages below, in
