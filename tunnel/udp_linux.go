@@ -52,9 +52,8 @@ func newUDPPoller(srv *UDPServer) (*udpPoller, error) {
 
 // add puts the session's socket in the set.
 func (p *udpPoller) add(s *udpSession, c *upstream.PacketConn) error {
-	rc := c.RawConn()
 	var serr error
-	err := rc.Control(func(fd uintptr) {
+	err := c.Control(func(fd uintptr) {
 		ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(uint32(s.id)), Pad: int32(uint32(s.id >> 32))}
 		serr = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
 	})
@@ -115,22 +114,20 @@ func (s *udpSession) receive(buf []byte) {
 		return
 	}
 	c := out.Conn
-	rc := c.RawConn()
 	var ferr error
-	err := rc.Read(func(fd uintptr) bool {
+	err := c.ReadNow(func(fd uintptr) {
 		for range 32 {
 			n, err := rawRecv(int(fd), buf)
 			if err != nil {
 				if err != unix.EAGAIN {
 					ferr = err
 				}
-				return true
+				return
 			}
 			if p, ok := c.Unwrap(buf[:n]); ok {
 				s.down(p)
 			}
 		}
-		return true
 	})
 	if err == nil {
 		err = ferr

@@ -41,11 +41,22 @@ var (
 
 // PacketConn is one UDP session's way out: a connected UDP socket, and for
 // a SOCKS5 association its TCP connection and datagram header.
+//
+// A direct session's socket is a bare non-blocking descriptor on Linux
+// (rawUDP), outside the runtime's poller: a new session then costs socket,
+// setsockopt (the mark) and connect, not also the poller's registration and
+// the local and peer address lookups net.Dial makes. Its users hold mu for
+// reading while they use the descriptor and Close holds it for writing, so
+// a descriptor number is never used after it was closed and reused.
 type PacketConn struct {
-	conn   *net.UDPConn
+	conn   *net.UDPConn // nil for a bare descriptor
 	rc     syscall.RawConn
 	ctrl   *net.TCPConn // SOCKS5: keeps the association
 	header []byte       // SOCKS5: RSV RSV FRAG ATYP DST.ADDR DST.PORT
+
+	fd     int // the bare descriptor when conn is nil
+	mu     sync.RWMutex
+	closed bool
 }
 
 // MaxHeader is the room Send needs in front of a datagram for the largest
@@ -64,9 +75,17 @@ func (p *PacketConn) Send(buf []byte, off, n int) error {
 		copy(buf[off-h:off], p.header)
 		b = buf[off-h : off+n]
 	}
+	if p.conn == nil {
+		p.mu.RLock()
+		defer p.mu.RUnlock()
+		if p.closed {
+			return net.ErrClosed
+		}
+		return writeNow(p.fd, b)
+	}
 	var werr error
 	err := p.rc.Write(func(fd uintptr) bool {
-		_, werr = syscall.Write(int(fd), b)
+		werr = writeNow(int(fd), b)
 		return true
 	})
 	if err != nil {
@@ -105,12 +124,40 @@ func (p *PacketConn) Unwrap(b []byte) ([]byte, bool) {
 	return b[h:], true
 }
 
-// RawConn is the UDP socket's, for waiting on it and reading it without
-// blocking.
-func (p *PacketConn) RawConn() syscall.RawConn { return p.rc }
+// Control calls f with the UDP socket's descriptor, which f must not keep.
+func (p *PacketConn) Control(f func(fd uintptr)) error {
+	if p.conn == nil {
+		p.mu.RLock()
+		defer p.mu.RUnlock()
+		if p.closed {
+			return net.ErrClosed
+		}
+		f(uintptr(p.fd))
+		return nil
+	}
+	return p.rc.Control(f)
+}
+
+// ReadNow calls f with the UDP socket's descriptor to read what it holds
+// without blocking (the caller knows it is readable); f must not keep it.
+func (p *PacketConn) ReadNow(f func(fd uintptr)) error {
+	if p.conn == nil {
+		return p.Control(f)
+	}
+	return p.rc.Read(func(fd uintptr) bool { f(fd); return true })
+}
 
 // Close closes the socket and, for SOCKS5, the association.
 func (p *PacketConn) Close() error {
+	if p.conn == nil {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if p.closed {
+			return net.ErrClosed
+		}
+		p.closed = true
+		return syscall.Close(p.fd)
+	}
 	err := p.conn.Close()
 	if p.ctrl != nil {
 		p.ctrl.Close()
@@ -136,6 +183,14 @@ func newPacketConn(c net.Conn) (*PacketConn, error) {
 // destination), marked by the Forward template's Control. Its errors are
 // the destination's.
 func (d *Direct) DialUDP(ctx context.Context, target string, dst netip.AddrPort) (*PacketConn, error) {
+	if dst.IsValid() {
+		if p, err, ok := dialUDPBare(forwardOf(d.Forward).Control, dst); ok {
+			if err != nil {
+				return nil, targetError{err}
+			}
+			return p, nil
+		}
+	}
 	address := target
 	if dst.IsValid() {
 		address = dst.String()
