@@ -94,7 +94,7 @@ func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, targe
 	}
 	fd := forwardOf(forward)
 	start := time.Now()
-	tc, err := dialTCP(ctx, fd, proxy)
+	tc, err := connectProxy(ctx, fd, proxy, start)
 	if err != nil {
 		return nil, fail(err)
 	}
@@ -103,6 +103,30 @@ func dialProxy(ctx context.Context, op string, forward *net.Dialer, proxy, targe
 		return nil, fail(err)
 	}
 	return tc, nil
+}
+
+// connectProxy opens the TCP connection to proxy with half of the budget
+// (ctx's deadline, forward's Timeout from start and Deadline). Its timeout is
+// the proxy's own failure (its host down, SYNs dropped: nothing a client's
+// target can cause), returned while ctx is still alive, so a group benches
+// this upstream and tries the next with the other half. A timeout later,
+// waiting for the reply to CONNECT, may be the target's and stays ctx's:
+// nobody is benched for it.
+func connectProxy(ctx context.Context, forward *net.Dialer, proxy string, start time.Time) (*net.TCPConn, error) {
+	connectCtx := ctx
+	var connectBy time.Time
+	if deadline := handshakeDeadline(ctx, forward, start); !deadline.IsZero() {
+		var cancel context.CancelFunc
+		connectBy = start.Add(deadline.Sub(start) / 2)
+		connectCtx, cancel = context.WithDeadline(ctx, connectBy)
+		defer cancel()
+	}
+	tc, err := dialTCP(connectCtx, forward, proxy)
+	// The dial's own timer may fire a little before the context's.
+	if err != nil && !connectBy.IsZero() && !time.Now().Before(connectBy) && ctxErr(ctx) == nil {
+		err = fmt.Errorf("connecting to the proxy: no answer within %v: %w", connectBy.Sub(start).Round(time.Millisecond), err)
+	}
+	return tc, err
 }
 
 // exchange runs handshake on tc, bounded by ctx and by forward's Timeout

@@ -9,6 +9,7 @@ import (
 	"context"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -125,4 +126,69 @@ func TestConsistentHashOneHotClient(t *testing.T) {
 		}
 	}
 	t.Logf("%d of %d keys shared the hot upstream and moved", moved, len(hosts))
+}
+
+// blackholed is a loopback address whose connects hang: a listener that
+// never accepts, with its backlog (0: one pending connection) filled, so
+// the kernel drops further SYNs, as a proxy host that is down does.
+func blackholed(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	filler, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { filler.Close() })
+	if c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond); err == nil {
+		c.Close()
+		t.Skip("this kernel completes connects beyond a full backlog; cannot make a blackholed address")
+	}
+	return addr
+}
+
+// A proxy whose host does not answer at all is its own failure: after half
+// the dial's budget it is benched and the next upstream carries the
+// connection, within the budget. (A wait for the CONNECT reply, which the
+// target may cause, still benches nobody: TestGroupCancelledDialKeepsUpstreamUp.)
+func TestGroupBlackholedUpstreamFailsOver(t *testing.T) {
+	testkit.CheckGoroutines(t)
+	for _, kind := range []string{"socks5", "http"} {
+		t.Run(kind, func(t *testing.T) {
+			dead := blackholed(t)
+			var a *Upstream
+			if kind == "socks5" {
+				a = socksUpstream("dead", dead)
+			} else {
+				a = &Upstream{Name: "dead", Dialer: &HTTPConnect{Proxy: dead, Forward: &net.Dialer{Timeout: 5 * time.Second}}}
+			}
+			b := socksUpstream("b", (&socksServer{}).start(t).addr)
+			g, _, logs := newTestGroup(a, b)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			lease, err := g.Dial(ctx, "site.test:443", netip.AddrPort{}, "")
+			if err != nil || lease.Upstream != b {
+				t.Fatalf("dial = %v, %v; want the second upstream after the dead one", lease.Upstream, err)
+			}
+			lease.Conn.Close()
+			lease.Release()
+			if a.Up() || !strings.Contains(logs.String(), "upstream down") || !strings.Contains(logs.String(), "no answer within") {
+				t.Fatalf("dead upstream up %v; log: %s", a.Up(), logs)
+			}
+		})
+	}
 }

@@ -84,7 +84,7 @@ func (h *HTTPConnect) prepare(ctx context.Context) (*net.TCPConn, error) {
 	if h.Proxy == "" {
 		return nil, proxyError("http connect", h.Proxy, "", errors.New("no proxy address"))
 	}
-	c, err := dialTCP(ctx, forwardOf(h.Forward), h.Proxy)
+	c, err := connectProxy(ctx, forwardOf(h.Forward), h.Proxy, time.Now())
 	if err != nil {
 		return nil, proxyError("http connect", h.Proxy, "", err)
 	}
