@@ -26,10 +26,27 @@ import (
 // UDPListener receives the UDP datagrams TPROXY hands to detour; the
 // original destination of each comes with it, in a control message.
 type UDPListener struct {
-	conn *net.UDPConn
-	rc   syscall.RawConn
-	addr netip.AddrPort // the bound address, unmapped
-	self selfAddrs
+	conn  *net.UDPConn
+	rc    syscall.RawConn
+	addr  netip.AddrPort // the bound address, unmapped
+	self  selfAddrs
+	batch *udpBatch // made by the first ReadDatagram
+	bmu   sync.Mutex
+}
+
+// udpBatchSize is how many datagrams one recvmmsg(2) reads at most.
+const udpBatchSize = 16
+
+// udpBatch holds the datagrams one recvmmsg(2) read that ReadDatagram has
+// not handed out yet. Its buffers take a whole datagram each; pages are
+// touched only as far as datagrams fill them.
+type udpBatch struct {
+	hdrs    [udpBatchSize]unix.Mmsghdr
+	iovs    [udpBatchSize]unix.Iovec
+	names   [udpBatchSize]unix.RawSockaddrInet6
+	oobs    [udpBatchSize][OOBSize]byte
+	bufs    [udpBatchSize][]byte
+	n, next int
 }
 
 // OOBSize is enough control-message space for ReadDatagram: one
@@ -146,16 +163,38 @@ var ErrTruncated = errors.New("datagram larger than the buffer")
 // large for b ErrTruncated, one sent to detour's own port on one of this
 // host's addresses ErrNotRedirected (with dst): the caller drops them and
 // reads on. Other errors are the socket's.
+//
+// Under load one recvmmsg(2) reads up to 16 datagrams, which later calls
+// hand out (copied into b) without a system call; oob is then unused.
 func (l *UDPListener) ReadDatagram(b, oob []byte) (n int, client, dst netip.AddrPort, err error) {
-	n, oobn, flags, src, err := l.conn.ReadMsgUDPAddrPort(b, oob)
-	if err != nil {
-		return 0, netip.AddrPort{}, netip.AddrPort{}, err
+	l.bmu.Lock()
+	defer l.bmu.Unlock()
+	bt := l.batch
+	if bt == nil {
+		bt = &udpBatch{}
+		for i := range bt.bufs {
+			bt.bufs[i] = make([]byte, 64<<10)
+		}
+		l.batch = bt
 	}
-	client = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-	if flags&unix.MSG_TRUNC != 0 {
-		return n, client, netip.AddrPort{}, ErrTruncated
+	for bt.next >= bt.n {
+		if err := l.fill(bt); err != nil {
+			return 0, netip.AddrPort{}, netip.AddrPort{}, err
+		}
 	}
-	dst, ok := origDstFromCmsg(oob[:oobn])
+	i := bt.next
+	bt.next++
+	h := &bt.hdrs[i]
+	n = int(h.Len)
+	src, ok := sockaddrPort(&bt.names[i])
+	if ok {
+		client = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	}
+	if h.Hdr.Flags&unix.MSG_TRUNC != 0 || n > len(b) {
+		return copy(b, bt.bufs[i][:n]), client, netip.AddrPort{}, ErrTruncated
+	}
+	copy(b, bt.bufs[i][:n])
+	dst, ok = origDstFromCmsg(bt.oobs[i][:h.Hdr.Controllen])
 	if !ok {
 		return n, client, netip.AddrPort{}, ErrNoOrigDst
 	}
@@ -163,6 +202,59 @@ func (l *UDPListener) ReadDatagram(b, oob []byte) (n int, client, dst netip.Addr
 		return n, client, dst, ErrNotRedirected
 	}
 	return n, client, dst, nil
+}
+
+// fill reads the next batch with recvmmsg(2), waiting in the runtime's
+// poller (deadlines apply) while there is nothing to read.
+func (l *UDPListener) fill(bt *udpBatch) error {
+	for i := range bt.hdrs {
+		bt.iovs[i].Base = &bt.bufs[i][0]
+		bt.iovs[i].SetLen(len(bt.bufs[i]))
+		h := &bt.hdrs[i]
+		h.Hdr = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&bt.names[i])), Namelen: unix.SizeofSockaddrInet6,
+			Iov: &bt.iovs[i], Control: &bt.oobs[i][0]}
+		h.Hdr.SetIovlen(1)
+		h.Hdr.SetControllen(OOBSize)
+		h.Len = 0
+	}
+	var got int
+	var serr error
+	err := l.rc.Read(func(fd uintptr) bool {
+		for {
+			r, _, e := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&bt.hdrs[0])), udpBatchSize, unix.MSG_DONTWAIT, 0, 0)
+			switch e {
+			case 0:
+				got = int(r)
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false // wait until readable
+			default:
+				serr = e
+			}
+			return true
+		}
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		return err
+	}
+	bt.n, bt.next = got, 0
+	return nil
+}
+
+// sockaddrPort reads a sockaddr_in or sockaddr_in6 that recvmmsg filled.
+func sockaddrPort(sa *unix.RawSockaddrInet6) (netip.AddrPort, bool) {
+	switch sa.Family {
+	case unix.AF_INET6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), ntohs(sa.Port)), true
+	case unix.AF_INET:
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		return netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), ntohs(sa4.Port)), true
+	}
+	return netip.AddrPort{}, false
 }
 
 // IsSelf reports whether dst is this listener's own address and port.
