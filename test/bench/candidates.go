@@ -31,6 +31,7 @@ type candidate struct {
 	Name string
 	kind kind
 	args []string // detour run flags beyond the common ones
+	bin  string   // the detour binary; "" means -detour's
 	// Peer is the address the server must see: the client's (kernel
 	// forwarding), the gateway's (detour direct) or the upstream's.
 	Peer string
@@ -81,7 +82,11 @@ func (b *bench) startCandidate(c candidate, extra ...string) (*running, error) {
 	var err error
 	switch c.kind {
 	case detourKind:
-		r.proxy, err = b.startDetour(append(append([]string(nil), c.args...), extra...))
+		bin := c.bin
+		if bin == "" {
+			bin = b.detour
+		}
+		r.proxy, err = b.startDetour(bin, append(append([]string(nil), c.args...), extra...))
 	case redsocksKind:
 		r.proxy, err = b.startRedsocks()
 	case gominKind:
@@ -104,8 +109,8 @@ func (b *bench) startCandidate(c candidate, extra ...string) (*running, error) {
 	return r, nil
 }
 
-func (b *bench) startDetour(args []string) (*proc, error) {
-	argv := append([]string{b.detour, "run", "--log-format", "json",
+func (b *bench) startDetour(bin string, args []string) (*proc, error) {
+	argv := append([]string{bin, "run", "--log-format", "json",
 		"--listen", fmt.Sprintf(":%d", detourPort), "--grace", "1s",
 		"--install-rules", "--bypass", "none", "--interface", "gc", "--rules-recheck", "0"}, args...)
 	p, err := b.procs.start("detour", b.topo.G, nofile, false, argv...)

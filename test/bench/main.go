@@ -59,6 +59,7 @@ type options struct {
 	candidates     string
 	redsocksSplice bool
 	ipt2socks      string
+	detourB        string
 	bulk           bool
 	timeout        time.Duration
 }
@@ -114,6 +115,7 @@ func parseFlags() (options, error) {
 	fs.StringVar(&o.candidates, "candidates", "", "comma-separated candidates from: "+candidateNames()+" (default: all but those only when named)")
 	fs.BoolVar(&o.redsocksSplice, "redsocks-splice", true, "run redsocks with its splice = on option (its fastest relay)")
 	fs.StringVar(&o.ipt2socks, "ipt2socks", os.Getenv("IPT2SOCKS"), "ipt2socks binary, built by hand outside the repository (also IPT2SOCKS=path); without it the candidate ipt2socks-socks5 is skipped and detour through SOCKS5 is compared with redsocks")
+	fs.StringVar(&o.detourB, "detour-b", "", "a second detour binary: each detour candidate also runs with it, as NAME@b, interleaved with the first (an A/B comparison in one run)")
 	fs.BoolVar(&o.bulk, "bulk", true, "run the iperf3 throughput tests (false: connections only, for quick comparisons)")
 	fs.DurationVar(&o.timeout, "timeout", 0, "stop everything after this long (default 25m, quick 8m)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -224,6 +226,19 @@ func benchMain() int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		return 2
+	}
+	if opts.detourB != "" {
+		if opts.detourB, err = filepath.Abs(opts.detourB); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: -detour-b:", err)
+			return 2
+		}
+		for _, c := range cands {
+			if c.kind == detourKind {
+				c.Name, c.bin = c.Name+"@b", opts.detourB
+				extraCandidates = append(extraCandidates, c)
+				cands = append(cands, c)
+			}
+		}
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "bench: must run as root (network namespaces, iptables): sudo make bench")
