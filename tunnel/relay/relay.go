@@ -204,7 +204,11 @@ func (d *direction) firstBytes() {
 // end finishes d after its copy stopped with err (nil at EOF): on EOF it
 // half-closes dst; on an error it ends the relay.
 func (d *direction) end(err error) {
-	if err == nil {
+	// When the other direction has ended already, the relay closes both
+	// sockets as soon as this one finishes, and dst's close sends the FIN a
+	// shutdown would (dst's own bytes were read to EOF, so nothing unread
+	// turns the close into a reset): one syscall less per connection.
+	if err == nil && d.r.pending.Load() > 1 {
 		// ENOTCONN: dst is gone already (it closed and answered our last
 		// bytes with a reset); there is no one left to tell, and its own
 		// direction reports whatever happened to it.
