@@ -122,6 +122,7 @@ func (t *Tunnel) isShutdown() bool {
 // closeEngine stops the relay engine's poller once the last connection is
 // gone; Serve will not start another.
 func (t *Tunnel) closeEngine() {
+	t.workers.stop()
 	t.mu.Lock()
 	e := t.engine
 	t.engine = nil

@@ -119,6 +119,7 @@ type Tunnel struct {
 	spare     []map[*conn]struct{}                // emptied per-source maps, for reuse
 	shutdown  bool
 	wg        sync.WaitGroup
+	workers   workers // run serveConn
 	// engine relays the connections; made by the first Serve, closed by
 	// Shutdown once the last connection is gone.
 	engine *relay.Engine
@@ -267,7 +268,7 @@ func (t *Tunnel) dispatch(ln Listener, c *net.TCPConn) bool {
 	if t.Observer != nil {
 		t.Observer.Accepted()
 	}
-	go t.serveConn(ln, cn)
+	t.workers.run(func() { t.serveConn(ln, cn) })
 	return true
 }
 
