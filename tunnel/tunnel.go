@@ -630,11 +630,12 @@ func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 	if c.dst.Addr().IsValid() {
 		dst = c.dst.String()
 	}
-	attrs := []slog.Attr{
+	// Room for every attribute the line may have: one allocation.
+	attrs := make([]slog.Attr, 0, 24)
+	attrs = append(attrs,
 		slog.String("client", c.client.RemoteAddr().String()),
 		slog.String("dst", dst),
-		slog.String("inbound", c.inbound.String()),
-	}
+		slog.String("inbound", c.inbound.String()))
 	if c.inbound == Transparent {
 		attrs = append(attrs, slog.String("mode", t.Mode))
 	}

@@ -1,0 +1,26 @@
+package tunnel
+
+import (
+	"io"
+	"log/slog"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/detour-proxy/detour/internal/testkit"
+	"github.com/detour-proxy/detour/sniff"
+)
+
+// BenchmarkAccessLine is one connection's access line, as detour writes it
+// (JSON), to io.Discard: the per-connection cost of the log.
+func BenchmarkAccessLine(b *testing.B) {
+	client, _ := testkit.TCPPair(b)
+	t := &Tunnel{Mode: "redirect", Log: slog.New(slog.NewJSONHandler(io.Discard, nil))}
+	info := &connInfo{start: time.Now(), client: client, dst: netip.MustParseAddrPort("198.18.2.2:80"),
+		found: sniff.Result{Proto: sniff.HTTP, Host: "site.test"}, outcome: "found", sniffTook: time.Millisecond,
+		route: Action{Kind: ActionDirect}}
+	b.ReportAllocs()
+	for b.Loop() {
+		t.logConn(info, 100, 200, nil)
+	}
+}
