@@ -185,7 +185,7 @@ type udpSession struct {
 	state   atomic.Uint32
 	mu      sync.Mutex    // guards the fields below and state changes
 	kind    atomic.Uint32 // a udpKind, set while sniffing
-	pending [][]byte
+	pending [][]byte      // held datagrams, each after maxUDPHeader bytes of room
 	pendLen int
 	quic    *sniff.QUICAssembler
 	timer   *time.Timer
@@ -522,13 +522,16 @@ func (s *udpSession) first(buf []byte, n int, now int64) {
 	s.decide()
 }
 
-// keep holds a copy of b until the session is connected, within the sniff
+// keep holds a copy of b, after room for a header, until the session is
+// connected (then sent from where it is), within the sniff
 // byte budget (called with s.mu held).
 func (s *udpSession) keep(b []byte) bool {
 	if s.pendLen+len(b) > s.srv.Options.sniffMaxBytes() && len(s.pending) > 0 {
 		return false
 	}
-	s.pending = append(s.pending, append([]byte(nil), b...))
+	p := make([]byte, maxUDPHeader+len(b))
+	copy(p[maxUDPHeader:], b)
+	s.pending = append(s.pending, p)
 	s.pendLen += len(b)
 	return true
 }
@@ -653,10 +656,8 @@ func (s *udpSession) connect(route Action) {
 		s.drop()
 		return
 	}
-	for _, b := range s.pending {
-		buf := make([]byte, maxUDPHeader+len(b))
-		copy(buf[maxUDPHeader:], b)
-		lease.Conn.Send(buf, maxUDPHeader, len(b))
+	for _, p := range s.pending {
+		lease.Conn.Send(p, maxUDPHeader, len(p)-maxUDPHeader)
 	}
 	s.pending, s.pendLen = nil, 0
 	s.state.Store(stRunning)
