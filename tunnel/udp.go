@@ -559,7 +559,7 @@ func (s *udpSession) sniffTimedOut() {
 		s.mu.Unlock()
 		return
 	}
-	s.outcome = "timeout"
+	s.found, s.outcome = sniff.Result{Proto: sniff.QUIC}, "timeout" // QUIC so far, no ClientHello yet
 	s.endSniff()
 	s.decide()
 }
@@ -693,7 +693,7 @@ func (s *udpSession) up(buf []byte, n int, now int64) {
 	case stSniffing:
 		b := buf[maxUDPHeader : maxUDPHeader+n]
 		if !s.keep(b) {
-			s.outcome = "too-large"
+			s.found, s.outcome = sniff.Result{Proto: sniff.QUIC}, "too-large"
 			s.endSniff()
 			s.decide()
 			return

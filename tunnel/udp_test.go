@@ -4,13 +4,17 @@ package tunnel
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -502,4 +506,58 @@ func BenchmarkUDPSessionSetup(b *testing.B) {
 	}
 	b.StopTimer()
 	_ = ln
+}
+
+// chromiumQUIC are the two datagrams of Chromium's first flight (its
+// post-quantum ClientHello spans both), captured by
+// scripts/capture-first-flight.sh; the SNI is site.test.
+func chromiumQUIC(t *testing.T) [][]byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "sniff", "testdata", "datagrams", "chromium-quic.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out [][]byte
+	for len(b) >= 2 {
+		n := min(int(binary.BigEndian.Uint16(b)), len(b)-2)
+		out = append(out, b[2:2+n])
+		b = b[2+n:]
+	}
+	if len(out) < 2 {
+		t.Fatalf("chromium-quic.bin holds %d datagrams, want 2 or more", len(out))
+	}
+	return out
+}
+
+// A QUIC session is held until its ClientHello is whole, in whatever order
+// its datagrams come, then routed by the SNI with every held datagram sent
+// on; one whose ClientHello never completes goes by IP after the sniff
+// timeout.
+func TestUDPQUICSniff(t *testing.T) {
+	flight := chromiumQUIC(t)
+	echo := udpEcho(t, "udp4", "127.0.0.1:0")
+	router := &Router{Rules: []Rule{{Domains: []string{"site.test"}, Action: Action{Kind: ActionDirect}}},
+		Default: Action{Kind: ActionReject}}
+	h := startUDP(t, UDPOptions{QUICTimeout: 300 * time.Millisecond, SniffTimeout: 100 * time.Millisecond}, router)
+	reversed := append([][]byte{}, flight...)
+	slices.Reverse(reversed)
+	for _, tc := range []struct {
+		client string
+		send   [][]byte
+		want   map[string]string
+	}{
+		{"127.0.0.9:11001", flight, map[string]string{"host": "site.test", "proto": "quic", "sniff": "found", "route": "direct", "dgrams_up": fmt.Sprint(len(flight))}},
+		{"127.0.0.9:11002", reversed, map[string]string{"host": "site.test", "proto": "quic", "sniff": "found", "route": "direct", "dgrams_up": fmt.Sprint(len(flight))}},
+		{"127.0.0.9:11003", flight[:1], map[string]string{"host": "", "proto": "quic", "sniff": "timeout", "route": "reject"}},
+	} {
+		for _, d := range tc.send {
+			h.ln.send(tc.client, echo.String(), d)
+		}
+		rec := h.log.waitRecord(t, "udp", "client", tc.client)
+		for k, v := range tc.want {
+			if fmt.Sprint(rec[k]) != v {
+				t.Errorf("%s: access line %s = %v, want %s (%v)", tc.client, k, rec[k], v, rec)
+			}
+		}
+	}
 }
