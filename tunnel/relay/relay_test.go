@@ -147,8 +147,14 @@ func TestRelayPassesResets(t *testing.T) {
 
 func TestRelayIdleTimeout(t *testing.T) {
 	const idle = 200 * time.Millisecond
-	client, _, _, done := startRelay(t, nil, idle)
+	e := testEngine(t)
+	client, proxyClient := testkit.TCPPair(t)
+	proxyServer, _ := testkit.TCPPair(t)
+	done := make(chan relayResult, 1)
+	// Taken before Start, whose clock starts inside: after it, a test
+	// goroutine held up before reading the clock saw the timeout early.
 	start := time.Now()
+	e.Start(proxyClient, proxyServer, idle, func(up, down int64, err error) { done <- relayResult{up, down, err} })
 	res := wait(t, done, 10*idle)
 	if !errors.Is(res.err, errIdle) {
 		t.Fatalf("relay error = %v, want idle timeout", res.err)
