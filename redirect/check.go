@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -21,6 +22,29 @@ func (p Problem) String() string {
 		return "error: " + p.Msg
 	}
 	return "warning: " + p.Msg
+}
+
+// splitProblems separates Check's problems for an install: the warnings,
+// and the fatal ones joined into one error (nil when there are none).
+func splitProblems(ps []Problem) (warnings []Problem, err error) {
+	var fatal []error
+	for _, p := range ps {
+		if p.Fatal {
+			fatal = append(fatal, errors.New(p.Msg))
+		} else {
+			warnings = append(warnings, p)
+		}
+	}
+	return warnings, errors.Join(fatal...)
+}
+
+// rolledBack is an install's error once remove has undone what it did:
+// whether anything of detour's is left, and err saying so.
+func rolledBack(err error, remove func() error) (changed bool, _ error) {
+	if rerr := remove(); rerr != nil {
+		return true, fmt.Errorf("%w; rolling back also failed: %v", err, rerr)
+	}
+	return false, fmt.Errorf("%w (rolled back: none of detour's rules is left)", err)
 }
 
 // sysctlProblems judges the sysctls that matter to the rules of o. get

@@ -136,15 +136,7 @@ func (in *NFTInstaller) Check(o RuleOptions) []Problem {
 	}
 	if o.Mode == TProxy {
 		for _, f := range o.families() {
-			users, err := in.tableUsers(f, o.Table)
-			switch {
-			case err != nil:
-				out = append(out, Problem{Fatal: true, Msg: err.Error()})
-			case len(users) > 0:
-				out = append(out, Problem{Fatal: true, Msg: fmt.Sprintf(
-					"policy-routing table %d is already used by someone else (%s): choose another with --table",
-					o.Table, strings.Join(users, "; "))})
-			}
+			out = append(out, in.tableProblems(f, o.Table)...)
 		}
 	}
 	if stale := staleIptablesChains(c); len(stale) > 0 {
@@ -206,16 +198,9 @@ func (in *NFTInstaller) Install(o RuleOptions) (changed bool, warnings []Problem
 	if err != nil {
 		return false, nil, err
 	}
-	var fatal []error
-	for _, p := range in.Check(o) {
-		if p.Fatal {
-			fatal = append(fatal, errors.New(p.Msg))
-		} else {
-			warnings = append(warnings, p)
-		}
-	}
-	if len(fatal) > 0 {
-		return false, warnings, errors.Join(fatal...)
+	warnings, err = splitProblems(in.Check(o))
+	if err != nil {
+		return false, warnings, err
 	}
 	o = o.withDefaults()
 	routes := o.policyRoutes()
@@ -226,10 +211,8 @@ func (in *NFTInstaller) Install(o RuleOptions) (changed bool, warnings []Problem
 		return false, warnings, fmt.Errorf("removing detour's earlier policy routes: %w", err)
 	}
 	rollback := func(err error) (bool, []Problem, error) {
-		if rerr := in.Remove(); rerr != nil {
-			return true, warnings, fmt.Errorf("%w; rolling back also failed: %v", err, rerr)
-		}
-		return false, warnings, fmt.Errorf("%w (rolled back: none of detour's rules is left)", err)
+		changed, err := rolledBack(err, in.Remove)
+		return changed, warnings, err
 	}
 	// The routes first, so capture starts only once they are there.
 	for _, pr := range routes {
@@ -519,18 +502,7 @@ func (in *NFTInstaller) Show(w io.Writer) error {
 		fmt.Fprint(w, nftScript(nftTable{Sets: l.setList, Chains: chains}))
 		empty = false
 	}
-	lines, err := in.routeLines()
-	if err != nil {
-		return err
-	}
-	for _, l := range lines {
-		fmt.Fprintln(w, l)
-		empty = false
-	}
-	if empty {
-		fmt.Fprintln(w, "# none of detour's rules is installed")
-	}
-	return nil
+	return in.showRoutes(w, empty)
 }
 
 // A rule as dumped by the kernel (NFT_MSG_GETRULE).

@@ -5,7 +5,9 @@ package redirect
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -189,6 +191,39 @@ func (in *routing) tableUsers(f Family, table int) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// tableProblems is the fatal problem, if any, of taking policy-routing
+// table for family f: someone else uses it, or it cannot be listed.
+func (in *routing) tableProblems(f Family, table int) []Problem {
+	users, err := in.tableUsers(f, table)
+	switch {
+	case err != nil:
+		return []Problem{{Fatal: true, Msg: err.Error()}}
+	case len(users) > 0:
+		return []Problem{{Fatal: true, Msg: fmt.Sprintf(
+			"policy-routing table %d is already used by someone else (%s): choose another with --table",
+			table, strings.Join(users, "; "))}}
+	}
+	return nil
+}
+
+// showRoutes ends an installer's Show: detour's ip rules and routes, and a
+// note that nothing is installed when neither they nor the rules shown
+// before (empty is false then) are there.
+func (in *routing) showRoutes(w io.Writer, empty bool) error {
+	lines, err := in.routeLines()
+	if err != nil {
+		return err
+	}
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+		empty = false
+	}
+	if empty {
+		fmt.Fprintln(w, "# none of detour's rules is installed")
+	}
+	return nil
 }
 
 // routeLines lists detour's ip rules and routes like `ip rule` and

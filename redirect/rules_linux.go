@@ -133,15 +133,7 @@ func (in *Installer) Check(o RuleOptions) []Problem {
 			}
 		}
 		if o.Mode == TProxy {
-			users, err := in.tableUsers(f, o.Table)
-			switch {
-			case err != nil:
-				out = append(out, Problem{Fatal: true, Msg: err.Error()})
-			case len(users) > 0:
-				out = append(out, Problem{Fatal: true, Msg: fmt.Sprintf(
-					"policy-routing table %d is already used by someone else (%s): choose another with --table",
-					o.Table, strings.Join(users, "; "))})
-			}
+			out = append(out, in.tableProblems(f, o.Table)...)
 		}
 	}
 	return append(out, sysctlProblems(o, in.sysctl, in.interfaces())...)
@@ -178,16 +170,9 @@ func (in *Installer) Install(o RuleOptions) (changed bool, warnings []Problem, e
 	if err != nil {
 		return false, nil, err
 	}
-	var fatal []error
-	for _, p := range in.Check(o) {
-		if p.Fatal {
-			fatal = append(fatal, errors.New(p.Msg))
-		} else {
-			warnings = append(warnings, p)
-		}
-	}
-	if len(fatal) > 0 {
-		return false, warnings, errors.Join(fatal...)
+	warnings, err = splitProblems(in.Check(o))
+	if err != nil {
+		return false, warnings, err
 	}
 	if in.removeNFT != nil {
 		if err := in.removeNFT(); err != nil {
@@ -201,10 +186,8 @@ func (in *Installer) Install(o RuleOptions) (changed bool, warnings []Problem, e
 		return false, warnings, fmt.Errorf("removing detour's earlier rules: %w", err)
 	}
 	if err := in.apply(sets); err != nil {
-		if rerr := in.Remove(); rerr != nil {
-			return true, warnings, fmt.Errorf("%w; rolling back also failed: %v", err, rerr)
-		}
-		return false, warnings, fmt.Errorf("%w (rolled back: none of detour's rules is left)", err)
+		changed, err := rolledBack(err, in.Remove)
+		return changed, warnings, err
 	}
 	return true, warnings, in.remember(sets)
 }
@@ -502,18 +485,7 @@ func (in *Installer) Show(w io.Writer) error {
 			}
 		}
 	}
-	lines, err := in.routeLines()
-	if err != nil {
-		return err
-	}
-	for _, l := range lines {
-		fmt.Fprintln(w, l)
-		empty = false
-	}
-	if empty {
-		fmt.Fprintln(w, "# none of detour's rules is installed")
-	}
-	return nil
+	return in.showRoutes(w, empty)
 }
 
 // isNotExist reports an iptables error about a rule or chain that is not
