@@ -32,15 +32,15 @@ test: deps unit fuzz e2e
 unit:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
-	$(GO) test -race -count=1 ./cmd/... ./ports/... ./redirect/... ./sniff/... ./tunnel/...
+	$(GO) test -race -count=1 ./cmd/... ./internal/... ./ports/... ./redirect/... ./sniff/... ./tunnel/...
 
 # Each fuzz target (package:target) for FUZZEXECS executions; the seed
-# corpora (sniff/testdata, tunnel/proxyport/testdata) already ran as unit
+# corpora (sniff/testdata, tunnel/proxyport/testdata, internal/socksudp/testdata) already ran as unit
 # tests. A hang fails at -timeout.
 FUZZTARGETS := sniff:FuzzTLS sniff:FuzzHTTP sniff:FuzzParse \
 	sniff:FuzzQUIC sniff:FuzzQUICFrames sniff:FuzzDNS \
-	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS tunnel/proxyport:FuzzUDPHeader \
-	tunnel/upstream:FuzzUDPUnwrap
+	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS \
+	internal/socksudp:FuzzHeader
 fuzz:
 	@for t in $(FUZZTARGETS); do \
 		p=$${t%%:*}; f=$${t#*:}; \

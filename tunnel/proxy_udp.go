@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/detour-proxy/detour/internal/socksudp"
 	"github.com/detour-proxy/detour/tunnel/proxyport"
 )
 
@@ -172,7 +173,7 @@ func (a *association) register(from netip.AddrPort) {
 func (a *association) reply(b []byte, src, to netip.AddrPort) error {
 	a.wmu.Lock()
 	defer a.wmu.Unlock()
-	a.wbuf = append(proxyport.AppendUDPHeader(a.wbuf[:0], src), b...)
+	a.wbuf = append(socksudp.Append(a.wbuf[:0], src), b...)
 	_, err := a.conn.WriteToUDPAddrPort(a.wbuf, to)
 	return err
 }

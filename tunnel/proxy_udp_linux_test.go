@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/detour-proxy/detour/internal/socksudp"
 	"github.com/detour-proxy/detour/tunnel/proxyport"
 )
 
@@ -50,7 +51,7 @@ func TestProxyUDPAssociate(t *testing.T) {
 	uc.SetDeadline(time.Now().Add(5 * time.Second))
 	for i := range 3 {
 		msg := fmt.Sprintf("ping %d", i)
-		dg := append(proxyport.AppendUDPHeader(nil, echoAddr), msg...)
+		dg := append(socksudp.Append(nil, echoAddr), msg...)
 		if _, err := uc.WriteToUDPAddrPort(dg, relay); err != nil {
 			t.Fatal(err)
 		}
@@ -68,7 +69,7 @@ func TestProxyUDPAssociate(t *testing.T) {
 	other, _ := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
 	if other != nil {
 		defer other.Close()
-		other.WriteToUDPAddrPort(append(proxyport.AppendUDPHeader(nil, echoAddr), "stranger"...), relay)
+		other.WriteToUDPAddrPort(append(socksudp.Append(nil, echoAddr), "stranger"...), relay)
 		other.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
 		if _, _, err := other.ReadFromUDPAddrPort(make([]byte, 100)); err == nil {
 			t.Error("a datagram from another address was relayed")

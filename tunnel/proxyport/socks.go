@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+
+	"github.com/detour-proxy/detour/internal/socksudp"
 )
 
 // SOCKS commands (RFC 1928 §4; SOCKS4 uses 1 and 2 alike).
@@ -345,66 +347,24 @@ func lower(s string) string {
 }
 
 // ParseUDPHeader reads the header of a datagram a SOCKS5 client sends to its
-// UDP relay (RFC 1928 §7): RSV (2 bytes, zero), FRAG, ATYP, DST.ADDR,
-// DST.PORT. It returns the destination (an address, or a name) and where
-// the payload starts. Fragments (FRAG not 0) are refused, as most servers
-// do.
+// UDP relay (socksudp.Parse) and judges the destination: a name must be a
+// valid one (an address written as a name is taken as the address), the
+// port not 0. It returns the destination (an address, or a name) and where
+// the payload starts.
 func ParseUDPHeader(b []byte) (addr netip.Addr, host string, port uint16, payload int, err error) {
-	if len(b) < 4 {
-		return netip.Addr{}, "", 0, 0, errors.New("datagram shorter than a SOCKS5 UDP header")
+	addr, name, port, payload, err := socksudp.Parse(b)
+	if err != nil {
+		return netip.Addr{}, "", 0, 0, err
 	}
-	if b[0] != 0 || b[1] != 0 {
-		return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: reserved bytes not zero")
-	}
-	if b[2] != 0 {
-		return netip.Addr{}, "", 0, 0, fmt.Errorf("SOCKS5 UDP fragment %d (fragments are not supported)", b[2])
-	}
-	i := 4
-	switch b[3] {
-	case 1:
-		if len(b) < i+4+2 {
-			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short IPv4 address")
-		}
-		addr = netip.AddrFrom4([4]byte(b[i : i+4]))
-		i += 4
-	case 4:
-		if len(b) < i+16+2 {
-			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short IPv6 address")
-		}
-		addr = netip.AddrFrom16([16]byte(b[i : i+16])).Unmap()
-		i += 16
-	case 3:
-		if len(b) < i+1 {
-			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short domain name")
-		}
-		l := int(b[i])
-		if len(b) < i+1+l+2 {
-			return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: short domain name")
-		}
+	if name != nil {
 		var req SOCKSRequest
-		if err := req.setName(string(b[i+1 : i+1+l])); err != nil {
+		if err := req.setName(string(name)); err != nil {
 			return netip.Addr{}, "", 0, 0, fmt.Errorf("SOCKS5 UDP header: %v", err)
 		}
 		addr, host = req.Addr, req.Host
-		i += 1 + l
-	default:
-		return netip.Addr{}, "", 0, 0, fmt.Errorf("SOCKS5 UDP header: address type %d", b[3])
 	}
-	port = uint16(b[i])<<8 | uint16(b[i+1])
 	if port == 0 {
 		return netip.Addr{}, "", 0, 0, errors.New("SOCKS5 UDP header: destination port 0")
 	}
-	return addr, host, port, i + 2, nil
-}
-
-// AppendUDPHeader appends the header of a reply datagram from src.
-func AppendUDPHeader(b []byte, src netip.AddrPort) []byte {
-	a := src.Addr().Unmap()
-	if a.Is4() {
-		b = append(b, 0, 0, 0, 1)
-	} else {
-		b = append(b, 0, 0, 0, 4)
-	}
-	b = append(b, a.AsSlice()...)
-	return append(b, byte(src.Port()>>8), byte(src.Port()))
+	return addr, host, port, payload, nil
 }

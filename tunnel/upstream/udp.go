@@ -9,6 +9,8 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+
+	"github.com/detour-proxy/detour/internal/socksudp"
 )
 
 // UDP: the ways out that can carry a UDP session. Direct sends from a
@@ -101,24 +103,8 @@ func (p *PacketConn) Unwrap(b []byte) ([]byte, bool) {
 	if p.header == nil {
 		return b, true
 	}
-	if len(b) < 4 || b[0] != 0 || b[1] != 0 || b[2] != 0 {
-		return nil, false
-	}
-	var h int
-	switch b[3] {
-	case socksATYPIPv4:
-		h = 4 + 4 + 2
-	case socksATYPIPv6:
-		h = 4 + 16 + 2
-	case socksATYPDomain:
-		if len(b) < 5 || b[4] == 0 {
-			return nil, false
-		}
-		h = 4 + 1 + int(b[4]) + 2
-	default:
-		return nil, false
-	}
-	if len(b) < h {
+	_, name, _, h, err := socksudp.Parse(b)
+	if err != nil || (b[3] == 3 && len(name) == 0) { // an empty name too
 		return nil, false
 	}
 	return b[h:], true

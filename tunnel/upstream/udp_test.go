@@ -1,7 +1,6 @@
 package upstream
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -9,43 +8,6 @@ import (
 	"testing"
 	"time"
 )
-
-// FuzzUDPUnwrap: a datagram from a SOCKS5 relay either yields a payload
-// that is the datagram's tail after a whole header (RSV 0, FRAG 0, an
-// address of the length its ATYP says, a port), or is dropped; never a
-// panic. A direct socket's datagrams pass unchanged.
-func FuzzUDPUnwrap(f *testing.F) {
-	f.Add([]byte("\x00\x00\x00\x01\xc6\x12\x02\x02\x00\x35reply"))
-	f.Add([]byte("\x00\x00\x00\x04\xfd\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x01\xbbquic"))
-	f.Add([]byte("\x00\x00\x00\x03\x09site.test\x01\xbbquic"))
-	f.Add([]byte("\x00\x00\x01\x01\x01\x02\x03\x04\x00\x35fragment"))
-	f.Add([]byte("\x00\x00\x00\x03"))
-	socks := &PacketConn{header: []byte{0, 0, 0, 1, 0, 0, 0, 0, 0, 0}}
-	direct := &PacketConn{}
-	f.Fuzz(func(t *testing.T, b []byte) {
-		if p, ok := direct.Unwrap(b); !ok || !bytes.Equal(p, b) {
-			t.Fatalf("direct Unwrap changed the datagram")
-		}
-		p, ok := socks.Unwrap(b)
-		if !ok {
-			return
-		}
-		h := len(b) - len(p)
-		if !bytes.Equal(b[h:], p) || h < 4 || b[0] != 0 || b[1] != 0 || b[2] != 0 {
-			t.Fatalf("Unwrap(%x) = %x: not the tail after a whole header", b, p)
-		}
-		want := map[byte]int{1: 10, 4: 22}[b[3]]
-		if b[3] == 3 {
-			if b[4] == 0 {
-				t.Fatalf("Unwrap(%x) took an empty name", b)
-			}
-			want = 4 + 1 + int(b[4]) + 2
-		}
-		if h != want {
-			t.Fatalf("Unwrap(%x): header of %d bytes, ATYP %d says %d", b, h, b[3], want)
-		}
-	})
-}
 
 // Send puts the association's header in front of the payload, in the room
 // before it, and nothing in front of a direct datagram.
