@@ -106,27 +106,10 @@ func netipAddrPort(a net.Addr) (string, bool) {
 // no lookup leaves the namespace.
 func clientResolver(t *testing.T, tp *topo) {
 	t.Helper()
-	_, err := os.Stat("/etc/netns")
-	hadNetns := err == nil
-	etc := filepath.Join("/etc/netns", tp.C)
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		os.RemoveAll(etc)
-		if !hadNetns {
-			os.Remove("/etc/netns") // only if empty
-		}
-	})
-	files := map[string]string{
+	netnsEtc(t, tp.C, map[string]string{
 		"hosts":       "127.0.0.1 localhost\n::1 localhost\n" + siteAtClient + " " + siteName + "\n",
 		"resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-	}
-	for name, text := range files {
-		if err := os.WriteFile(filepath.Join(etc, name), []byte(text), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	})
 }
 
 // TestBrowsersThroughUpstreams: for dante and squid, Chromium and Firefox

@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -397,4 +398,46 @@ func (tp *topo) markedPackets(t *testing.T) int {
 		}
 	}
 	return total
+}
+
+// netnsEtc gives namespace ns files of its own under /etc (`ip netns exec`
+// mounts /etc/netns/NS/* over /etc/*): files maps a name ("hosts",
+// "resolv.conf") to its text. They are removed in cleanup, and /etc/netns
+// too when it was not there before and is empty.
+func netnsEtc(t *testing.T, ns string, files map[string]string) {
+	t.Helper()
+	_, err := os.Stat("/etc/netns")
+	hadNetns := err == nil
+	etc := filepath.Join("/etc/netns", ns)
+	if err := os.MkdirAll(etc, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		os.RemoveAll(etc)
+		if !hadNetns {
+			os.Remove("/etc/netns") // only if empty
+		}
+	})
+	for name, text := range files {
+		if err := os.WriteFile(filepath.Join(etc, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// writeHosts gives namespace ns an /etc/hosts with localhost and hosts
+// (name → IP), removed in cleanup.
+func writeHosts(t *testing.T, ns string, hosts map[string]string) {
+	t.Helper()
+	var b strings.Builder
+	b.WriteString("127.0.0.1 localhost\n::1 localhost\n")
+	names := make([]string, 0, len(hosts))
+	for name := range hosts {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		fmt.Fprintf(&b, "%s %s\n", hosts[name], name)
+	}
+	netnsEtc(t, ns, map[string]string{"hosts": b.String()})
 }

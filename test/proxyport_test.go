@@ -31,38 +31,6 @@ const (
 	headersPort   = 8088 // the server namespace's header-echo server
 )
 
-// writeHosts gives namespace ns an /etc/hosts (`ip netns exec` mounts
-// /etc/netns/NS/hosts over /etc/hosts) with hosts (name → IP), removed in
-// cleanup.
-func writeHosts(t *testing.T, ns string, hosts map[string]string) {
-	t.Helper()
-	_, err := os.Stat("/etc/netns")
-	hadNetns := err == nil
-	etc := filepath.Join("/etc/netns", ns)
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		os.RemoveAll(etc)
-		if !hadNetns {
-			os.Remove("/etc/netns") // only if empty
-		}
-	})
-	var b strings.Builder
-	b.WriteString("127.0.0.1 localhost\n::1 localhost\n")
-	names := make([]string, 0, len(hosts))
-	for name := range hosts {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		fmt.Fprintf(&b, "%s %s\n", hosts[name], name)
-	}
-	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte(b.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // headerServer answers every request with the address it came in on, the
 // Host it named and its header fields, one per line; it counts requests.
 func headerServer(t *testing.T, tp *topo) *atomic.Int64 {

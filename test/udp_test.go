@@ -367,7 +367,7 @@ func TestUDPQUIC(t *testing.T) {
 				}
 				// Given an IP, gtlsclient sends the SNI "localhost": it is
 				// given the name, from the client namespace's /etc/hosts.
-				nsHosts(t, tp.C, "198.18.2.2 ngtcp2.site.test\n")
+				writeHosts(t, tp.C, map[string]string{"ngtcp2.site.test": "198.18.2.2"})
 				out, err := tp.exec(t, tp.C, "timeout", "20", "gtlsclient", "-q", "--exit-on-first-stream-close",
 					"ngtcp2.site.test", "443", "https://ngtcp2.site.test:443/ngtcp2")
 				if err != nil {
@@ -381,27 +381,6 @@ func TestUDPQUIC(t *testing.T) {
 				t.Errorf("detour_udp_sniff_total{proto=quic,outcome=found} = %g, want at least 2", m.sum("detour_udp_sniff_total", "proto", "quic", "outcome", "found"))
 			}
 		})
-	}
-}
-
-// nsHosts writes the /etc/hosts that `ip netns exec ns` mounts (lines are
-// "IP name"), removed at the end of the test.
-func nsHosts(t *testing.T, ns, lines string) {
-	t.Helper()
-	_, err := os.Stat("/etc/netns")
-	hadNetns := err == nil
-	etc := filepath.Join("/etc/netns", ns)
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		os.RemoveAll(etc)
-		if !hadNetns {
-			os.Remove("/etc/netns") // only if empty
-		}
-	})
-	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte("127.0.0.1 localhost\n::1 localhost\n"+lines), 0o644); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -21,7 +21,6 @@ import (
 	"os/user"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -254,31 +253,7 @@ func startProxies(t *testing.T, tp *topo, hosts map[string]string) *proxies {
 	}
 
 	// /etc/hosts of the upstream namespace.
-	_, err := os.Stat("/etc/netns")
-	hadNetns := err == nil
-	etc := filepath.Join("/etc/netns", tp.U)
-	if err := os.MkdirAll(etc, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		os.RemoveAll(etc)
-		if !hadNetns {
-			os.Remove("/etc/netns") // only if empty
-		}
-	})
-	var b strings.Builder
-	b.WriteString("127.0.0.1 localhost\n::1 localhost\n")
-	names := make([]string, 0, len(hosts))
-	for name := range hosts {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		fmt.Fprintf(&b, "%s %s\n", hosts[name], name)
-	}
-	if err := os.WriteFile(filepath.Join(etc, "hosts"), []byte(b.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeHosts(t, tp.U, hosts)
 
 	// Outbound addresses. The extra IPv6 ones are deprecated (preferred
 	// lifetime 0): the kernel never picks them as a source by itself, so
