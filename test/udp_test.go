@@ -152,33 +152,7 @@ func danteUDP(t *testing.T, tp *topo) *proxyProc {
 	t.Helper()
 	dir := t.TempDir()
 	os.Chmod(dir, 0o755)
-	dlog := filepath.Join(dir, "danted-udp.log")
-	conf := strings.NewReplacer("LOG", dlog, "PORT", fmt.Sprint(udpDantePort)).Replace(`# detour end-to-end test: SOCKS5 UDP ASSOCIATE without authentication.
-logoutput: LOG
-debug: 1
-internal: 0.0.0.0 port = PORT
-internal: :: port = PORT
-external: 198.18.3.11
-external: fd00:3::11
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {
-	from: 0/0 to: 0/0
-	log: error
-}
-socks pass {
-	from: 0/0 to: 0/0
-	command: udpassociate udpreply connect
-	log: connect disconnect error iooperation
-}
-`)
-	if err := os.WriteFile(filepath.Join(dir, "danted.conf"), []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	p := startProc(t, tp, "danted-udp", dlog, filepath.Join(dir, "stderr"),
-		"danted", "-f", filepath.Join(dir, "danted.conf"), "-p", filepath.Join(dir, "danted.pid"))
+	p := startDante(t, tp, "danted-udp", dir, udpDantePort, "udpassociate udpreply connect", "connect disconnect error iooperation")
 	waitListening(t, tp, p, udpDantePort)
 	return p
 }

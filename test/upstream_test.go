@@ -170,6 +170,42 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
+// startDante starts danted in the upstream namespace as name: SOCKS5
+// without authentication on port, for commands (its "command:" line),
+// sending from the external addresses (.11) startProxies adds, logging what
+// socksLog says (its "log:" line; debug level logs each request as
+// received) into dir/NAME.log. Its files are NAME.* in dir.
+func startDante(t *testing.T, tp *topo, name, dir string, port int, commands, socksLog string) *proxyProc {
+	t.Helper()
+	file := func(ext string) string { return filepath.Join(dir, name+ext) }
+	conf := strings.NewReplacer("LOG", file(".log"), "PORT", strconv.Itoa(port),
+		"COMMANDS", commands, "SOCKSLOG", socksLog).Replace(`# detour end-to-end test: SOCKS5 without authentication.
+logoutput: LOG
+debug: 1
+internal: 0.0.0.0 port = PORT
+internal: :: port = PORT
+external: 198.18.3.11
+external: fd00:3::11
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {
+	from: 0/0 to: 0/0
+	log: error
+}
+socks pass {
+	from: 0/0 to: 0/0
+	command: COMMANDS
+	log: SOCKSLOG
+}
+`)
+	if err := os.WriteFile(file(".conf"), []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return startProc(t, tp, name, file(".log"), file(".stderr"), "danted", "-f", file(".conf"), "-p", file(".pid"))
+}
+
 // waitListening polls `ss -Hltn` in the upstream namespace until every
 // port has an IPv4 and an IPv6 listener (one dual-stack socket, *:PORT,
 // counts for both).
@@ -344,33 +380,7 @@ tcp_outgoing_address fd00:3::10
 
 	// danted: SOCKS5 without auth. Its connect lines name only the
 	// resolved IP; debug level logs each request as received.
-	dlog := filepath.Join(dir, "danted.log")
-	dconf := strings.NewReplacer("LOG", dlog).Replace(`# detour end-to-end test: SOCKS5 without authentication.
-logoutput: LOG
-debug: 1
-internal: 0.0.0.0 port = 1080
-internal: :: port = 1080
-external: 198.18.3.11
-external: fd00:3::11
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {
-	from: 0/0 to: 0/0
-	log: error
-}
-socks pass {
-	from: 0/0 to: 0/0
-	command: connect
-	log: connect error
-}
-`)
-	if err := os.WriteFile(filepath.Join(dir, "danted.conf"), []byte(dconf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ps.dante = startProc(t, tp, byDante, dlog, filepath.Join(dir, "danted.stderr"),
-		"danted", "-f", filepath.Join(dir, "danted.conf"), "-p", filepath.Join(dir, "danted.pid"))
+	ps.dante = startDante(t, tp, byDante, dir, dantePort, "connect", "connect error")
 
 	// microsocks: SOCKS5 with user and password; it logs each CONNECT.
 	mlog := filepath.Join(dir, "microsocks.log")
