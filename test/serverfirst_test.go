@@ -64,21 +64,7 @@ func TestServerFirstLearnedAndForgotten(t *testing.T) {
 	const port = 2525
 	const greeting = "220 banner.test ESMTP\r\n"
 	tp := newTopo(t)
-	ln := listenIn(t, tp.S, fmt.Sprintf("[::]:%d", port))
-	go func() {
-		for {
-			c, err := ln.AcceptTCP()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				time.Sleep(bannerDelay)
-				io.WriteString(c, greeting)
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	bannerAfter(listenIn(t, tp.S, fmt.Sprintf("[::]:%d", port)), bannerDelay, greeting)
 	d := startDetour(t, tp, append([]string{"--listen", fmt.Sprintf(":%d", listenPort),
 		"--sniff-timeout", sniffTimeout.String()}, capture...)...)
 	dst := net.JoinHostPort(families[0].server, strconv.Itoa(port))

@@ -145,6 +145,12 @@ func selfSigned(t *testing.T) tls.Certificate {
 // banner serves a server-first protocol on ln, like SSH: a banner line as
 // soon as the client connects, then an echo.
 func banner(t *testing.T, ln *net.TCPListener) {
+	bannerAfter(ln, 0, "SSH-2.0-detour-test\r\n")
+}
+
+// bannerAfter serves greeting on ln delay after each accept (a server that
+// answers a little late), then an echo.
+func bannerAfter(ln *net.TCPListener, delay time.Duration, greeting string) {
 	go func() {
 		for {
 			c, err := ln.AcceptTCP()
@@ -153,7 +159,8 @@ func banner(t *testing.T, ln *net.TCPListener) {
 			}
 			go func() {
 				defer c.Close()
-				io.WriteString(c, "SSH-2.0-detour-test\r\n")
+				time.Sleep(delay)
+				io.WriteString(c, greeting)
 				io.Copy(c, c)
 			}()
 		}

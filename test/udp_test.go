@@ -157,6 +157,17 @@ func danteUDP(t *testing.T, tp *topo) *proxyProc {
 	return p
 }
 
+// startUDPVia starts detour with the UDP tests' flags, sending sessions
+// direct, or with via "socks5" through the UDP dante (danteUDP).
+func startUDPVia(t *testing.T, tp *topo, via string) *detourProc {
+	t.Helper()
+	var args []string
+	if via == "socks5" {
+		args = append(args, "--upstream", proxyURL("socks5", "", families[0], udpDantePort))
+	}
+	return startChecked(t, tp, udpFlags(args...)...)
+}
+
 // udpRecords are detour's access lines of UDP sessions to dst.
 func udpRecords(d *detourProc, dst string) []map[string]any {
 	return d.find("udp", map[string]string{"dst": dst})
@@ -175,11 +186,7 @@ func TestUDPDNS(t *testing.T) {
 
 	for _, via := range []string{"direct", "socks5"} {
 		t.Run(via, func(t *testing.T) {
-			var args []string
-			if via == "socks5" {
-				args = append(args, "--upstream", proxyURL("socks5", "", families[0], udpDantePort))
-			}
-			d := startChecked(t, tp, udpFlags(args...)...)
+			d := startUDPVia(t, tp, via)
 			for _, f := range families {
 				t.Run(f.name, func(t *testing.T) {
 					name := fmt.Sprintf("%s-%s.site.test", via, f.name)
@@ -289,11 +296,7 @@ func TestUDPQUIC(t *testing.T) {
 
 	for _, via := range []string{"direct", "socks5"} {
 		t.Run(via, func(t *testing.T) {
-			var args []string
-			if via == "socks5" {
-				args = append(args, "--upstream", proxyURL("socks5", "", families[0], udpDantePort))
-			}
-			d := startChecked(t, tp, udpFlags(args...)...)
+			d := startUDPVia(t, tp, via)
 			for _, f := range families {
 				t.Run(f.name, func(t *testing.T) {
 					ip := f.server
