@@ -6,7 +6,6 @@ package test
 
 import (
 	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/detour-proxy/detour/internal/testkit"
 )
 
 // socks5Server is a minimal SOCKS5 proxy (RFC 1928: no authentication,
@@ -185,33 +186,11 @@ func socks5Handshake(c *net.TCPConn) (string, error) {
 		c.Write([]byte{5, 7, 0, 1, 0, 0, 0, 0, 0, 0})
 		return "", fmt.Errorf("request %v: %v", req, err)
 	}
-	var host string
-	switch req[3] {
-	case 1, 4:
-		ip := make([]byte, map[byte]int{1: 4, 4: 16}[req[3]])
-		if _, err := io.ReadFull(c, ip); err != nil {
-			return "", err
-		}
-		host = net.IP(ip).String()
-	case 3:
-		var n [1]byte
-		if _, err := io.ReadFull(c, n[:]); err != nil {
-			return "", err
-		}
-		name := make([]byte, n[0])
-		if _, err := io.ReadFull(c, name); err != nil {
-			return "", err
-		}
-		host = string(name)
-	default:
+	if req[3] != 1 && req[3] != 3 && req[3] != 4 {
 		c.Write([]byte{5, 8, 0, 1, 0, 0, 0, 0, 0, 0})
 		return "", fmt.Errorf("address type %d", req[3])
 	}
-	var port [2]byte
-	if _, err := io.ReadFull(c, port[:]); err != nil {
-		return "", err
-	}
-	return net.JoinHostPort(host, strconv.Itoa(int(binary.BigEndian.Uint16(port[:])))), nil
+	return testkit.ReadSOCKSAddr(c, req[3])
 }
 
 // ---- the tests ----

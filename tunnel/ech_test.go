@@ -2,7 +2,6 @@ package tunnel
 
 import (
 	"io"
-	"strconv"
 
 	"github.com/detour-proxy/detour/internal/testkit"
 	"github.com/detour-proxy/detour/tunnel/upstream"
@@ -185,30 +184,10 @@ func socksConnect(c *net.TCPConn) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	var host string
-	switch req[3] {
-	case 1, 4:
-		a, err := read(map[byte]int{1: 4, 4: 16}[req[3]])
-		if err != nil {
-			return "", err
-		}
-		ip, _ := netip.AddrFromSlice(a)
-		host = ip.String()
-	default:
-		l, err := read(1)
-		if err != nil {
-			return "", err
-		}
-		name, err := read(int(l[0]))
-		if err != nil {
-			return "", err
-		}
-		host = string(name)
-	}
-	port, err := read(2)
+	target, err := testkit.ReadSOCKSAddr(c, req[3])
 	if err != nil {
 		return "", err
 	}
 	c.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
-	return net.JoinHostPort(host, strconv.Itoa(int(port[0])<<8|int(port[1]))), nil
+	return target, nil
 }

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -85,32 +84,7 @@ func socksRequestRest(c *net.TCPConn, ver byte) (string, error) {
 	if err != nil || ver != 5 {
 		return "", io.ErrUnexpectedEOF
 	}
-	var host string
-	switch req[2] {
-	case 1:
-		a, err := read(4)
-		if err != nil {
-			return "", err
-		}
-		host = netip.AddrFrom4([4]byte(a)).String()
-	case 3:
-		l, err := read(1)
-		if err != nil {
-			return "", err
-		}
-		name, err := read(int(l[0]))
-		if err != nil {
-			return "", err
-		}
-		host = string(name)
-	default:
-		return "", io.ErrUnexpectedEOF
-	}
-	port, err := read(2)
-	if err != nil {
-		return "", err
-	}
-	return net.JoinHostPort(host, strconv.Itoa(int(port[0])<<8|int(port[1]))), nil
+	return testkit.ReadSOCKSAddr(c, req[2])
 }
 
 // nextEvent waits for the staged server's next event.

@@ -1,6 +1,7 @@
 // Package testkit holds the helpers the unit tests of several packages
 // share: loopback TCP pairs, echo servers, a settable clock, a log buffer
-// safe for concurrent writers, and a goroutine-leak check.
+// safe for concurrent writers, a goroutine-leak check, and the reading of
+// a SOCKS5 request's address for the test SOCKS5 servers.
 //
 // Only tests import it. It knows nothing of detour's own packages, so any
 // of them (sniff included, which stays a leaf) can use it.
