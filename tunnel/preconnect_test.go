@@ -87,6 +87,15 @@ func socksRequestRest(c *net.TCPConn, ver byte) (string, error) {
 	return testkit.ReadSOCKSAddr(c, req[2])
 }
 
+// wantEvent fails unless the staged server's next event, within 5 s, is of
+// kind for target ("" but for a request); want says what was expected.
+func wantEvent(t *testing.T, events <-chan socksEvent, kind, target, want string) {
+	t.Helper()
+	if ev := nextEvent(t, events, 5*time.Second); ev.kind != kind || ev.target != target {
+		t.Fatalf("upstream saw %+v, want %s", ev, want)
+	}
+}
+
 // nextEvent waits for the staged server's next event.
 func nextEvent(t *testing.T, events <-chan socksEvent, within time.Duration) socksEvent {
 	t.Helper()
@@ -177,14 +186,10 @@ func TestPreconnectSendsTheName(t *testing.T) {
 	ln, obs, logs := preconnTunnel(t, group, 10*time.Second)
 
 	c := dialTunnel(t, ln)
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "greeted" {
-		t.Fatalf("before the client spoke the upstream saw %+v, want the greeting", ev)
-	}
+	wantEvent(t, events, "greeted", "", "the greeting before the client spoke")
 	noEvent(t, events, 100*time.Millisecond) // no request without the name
 	c.Write([]byte(earlyRequest))
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "request" || ev.target != "early.test:80" {
-		t.Fatalf("upstream saw %+v, want a request for early.test:80", ev)
-	}
+	wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
 	readEcho(t, c, earlyRequest)
 	c.Close()
 	logs.WaitFor(t, "msg=conn")
@@ -209,12 +214,8 @@ func TestPreconnectNotWhenThePickReadsTheName(t *testing.T) {
 	c := dialTunnel(t, ln)
 	noEvent(t, events, 200*time.Millisecond)
 	c.Write([]byte(earlyRequest))
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "greeted" {
-		t.Fatalf("upstream saw %+v, want the greeting", ev)
-	}
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "request" || ev.target != "early.test:80" {
-		t.Fatalf("upstream saw %+v, want a request for early.test:80", ev)
-	}
+	wantEvent(t, events, "greeted", "", "the greeting")
+	wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
 	readEcho(t, c, earlyRequest)
 	c.Close()
 	logs.WaitFor(t, "msg=conn")
@@ -232,13 +233,9 @@ func TestPreconnectFailsOver(t *testing.T) {
 	ln, obs, logs := preconnTunnel(t, group, 10*time.Second)
 
 	c := dialTunnel(t, ln)
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "greeted" {
-		t.Fatalf("before the client spoke the live upstream saw %+v, want the greeting", ev)
-	}
+	wantEvent(t, events, "greeted", "", "the greeting before the client spoke")
 	c.Write([]byte(earlyRequest))
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "request" || ev.target != "early.test:80" {
-		t.Fatalf("upstream saw %+v, want a request for early.test:80", ev)
-	}
+	wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
 	readEcho(t, c, earlyRequest)
 	c.Close()
 	logs.WaitFor(t, "msg=conn")
@@ -265,9 +262,7 @@ func TestPreconnectUnusedIsClosed(t *testing.T) {
 			ln, obs, logs := preconnTunnel(t, group, 10*time.Second)
 
 			c := dialTunnel(t, ln)
-			if ev := nextEvent(t, events, 5*time.Second); ev.kind != "greeted" {
-				t.Fatalf("upstream saw %+v, want the greeting", ev)
-			}
+			wantEvent(t, events, "greeted", "", "the greeting")
 			waitActive(t, u, 1) // the pre-connection is ready
 			if how == "client reset" {
 				c.SetLinger(0)
@@ -277,9 +272,7 @@ func TestPreconnectUnusedIsClosed(t *testing.T) {
 				cancel() // no grace: cut at once
 				obs.tun.Shutdown(ctx)
 			}
-			if ev := nextEvent(t, events, 5*time.Second); ev.kind != "closed" {
-				t.Fatalf("upstream saw %+v, want its connection closed without a request", ev)
-			}
+			wantEvent(t, events, "closed", "", "its connection closed without a request")
 			logs.WaitFor(t, "msg=conn")
 			obs.waitCounts(t, 0, 1)
 			waitActive(t, u, 0)
@@ -304,19 +297,11 @@ func TestPreconnectTeachesNothing(t *testing.T) {
 	ln, obs, logs := preconnTunnel(t, group, 2*time.Second)
 
 	c := dialTunnel(t, ln)
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "greeted" {
-		t.Fatalf("upstream saw %+v, want the greeting", ev)
-	}
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "closed" {
-		t.Fatalf("upstream saw %+v, want the idle pre-connection dropped", ev)
-	}
+	wantEvent(t, events, "greeted", "", "the greeting")
+	wantEvent(t, events, "closed", "", "the idle pre-connection dropped")
 	c.Write([]byte(earlyRequest))
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "greeted" {
-		t.Fatalf("upstream saw %+v, want a fresh connection's greeting", ev)
-	}
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "request" || ev.target != "early.test:80" {
-		t.Fatalf("upstream saw %+v, want a request for early.test:80", ev)
-	}
+	wantEvent(t, events, "greeted", "", "a fresh connection's greeting")
+	wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
 	readEcho(t, c, earlyRequest)
 	c.Close()
 	logs.WaitFor(t, "msg=conn")
@@ -327,13 +312,9 @@ func TestPreconnectTeachesNothing(t *testing.T) {
 
 	// The next client, quick this time, uses its pre-connection.
 	c2 := dialTunnel(t, ln)
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "greeted" {
-		t.Fatalf("upstream saw %+v, want the greeting", ev)
-	}
+	wantEvent(t, events, "greeted", "", "the greeting")
 	c2.Write([]byte(earlyRequest))
-	if ev := nextEvent(t, events, 5*time.Second); ev.kind != "request" || ev.target != "early.test:80" {
-		t.Fatalf("upstream saw %+v, want a request for early.test:80", ev)
-	}
+	wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
 	readEcho(t, c2, earlyRequest)
 	c2.Close()
 	obs.waitCounts(t, 1, 1)
