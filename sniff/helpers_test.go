@@ -24,15 +24,23 @@ type flight struct {
 	alpn []string
 }
 
-// loadCorpus reads testdata/corpus.txt and the flights it lists.
-func loadCorpus(tb testing.TB) []flight {
+// A manifest entry: a line of testdata/corpus.txt or udp-corpus.txt and
+// its five fields (FILE PROTO HOST ALPN ECH-or-QTYPE).
+type manifestEntry struct {
+	line   string
+	fields []string
+}
+
+// manifest reads testdata/NAME, skipping blank lines and # comments; a line
+// without five fields fails the test.
+func manifest(tb testing.TB, name string) []manifestEntry {
 	tb.Helper()
-	f, err := os.Open(filepath.Join("testdata", "corpus.txt"))
+	f, err := os.Open(filepath.Join("testdata", name))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	defer f.Close()
-	var out []flight
+	var out []manifestEntry
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
@@ -41,8 +49,22 @@ func loadCorpus(tb testing.TB) []flight {
 		}
 		fields := strings.Fields(line)
 		if len(fields) != 5 {
-			tb.Fatalf("corpus.txt: bad line %q", line)
+			tb.Fatalf("%s: bad line %q", name, line)
 		}
+		out = append(out, manifestEntry{line, fields})
+	}
+	if err := sc.Err(); err != nil {
+		tb.Fatal(err)
+	}
+	return out
+}
+
+// loadCorpus reads testdata/corpus.txt and the flights it lists.
+func loadCorpus(tb testing.TB) []flight {
+	tb.Helper()
+	var out []flight
+	for _, e := range manifest(tb, "corpus.txt") {
+		line, fields := e.line, e.fields
 		data, err := os.ReadFile(filepath.Join("testdata", "flights", fields[0]))
 		if err != nil {
 			tb.Fatal(err)
@@ -66,9 +88,6 @@ func loadCorpus(tb testing.TB) []flight {
 		}
 		fl.want.ECH = fields[4] == "ech"
 		out = append(out, fl)
-	}
-	if err := sc.Err(); err != nil {
-		tb.Fatal(err)
 	}
 	if len(out) == 0 {
 		tb.Fatal("corpus.txt lists no flights")

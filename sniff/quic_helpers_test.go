@@ -1,7 +1,6 @@
 package sniff
 
 import (
-	"bufio"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
@@ -314,22 +313,9 @@ func joinDatagrams(ds [][]byte) []byte {
 // loadFlows reads testdata/udp-corpus.txt and the captures it lists.
 func loadFlows(tb testing.TB, proto Proto) []flow {
 	tb.Helper()
-	f, err := os.Open(filepath.Join("testdata", "udp-corpus.txt"))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer f.Close()
 	var out []flow
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		fields := strings.Fields(line)
-		if len(fields) != 5 {
-			tb.Fatalf("udp-corpus.txt: bad line %q", line)
-		}
+	for _, e := range manifest(tb, "udp-corpus.txt") {
+		line, fields := e.line, e.fields
 		fl := flow{file: fields[0], datagrams: readDatagrams(tb, fields[0])}
 		switch fields[1] {
 		case "quic":
@@ -354,9 +340,6 @@ func loadFlows(tb testing.TB, proto Proto) []flow {
 		if fl.want.Proto == proto {
 			out = append(out, fl)
 		}
-	}
-	if err := sc.Err(); err != nil {
-		tb.Fatal(err)
 	}
 	if len(out) == 0 {
 		tb.Fatalf("udp-corpus.txt lists no %v flows", proto)
