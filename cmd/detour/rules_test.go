@@ -66,15 +66,26 @@ func TestRuleFlagDefaults(t *testing.T) {
 	}
 }
 
-func TestRulesDryRun(t *testing.T) {
+// dryRun runs `detour rules install --dry-run ARGS` and returns what it
+// printed, failing unless it exits 0 and prints each of wants.
+func dryRun(t *testing.T, args []string, wants ...string) string {
+	t.Helper()
 	var stdout, stderr bytes.Buffer
-	code := detour([]string{"rules", "install", "--dry-run", "--firewall", "iptables", "--mode", "tproxy", "--listen", ":9000",
-		"--bypass", "none", "--ipv6=false", "--table", "7"}, &stdout, &stderr)
-	if code != exitOK {
+	if code := detour(append([]string{"rules", "install", "--dry-run"}, args...), &stdout, &stderr); code != exitOK {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
 	out := stdout.String()
-	for _, want := range []string{
+	for _, want := range wants {
+		if !strings.Contains(out, want) {
+			t.Errorf("dry run lacks %q:\n%s", want, out)
+		}
+	}
+	return out
+}
+
+func TestRulesDryRun(t *testing.T) {
+	out := dryRun(t, []string{"--firewall", "iptables", "--mode", "tproxy", "--listen", ":9000",
+		"--bypass", "none", "--ipv6=false", "--table", "7"},
 		"iptables -t mangle -N DETOUR_TPROXY\n",
 		"-j TPROXY --on-port 9000 --tproxy-mark 0x100/0x100\n",
 		"ip rule add fwmark 0x100/0x100 lookup 7 proto 45\n",
@@ -83,11 +94,7 @@ func TestRulesDryRun(t *testing.T) {
 		// takes every protocol.
 		"-p udp -m comment --comment detour:capture -j TPROXY --on-port 9000 --tproxy-mark 0x100/0x100\n",
 		"iptables -t mangle -I PREROUTING 1 -m comment --comment detour:jump -j DETOUR_TPROXY\n",
-	} {
-		if !strings.Contains(out, want) {
-			t.Errorf("dry run lacks %q:\n%s", want, out)
-		}
-	}
+	)
 	if strings.Contains(out, "ip6tables") || strings.Contains(out, "-d ") {
 		t.Errorf("dry run with --ipv6=false --bypass none:\n%s", out)
 	}
@@ -96,23 +103,13 @@ func TestRulesDryRun(t *testing.T) {
 // With nftables the dry run is an nft script of detour's table and the
 // policy routes as comments.
 func TestRulesDryRunNftables(t *testing.T) {
-	var stdout, stderr bytes.Buffer
-	code := detour([]string{"rules", "install", "--dry-run", "--firewall", "nftables", "--mode", "tproxy", "--listen", ":9000",
-		"--bypass", "none", "--ipv6=false", "--table", "7", "--ports", "443"}, &stdout, &stderr)
-	if code != exitOK {
-		t.Fatalf("exit %d: %s", code, stderr.String())
-	}
-	out := stdout.String()
-	for _, want := range []string{
+	out := dryRun(t, []string{"--firewall", "nftables", "--mode", "tproxy", "--listen", ":9000",
+		"--bypass", "none", "--ipv6=false", "--table", "7", "--ports", "443"},
 		"# firewall nftables (--firewall nftables)\n",
 		"table inet detour {\n\tchain mangle_prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
 		"\t\tmeta nfproto ipv4 meta l4proto tcp th dport 443 tproxy ip to :9000 meta mark set meta mark | 0x00000100 accept comment \"detour:capture\"\n",
 		"# ip rule add fwmark 0x100/0x100 lookup 7 proto 45\n",
-	} {
-		if !strings.Contains(out, want) {
-			t.Errorf("dry run lacks %q:\n%s", want, out)
-		}
-	}
+	)
 	if strings.Contains(out, "iptables") || strings.Contains(out, "ipv6") {
 		t.Errorf("dry run with nftables --ipv6=false:\n%s", out)
 	}
