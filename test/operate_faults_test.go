@@ -92,12 +92,10 @@ func TestOperateFaults(t *testing.T) {
 		}
 		// detour logs a connection once both sides are done: wait for all.
 		var recs []map[string]any
-		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		waitCount(5*time.Second, next, func() int {
 			recs = d.find("conn", map[string]string{"host": "after-kill.test"})
-			if len(recs) >= next || time.Now().After(deadline) {
-				break
-			}
-		}
+			return len(recs)
+		})
 		for _, rec := range recs {
 			checkAccessFields(t, rec, "upstream")
 			if rec["upstream"] != survivor.url || rec["error"] != "" || rec["route"] != "upstream" {

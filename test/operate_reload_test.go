@@ -121,11 +121,7 @@ func TestOperateReload(t *testing.T) {
 		writeFileAtomic(t, cfg, broken)
 		before := len(d.findPrefix("reload failed"))
 		d.cmd.Process.Signal(syscall.SIGHUP)
-		deadline := time.Now().Add(5 * time.Second)
-		for len(d.findPrefix("reload failed")) <= before && time.Now().Before(deadline) {
-			time.Sleep(20 * time.Millisecond)
-		}
-		if len(d.findPrefix("reload failed")) <= before {
+		if waitCount(5*time.Second, before+1, func() int { return len(d.findPrefix("reload failed")) }) <= before {
 			t.Fatalf("broken config %d: no \"reload failed\" line within 5s; log:\n%s", i, d.rawLog())
 		}
 		rec := d.findPrefix("reload failed")[before]
