@@ -267,13 +267,8 @@ func (r *Request) parseFields() error {
 		case strings.EqualFold(f.Name, "Transfer-Encoding"):
 			te = append(te, f.Value)
 		case strings.EqualFold(f.Name, "Content-Length"):
-			// RFC 9110 §8.6: a list of identical values is one value.
-			for _, v := range strings.Split(f.Value, ",") {
-				v = strings.TrimSpace(v)
-				if clSeen && v != cl {
-					return badRequest("Content-Length values differ (%q, %q)", clip([]byte(cl)), clip([]byte(v)))
-				}
-				cl, clSeen = v, true
+			if v, ok := addContentLength(&cl, &clSeen, f.Value); !ok {
+				return badRequest("Content-Length values differ (%q, %q)", clip([]byte(cl)), clip([]byte(v)))
 			}
 		case strings.EqualFold(f.Name, "Connection"), strings.EqualFold(f.Name, "Proxy-Connection"):
 			for _, o := range strings.Split(f.Value, ",") {
@@ -304,8 +299,7 @@ func (r *Request) parseFields() error {
 			// RFC 9112 §6.1: both is a smuggling attempt or a broken client.
 			return badRequest("both Transfer-Encoding and Content-Length")
 		}
-		codings := strings.Split(strings.Join(te, ","), ",")
-		if !strings.EqualFold(strings.TrimSpace(codings[len(codings)-1]), "chunked") {
+		if !endsChunked(te) {
 			return badRequest("Transfer-Encoding %q does not end in chunked", clip([]byte(strings.Join(te, ", "))))
 		}
 		r.Chunked = true
@@ -322,6 +316,27 @@ func (r *Request) parseFields() error {
 		return badRequest("CONNECT with a body")
 	}
 	return nil
+}
+
+// addContentLength folds the value of a Content-Length field into cl, the
+// value so far (seen: there was one). RFC 9110 §8.6: a list of identical
+// values is one value. A value that differs from cl is returned, not ok.
+func addContentLength(cl *string, seen *bool, value string) (string, bool) {
+	for _, v := range strings.Split(value, ",") {
+		v = strings.TrimSpace(v)
+		if *seen && v != *cl {
+			return v, false
+		}
+		*cl, *seen = v, true
+	}
+	return "", true
+}
+
+// endsChunked reports whether the last transfer coding of te (the values
+// of every Transfer-Encoding field, in order) is chunked.
+func endsChunked(te []string) bool {
+	codings := strings.Split(strings.Join(te, ","), ",")
+	return strings.EqualFold(strings.TrimSpace(codings[len(codings)-1]), "chunked")
 }
 
 // hopByHop are the fields a proxy never forwards (RFC 9110 §7.6.1), besides
@@ -479,12 +494,8 @@ func ReadResponse(br *bufio.Reader, lim Limits, method string) (*Response, error
 		case strings.EqualFold(f.Name, "Transfer-Encoding"):
 			te = append(te, f.Value)
 		case strings.EqualFold(f.Name, "Content-Length"):
-			for _, v := range strings.Split(f.Value, ",") {
-				v = strings.TrimSpace(v)
-				if clSeen && v != cl {
-					return nil, fmt.Errorf("response Content-Length values differ")
-				}
-				cl, clSeen = v, true
+			if _, ok := addContentLength(&cl, &clSeen, f.Value); !ok {
+				return nil, fmt.Errorf("response Content-Length values differ")
 			}
 		case strings.EqualFold(f.Name, "Connection"):
 			for _, o := range strings.Split(f.Value, ",") {
@@ -501,8 +512,7 @@ func ReadResponse(br *bufio.Reader, lim Limits, method string) (*Response, error
 	case method == "HEAD" || resp.Status < 200 || resp.Status == 204 || resp.Status == 304:
 		resp.NoBody = true
 	case len(te) > 0:
-		codings := strings.Split(strings.Join(te, ","), ",")
-		if strings.EqualFold(strings.TrimSpace(codings[len(codings)-1]), "chunked") {
+		if endsChunked(te) {
 			resp.Chunked = true
 		} else {
 			resp.Close = true // RFC 9112 §6.3: read until close
