@@ -337,6 +337,17 @@ next:
 	return out
 }
 
+// wantFields fails the test for each field of want (compared as strings)
+// the access line rec does not have.
+func wantFields(t *testing.T, rec map[string]any, want map[string]string) {
+	t.Helper()
+	for k, v := range want {
+		if fmt.Sprint(rec[k]) != v {
+			t.Errorf("access line %s = %v, want %s; %v", k, rec[k], v, rec)
+		}
+	}
+}
+
 // waitLog waits for a record like find's and returns it.
 func (d *detourProc) waitLog(t *testing.T, within time.Duration, msg string, want map[string]string) map[string]any {
 	t.Helper()

@@ -46,11 +46,7 @@ func TestOperateMetrics(t *testing.T) {
 		checkAccessFields(t, rec)
 		want := map[string]string{"route": "direct", "host": "metrics.test", "proto": "http", "sniff": "found",
 			"up": fmt.Sprint(sent), "down": fmt.Sprint(len(reply)), "error": "", "dst": server(httpPort)}
-		for k, v := range want {
-			if fmt.Sprint(rec[k]) != v {
-				t.Errorf("access line %s = %v, want %s; line %v", k, rec[k], v, rec)
-			}
-		}
+		wantFields(t, rec, want)
 	}
 	m1 := scrape(t, tp)
 	wantDelta(t, m0, m1, gets, "detour_connections_accepted_total")

@@ -209,11 +209,7 @@ func TestUDPDNS(t *testing.T) {
 						want["route"] = "upstream"
 						want["target"] = dst // a DNS query goes to the resolver the client chose, never to its QNAME
 					}
-					for k, v := range want {
-						if fmt.Sprint(rec[k]) != v {
-							t.Errorf("access line %s = %v, want %s; %v", k, rec[k], v, rec)
-						}
-					}
+					wantFields(t, rec, want)
 					if c := fmt.Sprint(rec["client"]); !strings.Contains(c, f.client) {
 						t.Errorf("access line client = %s, want %s", c, f.client)
 					}
@@ -323,11 +319,7 @@ func TestUDPQUIC(t *testing.T) {
 					if via == "socks5" {
 						want["target"] = "site.test:443"
 					}
-					for k, v := range want {
-						if fmt.Sprint(rec[k]) != v {
-							t.Errorf("access line %s = %v, want %s; %v", k, rec[k], v, rec)
-						}
-					}
+					wantFields(t, rec, want)
 					if toInt(rec["dgrams_up"]) < 3 || toInt(rec["dgrams_down"]) < 3 {
 						t.Errorf("access line counts %v up, %v down: a page load is more", rec["dgrams_up"], rec["dgrams_down"])
 					}
