@@ -29,48 +29,36 @@ type socksEvent struct {
 // short idle timeout would.
 func socksStaged(t *testing.T, dropIdle time.Duration) (addr string, events <-chan socksEvent) {
 	t.Helper()
-	ln := testkit.Listen(t)
 	ch := make(chan socksEvent, 64)
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.AcceptTCP()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				c.SetReadDeadline(time.Now().Add(10 * time.Second))
-				hello := make([]byte, 3)
-				if _, err := io.ReadFull(c, hello); err != nil {
-					ch <- socksEvent{kind: "closed"}
-					return
-				}
-				c.Write([]byte{5, 0})
-				ch <- socksEvent{kind: "greeted"}
-				if dropIdle > 0 {
-					c.SetReadDeadline(time.Now().Add(dropIdle))
-				}
-				head := make([]byte, 1)
-				if _, err := io.ReadFull(c, head); err != nil {
-					ch <- socksEvent{kind: "closed"}
-					return
-				}
-				c.SetReadDeadline(time.Now().Add(10 * time.Second))
-				target, err := socksRequestRest(c, head[0])
-				if err != nil {
-					ch <- socksEvent{kind: "closed"}
-					return
-				}
-				c.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
-				ch <- socksEvent{kind: "request", target: target}
-				c.SetReadDeadline(time.Time{})
-				io.Copy(c, c)
-			})
+	ap, _ := testkit.Server(t, func(c *net.TCPConn) {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		hello := make([]byte, 3)
+		if _, err := io.ReadFull(c, hello); err != nil {
+			ch <- socksEvent{kind: "closed"}
+			return
 		}
+		c.Write([]byte{5, 0})
+		ch <- socksEvent{kind: "greeted"}
+		if dropIdle > 0 {
+			c.SetReadDeadline(time.Now().Add(dropIdle))
+		}
+		head := make([]byte, 1)
+		if _, err := io.ReadFull(c, head); err != nil {
+			ch <- socksEvent{kind: "closed"}
+			return
+		}
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		target, err := socksRequestRest(c, head[0])
+		if err != nil {
+			ch <- socksEvent{kind: "closed"}
+			return
+		}
+		c.Write([]byte{5, 0, 0, 1, 0, 0, 0, 0, 0, 0})
+		ch <- socksEvent{kind: "request", target: target}
+		c.SetReadDeadline(time.Time{})
+		io.Copy(c, c)
 	})
-	return ln.Addr().String(), ch
+	return ap.String(), ch
 }
 
 // socksRequestRest reads a CONNECT request whose first byte was ver.
