@@ -168,11 +168,6 @@ func startUDPVia(t *testing.T, tp *topo, via string) *detourProc {
 	return startChecked(t, tp, udpFlags(args...)...)
 }
 
-// udpRecords are detour's access lines of UDP sessions to dst.
-func udpRecords(d *detourProc, dst string) []map[string]any {
-	return d.find("udp", map[string]string{"dst": dst})
-}
-
 // TestUDPDNS: dig through detour to a DNS server in the server namespace,
 // direct and through dante's UDP ASSOCIATE, IPv4 and IPv6; the server sees
 // the query come from the gateway (direct) or dante's external address,
