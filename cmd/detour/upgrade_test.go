@@ -30,8 +30,17 @@ func TestHandoverInherit(t *testing.T) {
 		t.Fatalf("names %v", names)
 	}
 	ln.Close()
-	// As the successor sees it: the name and descriptor in the environment.
-	t.Setenv(inheritEnv, fmt.Sprintf("%s=%d", fdMetrics, files[0].Fd()))
+	// As the successor sees it: the name and descriptor in the environment,
+	// a descriptor only takeInherited owns. (Passing files[0]'s own would
+	// close it twice: once by the inherited listener, once more when GC
+	// runs files[0]'s cleanup, by then maybe on another test's socket or
+	// directory that got the number meanwhile.)
+	fd, err := syscall.Dup(int(files[0].Fd()))
+	files[0].Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(inheritEnv, fmt.Sprintf("%s=%d", fdMetrics, fd))
 	inh, err := takeInherited()
 	if err != nil {
 		t.Fatal(err)
