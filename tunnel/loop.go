@@ -4,7 +4,9 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // LoopGuard knows detour's own outbound connections, so that one that comes
@@ -15,20 +17,32 @@ import (
 // It holds each established outbound connection's local address, added once
 // connected (Dialed) and removed at close (Closed; an entry whose socket was
 // closed without it is never taken for a loop, and is swept out as the
-// table grows), and, while a dial is in
-// flight, its socket (from the Dialer's Control hook, Control): a looped
-// connection is accepted as soon as its handshake completes, which may be
-// before the dialling goroutine has run again, so Looped also asks the
-// in-flight sockets to the same destination for their local address. A
-// lookup for an ordinary connection is one map lookup under a sharded lock
-// (and a second one when connections to the same destination are being
-// dialled). The zero value is ready to use; it is safe for concurrent use.
+// table grows), and, while a dial is in flight, its socket (from the
+// Dialer's Control hook, Control): a looped connection is accepted as soon
+// as its handshake completes, which may be before the dialling goroutine
+// has run again, so Looped also asks the in-flight sockets to the same
+// destination for their local address, each socket at most once (the
+// answer is kept with it).
+//
+// A looped connection's peer is always one of the host's own addresses, so
+// Looped first looks the peer's address up in a cached set of them (the
+// interfaces' addresses, read at first use and again at most once a second
+// when a peer is not in it, plus every local address Dialed has seen, which
+// a new address joins with its first established connection): an ordinary
+// connection from another host costs one map lookup and no system call.
+// The zero value is ready to use; it is safe for concurrent use.
 type LoopGuard struct {
 	// Cause is the likely cause named in the "routing loop" line; empty
 	// means a generic one.
 	Cause string
 
 	shards [loopShards]loopShard
+	host   hostAddrs
+
+	// Tests' hooks; nil means the real ones: getsockname(2), and the
+	// interfaces' addresses.
+	sockName   func(syscall.RawConn) (netip.AddrPort, bool)
+	interfaces func() ([]netip.Addr, error)
 }
 
 func (g *LoopGuard) cause() string {
@@ -46,11 +60,18 @@ const (
 	maxInFlight = 64
 )
 
+// dialing is one socket of a dial in flight, and its local address once
+// asked (the kernel binds it in connect(2), so it never changes after).
+type dialing struct {
+	rc    syscall.RawConn
+	local atomic.Pointer[netip.AddrPort]
+}
+
 type loopShard struct {
 	mu       sync.Mutex
-	local    map[netip.AddrPort]syscall.RawConn   // established: local address → socket
-	inFlight map[netip.AddrPort][]syscall.RawConn // dialling: destination → sockets
-	sweepAt  int                                  // sweep closed sockets out of local at this size
+	local    map[netip.AddrPort]syscall.RawConn // established: local address → socket
+	inFlight map[netip.AddrPort][]*dialing      // dialling: destination → sockets
+	sweepAt  int                                // sweep closed sockets out of local at this size
 }
 
 func loopShardOf(g *LoopGuard, ap netip.AddrPort) *loopShard {
@@ -83,7 +104,7 @@ func (g *LoopGuard) Control(next func(network, address string, c syscall.RawConn
 		s := loopShardOf(g, dst)
 		s.mu.Lock()
 		if s.inFlight == nil {
-			s.inFlight = map[netip.AddrPort][]syscall.RawConn{}
+			s.inFlight = map[netip.AddrPort][]*dialing{}
 		}
 		list := s.inFlight[dst]
 		if len(list) >= maxInFlight {
@@ -92,7 +113,7 @@ func (g *LoopGuard) Control(next func(network, address string, c syscall.RawConn
 				list = list[1:]
 			}
 		}
-		s.inFlight[dst] = append(list, c)
+		s.inFlight[dst] = append(list, &dialing{rc: c})
 		s.mu.Unlock()
 		return nil
 	}
@@ -110,6 +131,7 @@ func (g *LoopGuard) Dialed(c *net.TCPConn) {
 	if err != nil {
 		return
 	}
+	g.host.learn(local.Addr())
 	s := loopShardOf(g, local)
 	s.mu.Lock()
 	if s.local == nil {
@@ -137,10 +159,10 @@ func (g *LoopGuard) Dialed(c *net.TCPConn) {
 	defer s.mu.Unlock()
 	list := s.inFlight[remote]
 	out := list[:0]
-	for _, rc := range list {
+	for _, d := range list {
 		same := false
-		if err := rc.Control(func(f uintptr) { same = int(f) == fd }); err == nil && !same {
-			out = append(out, rc)
+		if err := d.rc.Control(func(f uintptr) { same = int(f) == fd }); err == nil && !same {
+			out = append(out, d)
 		}
 	}
 	clear(list[len(out):])
@@ -167,16 +189,20 @@ func (g *LoopGuard) Closed(c *net.TCPConn) {
 // Looped reports whether a connection accepted from peer, going to dst, is
 // one of detour's own connections come back.
 //
-// The dials in flight are asked before the established table: Dialed adds
-// to the table before it drops the dial, so a connection missed by the
-// first look is found by the second.
+// A peer that is none of the host's addresses is no loop: one map lookup.
+// Otherwise the dials in flight are asked before the established table:
+// Dialed adds to the table before it drops the dial, so a connection missed
+// by the first look is found by the second.
 func (g *LoopGuard) Looped(peer, dst netip.AddrPort) bool {
 	peer, dst = unmap(peer), unmap(dst)
+	if !g.host.contains(peer.Addr(), g.interfaces) {
+		return false
+	}
 	s := loopShardOf(g, dst)
 	s.mu.Lock()
 	dialling := len(s.inFlight[dst]) > 0
 	s.mu.Unlock()
-	if dialling && inFlightFrom(s, dst, peer) {
+	if dialling && g.inFlightFrom(s, dst, peer) {
 		return true
 	}
 	s = loopShardOf(g, peer)
@@ -188,18 +214,142 @@ func (g *LoopGuard) Looped(peer, dst netip.AddrPort) bool {
 }
 
 // inFlightFrom reports whether one of the sockets being dialled to dst (in
-// shard s) has the local address peer.
-func inFlightFrom(s *loopShard, dst, peer netip.AddrPort) bool {
-	var candidates [maxInFlight]syscall.RawConn
+// shard s) has the local address peer. Each socket is asked once; a socket
+// asked before connect(2) has bound it (port 0) is asked again next time.
+func (g *LoopGuard) inFlightFrom(s *loopShard, dst, peer netip.AddrPort) bool {
+	var candidates [maxInFlight]*dialing
 	s.mu.Lock()
 	n := copy(candidates[:], s.inFlight[dst])
 	s.mu.Unlock()
+	name := g.sockName
+	if name == nil {
+		name = sockName
+	}
 	for i := n - 1; i >= 0; i-- { // the newest dial is the likeliest
-		if local, ok := sockName(candidates[i]); ok && local == peer {
+		d := candidates[i]
+		if p := d.local.Load(); p != nil {
+			if *p == peer && d.rc.Control(func(uintptr) {}) == nil {
+				return true
+			}
+			continue
+		}
+		local, ok := name(d.rc)
+		if !ok {
+			continue
+		}
+		if local.Port() != 0 {
+			d.local.Store(&local)
+		}
+		if local == peer {
 			return true
 		}
 	}
 	return false
+}
+
+// hostAddrs is the set of the host's own addresses a looped connection's
+// peer can have: copy on write, read without a lock.
+type hostAddrs struct {
+	set    atomic.Pointer[map[netip.Addr]struct{}]
+	mu     sync.Mutex // one reader of the interfaces at a time; learn
+	readAt atomic.Int64
+}
+
+// hostRereadEvery spaces the re-reads of the interfaces' addresses that a
+// peer not in the set causes (every connection from another host is one).
+const hostRereadEvery = int64(time.Second)
+
+// contains reports whether a may be one of the host's addresses. A miss
+// reads the interfaces again if the last read is hostRereadEvery old (by
+// the one caller that gets the lock; the others use the set as it is).
+func (h *hostAddrs) contains(a netip.Addr, interfaces func() ([]netip.Addr, error)) bool {
+	a = a.WithZone("")
+	if a.IsLoopback() || a.IsUnspecified() {
+		return true
+	}
+	set := h.set.Load()
+	if set != nil {
+		if _, ok := (*set)[a]; ok {
+			return true
+		}
+		if time.Now().UnixNano()-h.readAt.Load() < hostRereadEvery {
+			return false
+		}
+	}
+	if set == nil {
+		h.mu.Lock()
+	} else if !h.mu.TryLock() {
+		return false
+	}
+	defer h.mu.Unlock()
+	if h.set.Load() == set { // not read meanwhile
+		h.read(interfaces)
+	}
+	_, ok := (*h.set.Load())[a]
+	return ok
+}
+
+// read replaces the set by the interfaces' addresses (h.mu held): learned
+// ones gone from the interfaces leave it. A failed read keeps the old set.
+func (h *hostAddrs) read(interfaces func() ([]netip.Addr, error)) {
+	if interfaces == nil {
+		interfaces = interfaceAddrs
+	}
+	next := map[netip.Addr]struct{}{}
+	addrs, err := interfaces()
+	for _, ip := range addrs {
+		next[ip.Unmap().WithZone("")] = struct{}{}
+	}
+	if old := h.set.Load(); old != nil && err != nil {
+		for ip := range *old { // keep what was known rather than nothing
+			next[ip] = struct{}{}
+		}
+	}
+	h.set.Store(&next)
+	h.readAt.Store(time.Now().UnixNano())
+}
+
+// learn adds a, the local address of an established outbound connection,
+// to the set if it is not in it (an address added since the last read).
+func (h *hostAddrs) learn(a netip.Addr) {
+	a = a.WithZone("")
+	if a.IsLoopback() || a.IsUnspecified() {
+		return
+	}
+	if set := h.set.Load(); set != nil {
+		if _, ok := (*set)[a]; ok {
+			return
+		}
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	old := h.set.Load()
+	next := make(map[netip.Addr]struct{}, 1)
+	if old != nil {
+		next = make(map[netip.Addr]struct{}, len(*old)+1)
+		for ip := range *old {
+			next[ip] = struct{}{}
+		}
+	}
+	next[a] = struct{}{}
+	h.set.Store(&next)
+}
+
+// interfaceAddrs is the addresses of the host's interfaces.
+func interfaceAddrs() ([]netip.Addr, error) {
+	ifas, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.Addr, 0, len(ifas))
+	for _, ifa := range ifas {
+		if n, ok := ifa.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok {
+				out = append(out, ip)
+			}
+		}
+	}
+	return out, nil
 }
 
 // addrsOf is c's local and remote address, IPv4-mapped ones unmapped.
@@ -219,11 +369,11 @@ func unmap(ap netip.AddrPort) netip.AddrPort {
 
 // live drops the sockets that were closed (their dial failed, or they
 // were dialled and closed).
-func live(list []syscall.RawConn) []syscall.RawConn {
+func live(list []*dialing) []*dialing {
 	out := list[:0]
-	for _, rc := range list {
-		if rc.Control(func(uintptr) {}) == nil {
-			out = append(out, rc)
+	for _, d := range list {
+		if d.rc.Control(func(uintptr) {}) == nil {
+			out = append(out, d)
 		}
 	}
 	clear(list[len(out):])

@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -191,6 +192,103 @@ func TestLoopGuardConcurrent(t *testing.T) {
 	}
 }
 
+// countSockName counts the getsockname calls the guard makes.
+func countSockName(g *LoopGuard) *atomic.Int64 {
+	var n atomic.Int64
+	g.sockName = func(rc syscall.RawConn) (netip.AddrPort, bool) {
+		n.Add(1)
+		return sockName(rc)
+	}
+	return &n
+}
+
+// An ordinary connection costs the guard no getsockname: one from another
+// host none at all, even with dials to its destination in flight; one from
+// a local address that is not detour's asks each in-flight socket once,
+// and never again. A looped one is still found while its dial is in flight.
+func TestLoopGuardOrdinaryAcceptNoSockName(t *testing.T) {
+	g := &LoopGuard{interfaces: func() ([]netip.Addr, error) { return nil, nil }}
+	calls := countSockName(g)
+	ln, dst := loopListener(t)
+	var peers []netip.AddrPort
+	for range 3 { // dials to dst in flight (connected, Dialed not called)
+		guardedDial(t, g, dst)
+		peers = append(peers, peerOf(t, ln))
+	}
+	lan := netip.MustParseAddrPort("198.18.1.2:40000")
+	for range 100 {
+		if g.Looped(lan, dst) {
+			t.Fatal("a connection from another host is a loop")
+		}
+	}
+	if n := calls.Load(); n != 0 {
+		t.Fatalf("100 accepts from another host made %d getsockname calls, want 0", n)
+	}
+	local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 1)
+	if g.Looped(local, dst) {
+		t.Fatal("a local peer that is none of detour's is a loop")
+	}
+	if n := calls.Load(); n != 3 {
+		t.Fatalf("the first local accept made %d getsockname calls, want 3 (one per in-flight dial)", n)
+	}
+	for range 100 {
+		if g.Looped(local, dst) {
+			t.Fatal("a local peer that is none of detour's is a loop")
+		}
+	}
+	for _, p := range peers {
+		if !g.Looped(p, dst) {
+			t.Fatalf("the connection from in-flight dial %s is not a loop", p)
+		}
+	}
+	if n := calls.Load(); n != 3 {
+		t.Errorf("%d getsockname calls after 100 more local accepts and 3 loops, want still 3", n)
+	}
+}
+
+// An address the host gains while detour runs: a peer from it is found
+// once the interfaces are read again (at most once per hostRereadEvery, on
+// a miss), or at once when an outbound connection from it was established.
+func TestLoopGuardNewHostAddress(t *testing.T) {
+	added := netip.MustParseAddr("198.18.7.7")
+	var have atomic.Bool
+	g := &LoopGuard{interfaces: func() ([]netip.Addr, error) {
+		if have.Load() {
+			return []netip.Addr{added}, nil
+		}
+		return nil, nil
+	}}
+	own := netip.AddrPortFrom(added, 5555)
+	g.sockName = func(syscall.RawConn) (netip.AddrPort, bool) { return own, true }
+	_, dst := loopListener(t)
+	guardedDial(t, g, dst) // in flight; its (faked) local address is own
+
+	if g.Looped(own, dst) {
+		t.Fatal("a peer from an address the host does not have is a loop")
+	}
+	have.Store(true)
+	if g.Looped(own, dst) {
+		t.Fatal("the interfaces were read again before hostRereadEvery")
+	}
+	g.host.readAt.Store(time.Now().UnixNano() - hostRereadEvery)
+	if !g.Looped(own, dst) {
+		t.Fatal("a loop from an address added at runtime is not found after the re-read")
+	}
+
+	var h hostAddrs
+	none := func() ([]netip.Addr, error) { return nil, nil }
+	if h.contains(added, none) {
+		t.Fatal("an address not on the interfaces is the host's")
+	}
+	h.learn(added)
+	if !h.contains(added, none) {
+		t.Error("the local address of an established outbound connection is not learned")
+	}
+	if !h.contains(netip.MustParseAddr("::1"), none) || !h.contains(netip.MustParseAddr("127.0.0.9"), none) {
+		t.Error("loopback is not the host's")
+	}
+}
+
 // The cost for an ordinary connection: a peer that is none of detour's,
 // with and without a dial to the same destination in flight.
 func BenchmarkLoopGuardLooped(b *testing.B) {
@@ -216,6 +314,17 @@ func BenchmarkLoopGuardLooped(b *testing.B) {
 		guardedDial(b, &g, dst) // never Dialed: stays in flight
 		for b.Loop() {
 			if g.Looped(peer, dst) {
+				b.Fatal("loop")
+			}
+		}
+	})
+	// A client on the host itself (OUTPUT capture): its address is the
+	// host's, so the in-flight dial is looked at (its address asked once).
+	localPeer := netip.MustParseAddrPort("127.0.0.1:1")
+	b.Run("local-miss-with-dial-in-flight", func(b *testing.B) {
+		guardedDial(b, &g, dst)
+		for b.Loop() {
+			if g.Looped(localPeer, dst) {
 				b.Fatal("loop")
 			}
 		}
