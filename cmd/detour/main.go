@@ -1,4 +1,5 @@
-// Command detour is a transparent TCP proxy for Linux gateways.
+// Command detour is a transparent proxy for Linux gateways (TCP, and UDP
+// in tproxy mode).
 //
 // This package holds only flags, wiring, signals and exit codes; the work is
 // done by packages redirect (kernel side) and tunnel (the data path).
@@ -48,13 +49,13 @@ func detour(args []string, stdout, stderr io.Writer) int {
 	return exitUsage
 }
 
-const usage = `detour: a transparent TCP proxy for Linux gateways
+const usage = `detour: a transparent proxy for Linux gateways (TCP; UDP too in tproxy mode)
 
 usage:
   detour run [flags]    serve redirected connections (detour run --help for flags)
   detour rules install|remove|show|check [flags]
                         manage the kernel rules that redirect connections (detour rules --help)
-  detour doctor         check this machine: kernel features, sysctls, iptables, detour's rules
+  detour doctor         check this machine: kernel features, sysctls, the firewall backend, detour's rules
   detour version        print the version
 `
 

@@ -99,7 +99,7 @@ func (cf *captureFlags) register(fs *flag.FlagSet) {
 		cf.ports = append(cf.ports, ports...)
 		return err
 	})
-	fs.BoolVar(&cf.ipv6, "ipv6", true, "also install IPv6 rules (ip6tables); --ipv6=false for IPv4 only")
+	fs.BoolVar(&cf.ipv6, "ipv6", true, "also install IPv6 rules (ip6tables, or the ip6 rules of the nftables table); --ipv6=false for IPv4 only")
 	fs.Func("table", "policy-routing table `N` for TPROXY (default 100)", func(s string) error {
 		v, err := strconv.ParseUint(s, 10, 32)
 		if err != nil || v == 0 {

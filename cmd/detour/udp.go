@@ -29,7 +29,7 @@ type udpSetting struct {
 
 func (u *udpSetting) register(fs *flag.FlagSet) {
 	fs.BoolVar(&u.on, "udp", true, "in tproxy mode, capture and carry UDP too (QUIC, DNS, …); "+
-		"REDIRECT mode is TCP only: the kernel gives no original destination for redirected UDP (default true with --mode tproxy)")
+		"REDIRECT mode is TCP only: the kernel gives no original destination for redirected UDP, so there it is off and --udp is refused")
 }
 
 // finish settles --udp once the mode is known: on by default in tproxy
