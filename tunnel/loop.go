@@ -189,13 +189,16 @@ func (g *LoopGuard) Closed(c *net.TCPConn) {
 // Looped reports whether a connection accepted from peer, going to dst, is
 // one of detour's own connections come back.
 //
-// A peer that is none of the host's addresses is no loop: one map lookup.
+// A peer that is none of the host's addresses (nor dst's) is no loop: one
+// map lookup.
 // Otherwise the dials in flight are asked before the established table:
 // Dialed adds to the table before it drops the dial, so a connection missed
 // by the first look is found by the second.
 func (g *LoopGuard) Looped(peer, dst netip.AddrPort) bool {
 	peer, dst = unmap(peer), unmap(dst)
-	if !g.host.contains(peer.Addr(), g.interfaces) {
+	// A route of type local gives a dial the destination's own address as
+	// its source; so a peer with dst's address is looked at too.
+	if peer.Addr() != dst.Addr() && !g.host.contains(peer.Addr(), g.interfaces) {
 		return false
 	}
 	s := loopShardOf(g, dst)

@@ -275,6 +275,24 @@ func TestLoopGuardNewHostAddress(t *testing.T) {
 		t.Fatal("a loop from an address added at runtime is not found after the re-read")
 	}
 
+	// A local route makes the destination's address a dial's source.
+	self := netip.AddrPortFrom(netip.MustParseAddr("198.18.8.8"), 80)
+	g.sockName = func(syscall.RawConn) (netip.AddrPort, bool) {
+		return netip.AddrPortFrom(self.Addr(), 4444), true
+	}
+	// The socket of a loopback connection, registered as in flight to self
+	// (nothing is sent there).
+	rc, err := guardedDial(t, &LoopGuard{}, dst).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Control(nil)("tcp4", self.String(), rc); err != nil {
+		t.Fatal(err)
+	}
+	if !g.Looped(netip.AddrPortFrom(self.Addr(), 4444), self) {
+		t.Error("a loop from the destination's own address (a local route) is not found")
+	}
+
 	var h hostAddrs
 	none := func() ([]netip.Addr, error) { return nil, nil }
 	if h.contains(added, none) {
