@@ -65,6 +65,7 @@ const (
 type dialing struct {
 	rc    syscall.RawConn
 	local atomic.Pointer[netip.AddrPort]
+	dead  atomic.Bool // closed (its dial failed): never asked again
 }
 
 type loopShard struct {
@@ -230,6 +231,9 @@ func (g *LoopGuard) inFlightFrom(s *loopShard, dst, peer netip.AddrPort) bool {
 	}
 	for i := n - 1; i >= 0; i-- { // the newest dial is the likeliest
 		d := candidates[i]
+		if d.dead.Load() {
+			continue
+		}
 		if p := d.local.Load(); p != nil {
 			if *p == peer && d.rc.Control(func(uintptr) {}) == nil {
 				return true
@@ -238,6 +242,9 @@ func (g *LoopGuard) inFlightFrom(s *loopShard, dst, peer netip.AddrPort) bool {
 		}
 		local, ok := name(d.rc)
 		if !ok {
+			if d.rc.Control(func(uintptr) {}) != nil {
+				d.dead.Store(true)
+			}
 			continue
 		}
 		if local.Port() != 0 {

@@ -244,6 +244,24 @@ func TestLoopGuardOrdinaryAcceptNoSockName(t *testing.T) {
 	if n := calls.Load(); n != 3 {
 		t.Errorf("%d getsockname calls after 100 more local accepts and 3 loops, want still 3", n)
 	}
+
+	// A failed dial's socket (closed while in flight) is asked once.
+	c := guardedDial(t, &LoopGuard{}, dst)
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Control(nil)("tcp4", dst.String(), rc); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	before := calls.Load()
+	for range 100 {
+		g.Looped(local, dst)
+	}
+	if n := calls.Load() - before; n != 1 {
+		t.Errorf("a closed in-flight socket was asked %d times in 100 local accepts, want 1", n)
+	}
 }
 
 // An address the host gains while detour runs: a peer from it is found
