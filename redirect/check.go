@@ -58,7 +58,7 @@ func sysctlProblems(o RuleOptions, get func(string) (string, bool), ifaces []str
 	if slices.Contains(fams, IPv4) {
 		if v, ok := get("net/ipv4/ip_forward"); ok && v == "0" {
 			out = append(out, Problem{Msg: "net.ipv4.ip_forward is 0: this host does not forward IPv4, so on a gateway " +
-				"everything detour does not capture (UDP, bypassed ranges) is dropped; set it to 1 (scripts/setup.sh --sysctl does)"})
+				"everything detour does not capture (bypassed ranges; UDP unless --udp in TPROXY mode) is dropped; set it to 1 (scripts/setup.sh --sysctl does)"})
 		}
 	}
 	if slices.Contains(fams, IPv6) {

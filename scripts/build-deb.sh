@@ -90,8 +90,9 @@ Suggests: iptables | nftables
 Section: net
 Priority: optional
 Homepage: https://github.com/detour-proxy/detour
-Description: transparent TCP proxy for Linux gateways
- detour takes the TCP connections of a LAN's clients at the gateway
+Description: transparent TCP and UDP proxy for Linux gateways
+ detour takes the TCP connections (and, with TPROXY, the UDP flows: QUIC,
+ DNS) of a LAN's clients at the gateway
  (iptables or nftables REDIRECT, or TPROXY with policy routing), finds
  where each was going (and, from the first bytes, which host name) and
  carries it there directly or through HTTP CONNECT and SOCKS5 upstream
