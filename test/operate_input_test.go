@@ -22,8 +22,9 @@ import (
 func TestOperateBadInput(t *testing.T) {
 	tp := newTopo(t)
 	startServers(t, tp)
-	// A sniff timeout well above any delay of this busy test's clients, so
-	// that every half hello waits for the timeout.
+	// A sniff timeout well above any delay of this busy test's clients
+	// between their first bytes and the next, so that only the half
+	// hellos wait for it.
 	const sniffTimeout = 2 * time.Second
 	// All 520 clients come from one address, and one source may hold only
 	// a sixteenth of the sniffing slots: enough slots that this one
@@ -129,13 +130,24 @@ func TestOperateBadInput(t *testing.T) {
 			return drain(c)
 		})
 	}
+	// A half hello stays silent until detour has given up on every one
+	// (its sniff timeouts all counted), however late detour got to it on a
+	// busy machine: a client that closed first would be sniffed "closed".
+	timedOut := make(chan struct{})
 	for range halfHello {
 		run("half-hello", server(httpsPort), func(c *net.TCPConn) error {
 			c.Write(hello[:100])
-			time.Sleep(sniffTimeout + 500*time.Millisecond) // past the sniff timeout, in silence
+			select {
+			case <-timedOut:
+			case <-time.After(15 * time.Second):
+			}
 			return nil
 		})
 	}
+	waitFor(t, 20*time.Second, fmt.Sprintf("sniff timeout for each of the %d half hellos", halfHello), func() bool {
+		return delta(m0, scrape(t, tp), "detour_sniff_total", "outcome", "timeout") >= halfHello
+	})
+	close(timedOut)
 	wg.Wait()
 	close(stop)
 	top := <-peak
