@@ -376,14 +376,17 @@ func TestUpgradeFailedKeepsServing(t *testing.T) {
 
 	for i, tc := range []struct {
 		name, script, reason string
+		crash                bool // SIGKILL the new process once it listens
 	}{
-		{"exits at once", "#!/bin/sh\necho 'broken build' >&2\nexit 1\n", "exited before it served: exit status 1"},
+		{"exits at once", "#!/bin/sh\necho 'broken build' >&2\nexit 1\n", "exited before it served: exit status 1", false},
 		// The real binary, with the configuration broken meanwhile: it
 		// refuses to start (exit 2) and says why.
-		{"bad configuration", "", "exit status 2 (bad flags or configuration"},
-		// The real binary, killed 1.5 s after start: before it served, or
-		// during its probation.
-		{"crashes", "#!/bin/sh\n" + real + " \"$@\" &\nsleep 1.5\nkill -9 $!\nexit 0\n", "the new process"},
+		{"bad configuration", "", "exit status 2 (bad flags or configuration", false},
+		// The real binary, killed once it says it listens: just before it
+		// serves, or during its probation. (Killed at a fixed time after
+		// its start instead, a loaded machine let the probation end first,
+		// and the crash was a successful upgrade.)
+		{"crashes", "#!/bin/sh\nexec " + real + " \"$@\"\n", "killed by killed", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.script == "" {
@@ -400,6 +403,21 @@ func TestUpgradeFailedKeepsServing(t *testing.T) {
 				}
 			}
 			d.cmd.Process.Signal(syscall.SIGUSR2)
+			if tc.crash {
+				waitFor(t, 10*time.Second, "new binary started", func() bool { return len(d.find("upgrade: started the new binary", nil)) > i })
+				pid := toInt(d.find("upgrade: started the new binary", nil)[i]["new_pid"])
+				waitFor(t, 30*time.Second, "listening line of the new process", func() bool {
+					for _, rec := range d.find("listening", nil) {
+						if toInt(rec["pid"]) == pid {
+							return true
+						}
+					}
+					return false
+				})
+				if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+					t.Fatalf("killing the new process %d: %v", pid, err)
+				}
+			}
 			waitFor(t, 40*time.Second, "upgrade failed", func() bool { return len(d.find("upgrade failed", nil)) > i })
 			rec := d.find("upgrade failed", nil)[i]
 			if reason := fmt.Sprint(rec["reason"]); !strings.Contains(reason, tc.reason) {
