@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"syscall"
@@ -187,25 +188,65 @@ func TestRelayIdleHalfClosed(t *testing.T) {
 // though it lasts many idle timeouts.
 func TestRelaySlowDownloadOutlivesIdle(t *testing.T) {
 	// Generous margins: the gap between writes is a fifth of the idle
-	// timeout, so a loaded machine cannot make it look idle.
+	// timeout. Still, a loaded machine can hold the writer up for longer
+	// than the idle timeout, and then the relay is right to end; such a
+	// run says nothing and is repeated (at most 3 times).
 	const idle = 400 * time.Millisecond
-	client, server, _, done := startRelay(t, nil, idle)
+	for attempt := 1; ; attempt++ {
+		gap, err := slowDownload(t, idle)
+		if err == nil {
+			return
+		}
+		if gap < idle || attempt == 3 {
+			t.Fatalf("%v (longest wait between the writer's bytes %v, idle timeout %v)", err, gap, idle)
+		}
+		t.Logf("attempt %d: %v, but the writer was held up %v (idle timeout %v): again", attempt, err, gap, idle)
+	}
+}
+
+// slowDownload runs one relay with the idle timeout idle and a server that
+// writes 20 bytes, one every idle/5, after the client half-closed. It
+// reports what went wrong, if anything, and the longest time before the
+// relay ended that it had no new byte to move (from Start to the first
+// write, then between writes).
+func slowDownload(t *testing.T, idle time.Duration) (gap time.Duration, err error) {
+	e := testEngine(t)
+	client, proxyClient := testkit.TCPPair(t)
+	proxyServer, server := testkit.TCPPair(t)
+	done := make(chan relayResult, 1)
+	var ended time.Time
+	writes := []time.Time{time.Now()} // before Start: the relay's clock starts inside
+	e.Start(proxyClient, proxyServer, idle, func(up, down int64, err error) {
+		ended = time.Now()
+		done <- relayResult{up, down, err}
+	})
 	client.CloseWrite()
 	io.ReadAll(server)
+	written := make(chan []time.Time, 1)
 	go func() {
 		for i := range 20 { // 20 × 80 ms = 1.6 s = 4 idle timeouts
-			server.Write([]byte{byte(i)})
+			if _, err := server.Write([]byte{byte(i)}); err != nil {
+				break
+			}
+			writes = append(writes, time.Now())
 			time.Sleep(idle / 5)
 		}
 		server.Close()
+		written <- append(writes, time.Now())
 	}()
-	got, err := io.ReadAll(client)
-	if err != nil || len(got) != 20 {
-		t.Fatalf("client got %d bytes (%v), want 20", len(got), err)
+	got, rerr := io.ReadAll(client)
+	res := wait(t, done, 5*time.Second)
+	writes = <-written
+	for i := 1; i < len(writes) && writes[i-1].Before(ended); i++ {
+		gap = max(gap, writes[i].Sub(writes[i-1]))
 	}
-	if res := wait(t, done, 5*time.Second); res.err != nil || res.down != 20 {
-		t.Fatalf("relay = down %d err %v; want 20 nil", res.down, res.err)
+	switch {
+	case rerr != nil || len(got) != 20:
+		return gap, fmt.Errorf("client got %d bytes (%v), want 20; relay = down %d err %v", len(got), rerr, res.down, res.err)
+	case res.err != nil || res.down != 20:
+		return gap, fmt.Errorf("relay = down %d err %v; want 20 nil", res.down, res.err)
 	}
+	return gap, nil
 }
 
 func TestRelayAbortWhileRunning(t *testing.T) {
