@@ -193,6 +193,15 @@ func TestProxyRefusals(t *testing.T) {
 	if resp, err := http.ReadResponse(br, &http.Request{Method: "CONNECT"}); err != nil || resp.StatusCode != 200 {
 		t.Fatalf("local target with a rule: %v %v", resp, err)
 	}
+	// The echo server counts a connection when its accept returns, maybe
+	// after the 200 came: its echo comes after. (Any connection dialled
+	// before, wrongly, was in its accept queue ahead of this one.)
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprint(c, "ping")
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(br, b); err != nil || string(b) != "ping" {
+		t.Fatalf("through the tunnel to the echo server: %q %v", b, err)
+	}
 	if n := int(accepted.Load()); n != 1 {
 		t.Fatalf("echo server accepted %d connections, want 1 (the one a rule allowed)", n)
 	}
