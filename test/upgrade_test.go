@@ -224,9 +224,14 @@ func testUpgradeUnderLoad(t *testing.T, mode, newBin string) {
 		}
 	}()
 
-	// The download, read at no more than 16 MB/s (at least 6 s) so that it
-	// spans the handover.
+	// The download, read at no more than 16 MB/s (at least 6 s), and its
+	// last tenth not before the handover, so that it spans it however long
+	// the new process takes to start (rules adopted under a contended
+	// xtables lock took 5 s on a loaded machine).
 	const n = 100 << 20
+	handedOver := make(chan struct{})
+	handOver := sync.OnceFunc(func() { close(handedOver) })
+	t.Cleanup(handOver)
 	dl := dial(t, tp, server)
 	var req [9]byte
 	req[0] = 'D'
@@ -250,6 +255,12 @@ func testUpgradeUnderLoad(t *testing.T, mode, newBin string) {
 			if ahead := time.Duration(float64(total)/16e6*float64(time.Second)) - time.Since(start); ahead > 0 {
 				time.Sleep(ahead)
 			}
+			if total >= n/10*9 {
+				select {
+				case <-handedOver:
+				case <-time.After(time.Minute):
+				}
+			}
 		}
 		dl.Close()
 		dlEnd = time.Now()
@@ -261,6 +272,7 @@ func testUpgradeUnderLoad(t *testing.T, mode, newBin string) {
 	d.cmd.Process.Signal(syscall.SIGUSR2)
 	handed := d.waitLog(t, 45*time.Second, "upgrade: handed over", nil)
 	newPID := toInt(handed["new_pid"])
+	handOver()
 	select {
 	case r := <-dlDone:
 		t.Fatalf("the download (%s) ended before the handover; it must span it", r)
