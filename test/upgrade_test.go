@@ -398,7 +398,7 @@ func TestUpgradeFailedKeepsServing(t *testing.T) {
 		// serves, or during its probation. (Killed at a fixed time after
 		// its start instead, a loaded machine let the probation end first,
 		// and the crash was a successful upgrade.)
-		{"crashes", "#!/bin/sh\nexec " + real + " \"$@\"\n", "killed by killed", true},
+		{"crashes", "#!/bin/sh\nexec " + real + " \"$@\"\n", "killed by signal 9 (killed)", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.script == "" {
