@@ -257,8 +257,9 @@ func (g *LoopGuard) inFlightFrom(s *loopShard, dst, peer netip.AddrPort) bool {
 	return false
 }
 
-// hostAddrs is the set of the host's own addresses a looped connection's
-// peer can have: copy on write, read without a lock.
+// hostAddrs is the set of the host's own addresses: the ones a looped
+// connection's peer can have, and the proxy port's refused targets. Copy
+// on write, read without a lock.
 type hostAddrs struct {
 	set    atomic.Pointer[map[netip.Addr]struct{}]
 	mu     sync.Mutex // one reader of the interfaces at a time; learn
@@ -273,7 +274,7 @@ const hostRereadEvery = int64(time.Second)
 // reads the interfaces again if the last read is hostRereadEvery old (by
 // the one caller that gets the lock; the others use the set as it is).
 func (h *hostAddrs) contains(a netip.Addr, interfaces func() ([]netip.Addr, error)) bool {
-	a = a.WithZone("")
+	a = a.Unmap().WithZone("")
 	if a.IsLoopback() || a.IsUnspecified() {
 		return true
 	}

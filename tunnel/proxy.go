@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sync"
 	"syscall"
 	"time"
 
@@ -42,8 +41,9 @@ type ProxyPort struct {
 	HandshakeTimeout time.Duration
 	// IsLocal reports whether a destination address is the gateway's own
 	// (detour's listeners among them): such a destination is refused unless
-	// a rule, not the default, routes it. Nil means LocalAddrs: loopback,
-	// unspecified, and the addresses of the host's interfaces.
+	// a rule, not the default, routes it. Nil means loopback, unspecified,
+	// and the addresses of the host's interfaces (the loop guard's
+	// hostAddrs: re-read on a miss at most once a second).
 	IsLocal func(netip.Addr) bool
 	// Observer hears about this inbound's connections. Nil means the
 	// tunnel's Observer.
@@ -58,7 +58,7 @@ type ProxyPort struct {
 	// UDPObserver hears about them. Nil means nobody.
 	UDPObserver UDPObserver
 
-	local localAddrs
+	local hostAddrs
 	udp   proxyUDP
 }
 
@@ -131,7 +131,7 @@ func (p *ProxyPort) isLocal(a netip.Addr) bool {
 	if p.IsLocal != nil {
 		return p.IsLocal(a)
 	}
-	return p.local.contains(a)
+	return p.local.contains(a, nil)
 }
 
 func (p *ProxyPort) handshakeTimeout() time.Duration {
@@ -139,43 +139,6 @@ func (p *ProxyPort) handshakeTimeout() time.Duration {
 		return p.HandshakeTimeout
 	}
 	return 10 * time.Second
-}
-
-// LocalAddrs reports whether a is loopback, unspecified, or an address of
-// one of the host's interfaces (read at most once a second).
-func LocalAddrs(a netip.Addr) bool { return defaultLocal.contains(a) }
-
-var defaultLocal localAddrs
-
-// localAddrs caches the host's interface addresses for a second.
-type localAddrs struct {
-	mu    sync.Mutex
-	addrs map[netip.Addr]struct{}
-	read  time.Time
-}
-
-func (l *localAddrs) contains(a netip.Addr) bool {
-	a = a.Unmap()
-	if a.IsLoopback() || a.IsUnspecified() {
-		return true
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if now := time.Now(); l.addrs == nil || now.Sub(l.read) > time.Second {
-		l.read = now
-		l.addrs = map[netip.Addr]struct{}{}
-		if ifas, err := net.InterfaceAddrs(); err == nil {
-			for _, ifa := range ifas {
-				if n, ok := ifa.(*net.IPNet); ok {
-					if ip, ok := netip.AddrFromSlice(n.IP); ok {
-						l.addrs[ip.Unmap()] = struct{}{}
-					}
-				}
-			}
-		}
-	}
-	_, ok := l.addrs[a]
-	return ok
 }
 
 // proxyConn is one client connection on the proxy port.
