@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -216,14 +217,9 @@ func proxyError(op, proxy, target string, err error) error {
 
 // target is a parsed "host:port" a proxy is asked to connect to.
 type target struct {
-	ip   netip.Addr // valid when host is an IP literal (unmapped, no zone)
-	host string     // the hostname, or the IP's text
+	ip   netip.Addr // valid when the host is an IP literal (unmapped, no zone)
+	host string     // the hostname, when ip is not valid
 	port uint16
-}
-
-// authority is host:port, with an IPv6 host in brackets.
-func (t target) authority() string {
-	return net.JoinHostPort(t.host, strconv.Itoa(int(t.port)))
 }
 
 // parseTarget splits and checks address. A hostname may hold letters,
@@ -238,10 +234,10 @@ func parseTarget(address string) (target, error) {
 	if err != nil || p == 0 {
 		return target{}, fmt.Errorf("invalid port %q", port)
 	}
-	if ip, err := netip.ParseAddr(host); err == nil {
+	if ip, err := parseIP(host); err == nil {
 		// A zone means nothing to a proxy on another host.
 		ip = ip.Unmap().WithZone("")
-		return target{ip: ip, host: ip.String(), port: uint16(p)}, nil
+		return target{ip: ip, port: uint16(p)}, nil
 	}
 	if host == "" {
 		return target{}, errors.New("missing host")
@@ -256,6 +252,22 @@ func parseTarget(address string) (target, error) {
 	}
 	return target{host: host, port: uint16(p)}, nil
 }
+
+// parseIP is netip.ParseAddr, without its allocated error for a host
+// that cannot be an IP literal (one with no ':' and more than digits and
+// dots): a name, the common case.
+func parseIP(host string) (netip.Addr, error) {
+	if strings.IndexByte(host, ':') < 0 {
+		for i := 0; i < len(host); i++ {
+			if c := host[i]; c != '.' && !isDigit(c) {
+				return netip.Addr{}, errNotIP
+			}
+		}
+	}
+	return netip.ParseAddr(host)
+}
+
+var errNotIP = errors.New("not an IP literal")
 
 // hostPort is a net.Addr for an address known as a string, which may hold a
 // name (a proxy's or a target's).

@@ -116,34 +116,23 @@ func (g *Group) Dial(ctx context.Context, target string, dst netip.AddrPort, key
 // dial is Dial after the upstreams in tried failed with errs.
 func (g *Group) dial(ctx context.Context, target string, dst netip.AddrPort, key string, tried []*Upstream, errs []error) (Lease, error) {
 	g.unbench(g.now())
-	strategy := g.strategy()
 	tried = append(make([]*Upstream, 0, len(g.Upstreams)), tried...)
-	for len(tried) < len(g.Upstreams) {
-		u := strategy.Pick(key, g.Upstreams, tried)
-		if u == nil || slices.Contains(tried, u) {
-			u = g.oldestFailed(tried)
-			if u == nil {
-				break
-			}
+	for {
+		u := g.next(key, tried)
+		if u == nil {
+			break
 		}
 		tried = append(tried, u)
 		c, err := u.Dialer.Dial(ctx, target, dst)
 		switch {
 		case err == nil:
-			u.active.Add(1)
-			g.markUp(u, "dial")
-			return Lease{Conn: c, Upstream: u}, nil
+			g.Report(u, nil)
+			return g.Lease(u, c), nil
 		case ctxErr(ctx) != nil:
 			return Lease{Upstream: u}, groupErr(g.Name, u, err)
-		case isTargetFailure(err):
-			g.markUp(u, "dial") // it answered
+		case !g.Report(u, err):
 			return Lease{Upstream: u}, groupErr(g.Name, u, err)
-		case isRequestRefused(err):
-			g.markUp(u, "dial") // it answered
-			errs = append(errs, upstreamErr(u, err))
-			continue
 		}
-		g.markDown(u, err)
 		errs = append(errs, upstreamErr(u, err))
 	}
 	var last *Upstream
@@ -151,6 +140,68 @@ func (g *Group) dial(ctx context.Context, target string, dst netip.AddrPort, key
 		last = tried[len(tried)-1]
 	}
 	return Lease{Upstream: last}, &groupError{group: g.Name, errs: errs}
+}
+
+// Pick is the upstream to try for a connection with key after those in
+// tried (all of which failed for it): the strategy's pick among the
+// upstreams up, else the benched one whose last failure is the oldest (it
+// may be back); nil once every upstream was tried. The first call for a
+// connection (tried empty) also ends the back-offs that ran out. It is
+// Dial's choice, for a caller that connects the sockets itself: it then
+// takes a Lease on success and Reports every attempt's outcome.
+func (g *Group) Pick(key string, tried []*Upstream) *Upstream {
+	if len(tried) == 0 {
+		g.unbench(g.now())
+	}
+	return g.next(key, tried)
+}
+
+// next is Pick without ending back-offs.
+func (g *Group) next(key string, tried []*Upstream) *Upstream {
+	if len(tried) >= len(g.Upstreams) {
+		return nil
+	}
+	u := g.strategy().Pick(key, g.Upstreams, tried)
+	if u == nil || slices.Contains(tried, u) {
+		u = g.oldestFailed(tried)
+	}
+	return u
+}
+
+// Report records how an attempt through u ended and says whether the
+// connection may try the next upstream (Pick); err is the connect's or the
+// Handshake's. The rules are Dial's: nil, or a target failure (the
+// destination refused or unreachable, an HTTP 502–504), is an upstream that
+// works, and a target failure ends the search: another upstream would hear
+// the same. A refusal of the request (SOCKS5 0x01, 0x02, 0x08; HTTP 4xx but
+// 407) benches nobody but tries the next. Anything else (the proxy
+// unreachable, a broken greeting, our credentials refused, a protocol
+// error) benches u and tries the next.
+//
+// Do not report what says nothing about the upstream: the client gone,
+// shutdown, or a timeout waiting for the reply to the request (the target
+// may be slow); Dial ends its search on those without benching anyone. A
+// timeout of the TCP connect to the proxy is the proxy's failure: report it.
+func (g *Group) Report(u *Upstream, err error) (next bool) {
+	switch {
+	case err == nil, isTargetFailure(err):
+		g.markUp(u, "dial") // it answered
+		return false
+	case isRequestRefused(err):
+		g.markUp(u, "dial")
+		return true
+	}
+	g.markDown(u, err)
+	return true
+}
+
+// Lease counts a connection through u (made by the caller, after Pick) in
+// u's Active until the Lease is released, as Dial's leases count: take it
+// once the connection is up. conn may be nil for a caller whose sockets are
+// not *net.TCPConn.
+func (g *Group) Lease(u *Upstream, conn *net.TCPConn) Lease {
+	u.active.Add(1)
+	return Lease{Conn: conn, Upstream: u, held: true}
 }
 
 // Lease is a connection a Group dialled, and the upstream that carries it.
@@ -162,12 +213,13 @@ func (g *Group) dial(ctx context.Context, target string, dst netip.AddrPort, key
 type Lease struct {
 	Conn     *net.TCPConn
 	Upstream *Upstream
+	held     bool // counted in Upstream's Active
 }
 
 // Release stops counting l's connection against its upstream. Call it
-// exactly once per successful Dial.
+// exactly once per successful Dial (or Group.Lease).
 func (l Lease) Release() {
-	if l.Conn != nil {
+	if l.held {
 		l.Upstream.active.Add(-1)
 	}
 }

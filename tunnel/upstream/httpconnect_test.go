@@ -206,6 +206,11 @@ func TestHTTPConnectHeadAcrossSegments(t *testing.T) {
 	}
 }
 
+// headHandshake is an HTTP CONNECT handshake waiting for the reply head.
+func headHandshake() *Handshake {
+	return &Handshake{http: &HTTPConnect{Proxy: "198.18.0.1:3128"}, state: hsHead}
+}
+
 // TestReadHeadEverySplit cuts a reply at every position, the pieces
 // arriving apart, and checks readHead takes the head exactly.
 func TestReadHeadEverySplit(t *testing.T) {
@@ -220,9 +225,9 @@ func TestReadHeadEverySplit(t *testing.T) {
 			io.WriteString(b, reply[k:])
 		}()
 		a.SetDeadline(time.Now().Add(5 * time.Second))
-		got, err := readHead(a, maxReplyHead)
-		if err != nil || string(got) != head {
-			t.Fatalf("split at %d: head = %q, %v", k, got, err)
+		h := headHandshake()
+		if err := h.readHead(a); err != nil || !h.Done() || h.headLen != int32(len(head)) {
+			t.Fatalf("split at %d: head of %d bytes, done %v, %v; want %d", k, h.headLen, h.Done(), err, len(head))
 		}
 		tail := make([]byte, 4)
 		if _, err := io.ReadFull(a, tail); err != nil || string(tail) != "TAIL" {
@@ -246,12 +251,13 @@ func TestReadHeadLimit(t *testing.T) {
 		a, b := testkit.TCPPair(t)
 		go io.WriteString(b, tc.reply)
 		a.SetDeadline(time.Now().Add(5 * time.Second))
-		got, err := readHead(a, maxReplyHead)
-		if tc.ok && (err != nil || string(got) != tc.reply) {
-			t.Fatalf("head of %d bytes: %d bytes, %v", len(tc.reply), len(got), err)
+		h := headHandshake()
+		err := h.readHead(a)
+		if tc.ok && (err != nil || int(h.headLen) != len(tc.reply) || !h.Done()) {
+			t.Fatalf("head of %d bytes: %d bytes, %v", len(tc.reply), h.headLen, err)
 		}
 		if !tc.ok && !errors.Is(err, errHeadTooLarge) {
-			t.Fatalf("head of %d+ bytes: err = %v, want errHeadTooLarge", len(got), err)
+			t.Fatalf("head of %d+ bytes: err = %v, want errHeadTooLarge", h.headLen, err)
 		}
 	}
 }
@@ -322,8 +328,16 @@ func TestHeadEnd(t *testing.T) {
 		{"HTTP/1.1 200 OK\r\n\r\n", 18, 19},
 		{"HTTP/1.1 200 OK\r\n\r\n", 16, 19},
 	} {
-		if got := headEnd([]byte(tc.b), tc.from); got != tc.want {
-			t.Errorf("headEnd(%q, %d) = %d, want %d", tc.b, tc.from, got, tc.want)
+		// The head's end, fed in two pieces split at from: -1 if not found.
+		h := headHandshake()
+		n1, err1 := h.Feed([]byte(tc.b[:tc.from]))
+		n2, err2 := h.Feed([]byte(tc.b[tc.from:]))
+		got := n1 + n2
+		if !h.Done() {
+			got = -1
+		}
+		if got != tc.want || err1 != nil || err2 != nil {
+			t.Errorf("head end of %q split at %d = %d (%v, %v), want %d", tc.b, tc.from, got, err1, err2, tc.want)
 		}
 	}
 }

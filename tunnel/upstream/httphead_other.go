@@ -7,19 +7,18 @@ import (
 	"net"
 )
 
-// readHead consumes exactly the reply head from c (through its empty line)
-// and returns it. Without MSG_PEEK it reads a byte at a time, which is slow
-// but leaves the bytes after the head in the socket.
-func readHead(c *net.TCPConn, limit int) ([]byte, error) {
-	buf := make([]byte, 0, 512)
-	for len(buf) < limit {
-		buf = append(buf, 0)
-		if _, err := io.ReadFull(c, buf[len(buf)-1:]); err != nil {
-			return nil, err
+// readHead consumes exactly the reply head from c (through its empty line),
+// feeding it to h. Without MSG_PEEK it reads a byte at a time, which is
+// slow but leaves the bytes after the head in the socket.
+func (h *Handshake) readHead(c *net.TCPConn) error {
+	var b [1]byte
+	for !h.Done() {
+		if _, err := io.ReadFull(c, b[:]); err != nil {
+			return readError("reply", err)
 		}
-		if headEnd(buf, len(buf)-1) >= 0 {
-			return buf, nil
+		if _, err := h.feed(b[:]); err != nil {
+			return err
 		}
 	}
-	return nil, errHeadTooLarge
+	return nil
 }

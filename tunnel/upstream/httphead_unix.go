@@ -6,50 +6,38 @@ import (
 	"io"
 	"net"
 	"os"
-	"slices"
 	"syscall"
 )
 
-// readHead consumes exactly the reply head from c (through its empty line)
-// and returns it; whatever the proxy sent after it stays in the socket for
-// the tunnel. It peeks (recv with MSG_PEEK) to find the end, then reads
-// exactly that much, so no buffering wrapper is left over. Bytes peeked
-// without finding the end are all head, so they are read too and the next
-// peek waits for new bytes instead of spinning. c's deadline applies.
-func readHead(c *net.TCPConn, limit int) ([]byte, error) {
+// readHead consumes exactly the reply head from c (through its empty line),
+// feeding it to h; whatever the proxy sent after it stays in the socket for
+// the tunnel. It peeks (recv with MSG_PEEK) and reads exactly what h
+// consumed, so no buffering wrapper is left over. Bytes peeked before the
+// end are all head, so they are read too and the next peek waits for new
+// bytes instead of spinning. c's deadline applies.
+func (h *Handshake) readHead(c *net.TCPConn) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return nil, err
+		return err
 	}
-	buf := make([]byte, 0, 512)
-	for {
-		if len(buf) >= limit {
-			return nil, errHeadTooLarge
-		}
-		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, min(cap(buf), limit-len(buf)))
-		}
-		free := buf[len(buf):min(cap(buf), limit)]
-		n, err := peek(rc, free)
+	buf := make([]byte, 512)
+	for !h.Done() {
+		n, err := peek(rc, buf)
 		if err != nil {
-			return nil, err
+			return readError("reply", err)
 		}
 		if n == 0 {
-			return nil, io.ErrUnexpectedEOF
+			return readError("reply", io.EOF)
 		}
-		end := headEnd(buf[:len(buf)+n], len(buf))
-		take := n
-		if end >= 0 {
-			take = end - len(buf)
+		k, ferr := h.feed(buf[:n])
+		if _, err := io.ReadFull(c, buf[:k]); err != nil {
+			return readError("reply", err)
 		}
-		if _, err := io.ReadFull(c, buf[len(buf):len(buf)+take]); err != nil {
-			return nil, err
-		}
-		buf = buf[:len(buf)+take]
-		if end >= 0 {
-			return buf, nil
+		if ferr != nil {
+			return ferr
 		}
 	}
+	return nil
 }
 
 // peek copies what is waiting in the socket's receive queue into p without

@@ -4,23 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
-	"slices"
 	"sync"
-)
-
-// preparer is a Dialer whose handshake can start before the target is
-// known: prepare opens the connection to the proxy and does what does not
-// name the target (SOCKS5: the method negotiation and authentication; HTTP
-// CONNECT: nothing beyond the TCP connection), request finishes it for
-// target on that connection.
-type preparer interface {
-	prepare(ctx context.Context) (*net.TCPConn, error)
-	request(ctx context.Context, c *net.TCPConn, target string) error
-}
-
-var (
-	_ preparer = (*SOCKS5)(nil)
-	_ preparer = (*HTTPConnect)(nil)
 )
 
 // PicksWithoutName reports whether the group's choice of upstream cannot
@@ -58,28 +42,25 @@ func (g *Group) Preconnect(ctx context.Context, key string) (*Pending, error) {
 	tried := make([]*Upstream, 0, len(g.Upstreams))
 	var errs []error
 	for len(tried) < len(g.Upstreams) {
-		u := g.strategy().Pick(key, g.Upstreams, tried)
-		if u == nil || slices.Contains(tried, u) {
-			u = g.oldestFailed(tried)
-			if u == nil {
-				break
-			}
+		u := g.next(key, tried)
+		if u == nil {
+			break
 		}
-		p, ok := u.Dialer.(preparer)
+		hs, ok := u.Handshake()
 		if !ok {
 			return nil, nil
 		}
 		tried = append(tried, u)
-		c, err := p.prepare(ctx)
+		c, err := hs.dialPrepared(ctx)
 		switch {
 		case err == nil:
 			u.active.Add(1)
 			g.markUp(u, "dial")
-			return &Pending{g: g, u: u, p: p, conn: c, key: key}, nil
+			return &Pending{g: g, u: u, hs: hs, conn: c, key: key}, nil
 		case ctxErr(ctx) != nil:
 			return nil, ctx.Err()
 		}
-		g.markDown(u, err)
+		g.Report(u, err)
 		errs = append(errs, upstreamErr(u, err))
 	}
 	return nil, &groupError{group: g.Name, errs: errs}
@@ -98,7 +79,7 @@ func (g *Group) strategy() Strategy {
 type Pending struct {
 	g    *Group
 	u    *Upstream
-	p    preparer
+	hs   Handshake // prepared
 	key  string
 	mu   sync.Mutex
 	conn *net.TCPConn // nil once handed out or closed
@@ -131,9 +112,9 @@ func (p *Pending) Dial(ctx context.Context, target string, dst netip.AddrPort) (
 	if c == nil {
 		return Lease{Upstream: p.u}, net.ErrClosed
 	}
-	err := p.p.request(ctx, c, target)
+	err := p.hs.finish(ctx, c, target)
 	if err == nil {
-		return Lease{Conn: c, Upstream: p.u}, nil
+		return Lease{Conn: c, Upstream: p.u, held: true}, nil
 	}
 	c.Close()
 	p.u.active.Add(-1)

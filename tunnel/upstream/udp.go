@@ -198,19 +198,27 @@ func (s *SOCKS5) DialUDP(ctx context.Context, target string, _ netip.AddrPort) (
 	if err != nil {
 		return nil, fail(err)
 	}
-	header, err := socksRequest(t) // VER CMD RSV, then the same ATYP ADDR PORT
+	// RSV RSV FRAG, then the ATYP ADDR PORT a request would carry.
+	header, err := appendSocksAddr([]byte{0, 0, 0}, t)
 	if err != nil {
 		return nil, fail(err)
 	}
-	header[0], header[1], header[2] = 0, 0, 0 // RSV RSV FRAG
+	h, err := s.newHandshake()
+	if err != nil {
+		return nil, fail(err)
+	}
 	req := []byte{socksVersion, socksCmdUDPAssociate, 0, socksATYPIPv4, 0, 0, 0, 0, 0, 0}
-	var relay netip.AddrPort
 	ctrl, err := dialProxy(ctx, "socks udp associate", s.Forward, s.Proxy, target, func(c *net.TCPConn) error {
-		return s.handshakeBound(c, req, &relay)
+		if err := h.run(c); err != nil {
+			return err
+		}
+		h.requested(target)
+		return h.exchangeRequest(c, req)
 	})
 	if err != nil {
 		return nil, err
 	}
+	relay := h.Bound()
 	if !relay.Addr().IsValid() || relay.Addr().IsUnspecified() {
 		// 0.0.0.0 (or a name): the relay is where we reached the proxy.
 		relay = netip.AddrPortFrom(ctrl.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap(), relay.Port())
