@@ -85,6 +85,28 @@ func (u *Upstream) Handshake() (Handshake, bool) {
 	return h, err == nil && h.proxy() != ""
 }
 
+// ProxyAddr is the TCP address of u's proxy, for a caller that connects
+// the socket itself: false for a direct member, a dialer not of this
+// package, or a proxy named by a host name (resolving it would block: dial
+// through the Group instead). The socket mark and the timeouts are the
+// proxy dialer's Forward template's.
+func (u *Upstream) ProxyAddr() (netip.AddrPort, bool) {
+	var proxy string
+	switch d := u.Dialer.(type) {
+	case *SOCKS5:
+		proxy = d.Proxy
+	case *HTTPConnect:
+		proxy = d.Proxy
+	default:
+		return netip.AddrPort{}, false
+	}
+	ap, err := netip.ParseAddrPort(proxy)
+	if err != nil || ap.Port() == 0 {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
+}
+
 func (s *SOCKS5) newHandshake() (Handshake, error) {
 	if len(s.User) > 255 {
 		return Handshake{}, errors.New("user name longer than 255 bytes")
