@@ -35,12 +35,14 @@ unit:
 	$(GO) test -race -count=1 ./cmd/... ./internal/... ./ports/... ./redirect/... ./sniff/... ./tunnel/...
 
 # Each fuzz target (package:target) for FUZZEXECS executions; the seed
-# corpora (sniff/testdata, tunnel/proxyport/testdata, internal/socksudp/testdata) already ran as unit
+# corpora (sniff/testdata, tunnel/proxyport/testdata, internal/socksudp/testdata,
+# tunnel/upstream/testdata) already ran as unit
 # tests. A hang fails at -timeout.
 FUZZTARGETS := sniff:FuzzTLS sniff:FuzzHTTP sniff:FuzzParse \
 	sniff:FuzzQUIC sniff:FuzzQUICFrames sniff:FuzzDNS \
 	tunnel/proxyport:FuzzRequest tunnel/proxyport:FuzzSOCKS \
-	internal/socksudp:FuzzHeader
+	internal/socksudp:FuzzHeader \
+	tunnel/upstream:FuzzSOCKS5Reply tunnel/upstream:FuzzHTTPConnectReply
 fuzz:
 	@for t in $(FUZZTARGETS); do \
 		p=$${t%%:*}; f=$${t#*:}; \
