@@ -113,7 +113,7 @@ func (g *Group) Dial(ctx context.Context, target string, dst netip.AddrPort, key
 	return g.dial(ctx, target, dst, key, nil, nil)
 }
 
-// dial is Dial after the upstreams in tried failed with errs.
+// dial is Dial after the upstreams in tried failed with errs (one each).
 func (g *Group) dial(ctx context.Context, target string, dst netip.AddrPort, key string, tried []*Upstream, errs []error) (Lease, error) {
 	g.unbench(g.now())
 	tried = append(make([]*Upstream, 0, len(g.Upstreams)), tried...)
@@ -124,22 +124,39 @@ func (g *Group) dial(ctx context.Context, target string, dst netip.AddrPort, key
 		}
 		tried = append(tried, u)
 		c, err := u.Dialer.Dial(ctx, target, dst)
-		switch {
-		case err == nil:
+		if err == nil {
 			g.Report(u, nil)
 			return g.Lease(u, c), nil
-		case ctxErr(ctx) != nil:
-			return Lease{Upstream: u}, groupErr(g.Name, u, err)
-		case !g.Report(u, err):
-			return Lease{Upstream: u}, groupErr(g.Name, u, err)
 		}
-		errs = append(errs, upstreamErr(u, err))
+		errs = append(errs, err)
+		if ctxErr(ctx) != nil || !g.Report(u, err) {
+			return Lease{Upstream: u}, g.Failure(tried, errs, true)
+		}
 	}
 	var last *Upstream
 	if len(tried) > 0 {
 		last = tried[len(tried)-1]
 	}
-	return Lease{Upstream: last}, &groupError{group: g.Name, errs: errs}
+	return Lease{Upstream: last}, g.Failure(tried, errs, false)
+}
+
+// Failure is the error Dial returns for a connection whose attempts all
+// failed: tried are the upstreams in the order tried, errs their errors,
+// one each. stopped says the last attempt ended the search (Report said
+// not to go on, or the caller gave up: the client went away, shutdown, a
+// timeout waiting for the reply): then it alone is named, else every one.
+func (g *Group) Failure(tried []*Upstream, errs []error, stopped bool) error {
+	if stopped && len(tried) > 0 && len(errs) == len(tried) {
+		return groupErr(g.Name, tried[len(tried)-1], errs[len(errs)-1])
+	}
+	wrapped := make([]error, 0, len(errs))
+	for i, err := range errs {
+		if i < len(tried) {
+			err = upstreamErr(tried[i], err)
+		}
+		wrapped = append(wrapped, err)
+	}
+	return &groupError{group: g.Name, errs: wrapped}
 }
 
 // Pick is the upstream to try for a connection with key after those in

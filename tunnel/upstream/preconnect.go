@@ -61,9 +61,9 @@ func (g *Group) Preconnect(ctx context.Context, key string) (*Pending, error) {
 			return nil, ctx.Err()
 		}
 		g.Report(u, err)
-		errs = append(errs, upstreamErr(u, err))
+		errs = append(errs, err)
 	}
-	return nil, &groupError{group: g.Name, errs: errs}
+	return nil, g.Failure(tried, errs, false)
 }
 
 func (g *Group) strategy() Strategy {
@@ -122,7 +122,7 @@ func (p *Pending) Dial(ctx context.Context, target string, dst netip.AddrPort) (
 	case ctxErr(ctx) != nil, isTargetFailure(err):
 		return Lease{Upstream: p.u}, groupErr(p.g.Name, p.u, err)
 	case isRequestRefused(err):
-		return p.g.dial(ctx, target, dst, p.key, []*Upstream{p.u}, []error{upstreamErr(p.u, err)})
+		return p.g.dial(ctx, target, dst, p.key, []*Upstream{p.u}, []error{err})
 	}
 	return p.g.dial(ctx, target, dst, p.key, nil, nil)
 }

@@ -44,6 +44,15 @@ func TestGroupPickReportFailover(t *testing.T) {
 	if u = g.Pick("k", tried); u != nil {
 		t.Fatalf("all tried: %v, want none", u)
 	}
+	// The error is Dial's: the one that ended the search, or all of them.
+	errs := []error{broken, socksReplyError(0x02), socksReplyError(0x05)}
+	if err := g.Failure(tried, errs, true); err.Error() != `group "pool": upstream c: proxy replied connection refused (0x05)` || !isTargetFailure(err) {
+		t.Errorf("stopped at c: %v", err)
+	}
+	err := g.Failure(tried[:2], errs[:2], false)
+	if want := `group "pool": all 2 upstreams failed: upstream a: socks connect tcp 198.18.0.1:1080->: reading method selection: unexpected EOF; upstream b: proxy replied connection not allowed by ruleset (0x02)`; err.Error() != want || !isRequestRefused(err) {
+		t.Errorf("all failed: %v\nwant %s", err, want)
+	}
 	if down := logs.lines("upstream down"); len(down) != 1 || !strings.Contains(down[0], "upstream=a") {
 		t.Fatalf("down lines: %q", down)
 	}
