@@ -199,6 +199,10 @@ func (g *Group) next(key string, tried []*Upstream) *Upstream {
 // shutdown, or a timeout waiting for the reply to the request (the target
 // may be slow); Dial ends its search on those without benching anyone. A
 // timeout of the TCP connect to the proxy is the proxy's failure: report it.
+// Nor a connection prepared before the target was known that broke while
+// it waited (the proxy closed it while the client was slow to speak): as
+// Pending.Dial does, pick again from the start (tried empty) without
+// reporting it.
 func (g *Group) Report(u *Upstream, err error) (next bool) {
 	switch {
 	case err == nil, isTargetFailure(err):
