@@ -226,7 +226,7 @@ func TestReadHeadEverySplit(t *testing.T) {
 		}()
 		a.SetDeadline(time.Now().Add(5 * time.Second))
 		h := headHandshake()
-		if err := h.readHead(a); err != nil || !h.Done() || h.headLen != int32(len(head)) {
+		if err := h.readHead(a, make([]byte, 512)); err != nil || !h.Done() || h.headLen != int32(len(head)) {
 			t.Fatalf("split at %d: head of %d bytes, done %v, %v; want %d", k, h.headLen, h.Done(), err, len(head))
 		}
 		tail := make([]byte, 4)
@@ -252,7 +252,7 @@ func TestReadHeadLimit(t *testing.T) {
 		go io.WriteString(b, tc.reply)
 		a.SetDeadline(time.Now().Add(5 * time.Second))
 		h := headHandshake()
-		err := h.readHead(a)
+		err := h.readHead(a, make([]byte, 512))
 		if tc.ok && (err != nil || int(h.headLen) != len(tc.reply) || !h.Done()) {
 			t.Fatalf("head of %d bytes: %d bytes, %v", len(tc.reply), h.headLen, err)
 		}

@@ -10,13 +10,12 @@ import (
 // readHead consumes exactly the reply head from c (through its empty line),
 // feeding it to h. Without MSG_PEEK it reads a byte at a time, which is
 // slow but leaves the bytes after the head in the socket.
-func (h *Handshake) readHead(c *net.TCPConn) error {
-	var b [1]byte
+func (h *Handshake) readHead(c *net.TCPConn, buf []byte) error {
 	for !h.Done() {
-		if _, err := io.ReadFull(c, b[:]); err != nil {
+		if _, err := io.ReadFull(c, buf[:1]); err != nil {
 			return readError("reply", err)
 		}
-		if _, err := h.feed(b[:]); err != nil {
+		if _, err := h.feed(buf[:1]); err != nil {
 			return err
 		}
 	}

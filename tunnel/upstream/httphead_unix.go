@@ -11,16 +11,15 @@ import (
 
 // readHead consumes exactly the reply head from c (through its empty line),
 // feeding it to h; whatever the proxy sent after it stays in the socket for
-// the tunnel. It peeks (recv with MSG_PEEK) and reads exactly what h
-// consumed, so no buffering wrapper is left over. Bytes peeked before the
+// the tunnel. It peeks (recv with MSG_PEEK) into buf and reads exactly what
+// h consumed, so no buffering wrapper is left over. Bytes peeked before the
 // end are all head, so they are read too and the next peek waits for new
 // bytes instead of spinning. c's deadline applies.
-func (h *Handshake) readHead(c *net.TCPConn) error {
+func (h *Handshake) readHead(c *net.TCPConn, buf []byte) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, 512)
 	for !h.Done() {
 		n, err := peek(rc, buf)
 		if err != nil {

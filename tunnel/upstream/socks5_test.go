@@ -315,3 +315,41 @@ func TestSOCKS5RogueServer(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkSOCKS5Dial: a blocking dial through a loopback SOCKS5 server
+// that answers each message at once (user/pass, IPv4 target).
+func BenchmarkSOCKS5Dial(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 64)
+				io.ReadFull(c, buf[:4])
+				c.Write([]byte{5, 2})
+				io.ReadFull(c, buf[:2+5+1+6])
+				c.Write([]byte{1, 0})
+				io.ReadFull(c, buf[:10])
+				c.Write([]byte{5, 0, 0, 1, 127, 0, 0, 1, 0, 80})
+				io.ReadFull(c, buf[:1])
+			}()
+		}
+	}()
+	d := &SOCKS5{Proxy: ln.Addr().String(), User: "alice", Password: "s3cret"}
+	b.ReportAllocs()
+	for b.Loop() {
+		c, err := d.Dial(context.Background(), "198.18.0.9:443", netip.AddrPort{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Close()
+	}
+}

@@ -208,12 +208,13 @@ func (s *SOCKS5) DialUDP(ctx context.Context, target string, _ netip.AddrPort) (
 		return nil, fail(err)
 	}
 	req := []byte{socksVersion, socksCmdUDPAssociate, 0, socksATYPIPv4, 0, 0, 0, 0, 0, 0}
+	buf := h.scratch()
 	ctrl, err := dialProxy(ctx, "socks udp associate", s.Forward, s.Proxy, target, func(c *net.TCPConn) error {
-		if err := h.run(c); err != nil {
+		if err := h.run(c, buf); err != nil {
 			return err
 		}
 		h.requested(target)
-		return h.exchangeRequest(c, req)
+		return h.exchangeRequest(c, req, buf)
 	})
 	if err != nil {
 		return nil, err
