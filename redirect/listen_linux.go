@@ -194,6 +194,54 @@ func (l *Listener) OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	return dst, nil
 }
 
+// OriginalDstFD is OriginalDst for a bare accepted socket (detour's event
+// loop takes connections as descriptors): fd, whose peer is peer (as
+// accept4 reported it, unmapped or not).
+func (l *Listener) OriginalDstFD(fd int, peer netip.AddrPort) (netip.AddrPort, error) {
+	var dst netip.AddrPort
+	var err error
+	switch {
+	case l.mode == TProxy:
+		dst, err = sockName(fd)
+	case peer.Addr().Is4() || peer.Addr().Is4In6():
+		dst, err = getsockoptSockaddr(uintptr(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
+		err = origDstErr("SO_ORIGINAL_DST", err)
+	default:
+		dst, err = getsockoptSockaddr(uintptr(fd), unix.SOL_IPV6, ip6tSOOriginalDst)
+		err = origDstErr("IP6T_SO_ORIGINAL_DST", err)
+	}
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if l.isSelf(dst) {
+		return dst, ErrNotRedirected
+	}
+	return dst, nil
+}
+
+// sockName is getsockname(2) as an address.
+func sockName(fd int) (netip.AddrPort, error) {
+	var raw unix.RawSockaddrAny
+	size := uint32(unsafe.Sizeof(raw))
+	_, _, errno := unix.RawSyscall(unix.SYS_GETSOCKNAME, uintptr(fd), uintptr(unsafe.Pointer(&raw)), uintptr(unsafe.Pointer(&size)))
+	if errno != 0 {
+		return netip.AddrPort{}, fmt.Errorf("getsockname: %w", errno)
+	}
+	return sockaddrAddr(&raw)
+}
+
+// origDstErr names the option that could not be read, and why.
+func origDstErr(name string, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("reading %s: no conntrack entry (connection not NATed): %w", name, err)
+	}
+	return fmt.Errorf("reading %s: %w", name, err)
+}
+
 // isSelf reports whether dst is this listener: its port and one of this
 // host's addresses. Interface addresses are only listed for connections to
 // the listener's port, so the common path costs nothing.
@@ -244,10 +292,7 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("reading %s: %w", name, err)
 	}
 	if serr != nil {
-		if errors.Is(serr, unix.ENOENT) {
-			return netip.AddrPort{}, fmt.Errorf("reading %s: no conntrack entry (connection not NATed): %w", name, serr)
-		}
-		return netip.AddrPort{}, fmt.Errorf("reading %s: %w", name, serr)
+		return netip.AddrPort{}, origDstErr(name, serr)
 	}
 	return dst, nil
 }
@@ -265,12 +310,17 @@ func getsockoptSockaddr(fd uintptr, level, opt int) (netip.AddrPort, error) {
 	if errno != 0 {
 		return netip.AddrPort{}, errno
 	}
+	return sockaddrAddr(&raw)
+}
+
+// sockaddrAddr reads an IPv4 or IPv6 struct sockaddr.
+func sockaddrAddr(raw *unix.RawSockaddrAny) (netip.AddrPort, error) {
 	switch raw.Addr.Family {
 	case unix.AF_INET:
-		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&raw))
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(raw))
 		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), ntohs(sa.Port)), nil
 	case unix.AF_INET6:
-		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(&raw))
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(raw))
 		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), ntohs(sa.Port)), nil
 	}
 	return netip.AddrPort{}, fmt.Errorf("unexpected address family %d", raw.Addr.Family)

@@ -113,18 +113,12 @@ func peek(c Conn, limit int) ([]byte, Result, Outcome, error) {
 		buf = buf[:len(buf)+n]
 		if n > 0 {
 			empty = 0
-			r, st, need := parse(buf)
-			switch {
-			case st == Match && r.Host != "":
-				return buf, r, Found, nil
-			case st == Match:
-				return buf, r, None, nil
-			case st == NoMatch:
-				return buf, Result{}, None, nil
-			case need > limit || len(buf) >= limit:
-				return buf, Result{}, TooLarge, nil
-			case need > cap(buf) || len(buf) == cap(buf):
-				grown := make([]byte, len(buf), min(limit, max(need, 2*cap(buf))))
+			r, o, done, need := Judge(buf, limit)
+			if done {
+				return buf, r, o, nil
+			}
+			if need > cap(buf) {
+				grown := make([]byte, len(buf), need)
 				copy(grown, buf)
 				buf = grown
 			}
@@ -140,6 +134,28 @@ func peek(c Conn, limit int) ([]byte, Result, Outcome, error) {
 			}
 		}
 	}
+}
+
+// Judge is Peek's verdict on the first bytes b read so far under the byte
+// cap limit, for a caller that reads them itself (detour's event loop):
+// done, with the Result and the Outcome (Found, None or TooLarge), or not
+// yet, with the capacity a buffer should have before reading more (more than
+// len(b), at most limit). It does not retain b.
+func Judge(b []byte, limit int) (r Result, o Outcome, done bool, grow int) {
+	r, st, need := parse(b)
+	switch {
+	case st == Match && r.Host != "":
+		return r, Found, true, 0
+	case st == Match:
+		return r, None, true, 0
+	case st == NoMatch:
+		return Result{}, None, true, 0
+	case need > limit || len(b) >= limit:
+		return Result{}, TooLarge, true, 0
+	case need > cap(b) || len(b) == cap(b):
+		return Result{}, None, false, min(limit, max(need, 2*cap(b)))
+	}
+	return Result{}, None, false, cap(b)
 }
 
 // isTimeout reports whether err is a read deadline passing.

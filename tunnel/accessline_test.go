@@ -16,7 +16,7 @@ import (
 func BenchmarkAccessLine(b *testing.B) {
 	client, _ := testkit.TCPPair(b)
 	t := &Tunnel{Mode: "redirect", Log: slog.New(slog.NewJSONHandler(io.Discard, nil))}
-	info := &connInfo{start: time.Now(), client: client, dst: netip.MustParseAddrPort("198.18.2.2:80"),
+	info := &connInfo{start: time.Now(), peer: addrPort(client.RemoteAddr()), dst: netip.MustParseAddrPort("198.18.2.2:80"),
 		found: sniff.Result{Proto: sniff.HTTP, Host: "site.test"}, outcome: "found", sniffTook: time.Millisecond,
 		route: Action{Kind: ActionDirect}}
 	b.ReportAllocs()

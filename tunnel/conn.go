@@ -19,7 +19,9 @@ var errShutdown = errors.New("closed by shutdown")
 // started. Shutdown may cut it in any stage; a cut connection starts
 // nothing more.
 type conn struct {
-	client *net.TCPConn
+	client *net.TCPConn  // nil while on an event loop (ev)
+	peer   netip.AddrPort // the client's address
+	ev     *evConn        // the connection on an event loop; nil once handed to a goroutine
 	src    netip.Prefix // the client's sniff.SourceKey, with MaxConns
 
 	mu     sync.Mutex
@@ -39,6 +41,11 @@ func (c *conn) cutOff(err error) {
 		return
 	}
 	c.cut = err
+	if ev := c.ev; ev != nil {
+		c.mu.Unlock()
+		ev.lp.l.Post(func() { ev.cut(err) }) // fails only once the loop is gone, with ev
+		return
+	}
 	r := c.relay
 	if r == nil && !c.ended {
 		c.ended = true
@@ -99,6 +106,10 @@ func (c *conn) end(reset bool) {
 		return
 	}
 	c.ended = true
+	if c.ev != nil {
+		c.ev.close(reset) // on the loop's goroutine
+		return
+	}
 	for _, s := range []*net.TCPConn{c.client, c.server} {
 		if s == nil {
 			continue
@@ -108,6 +119,21 @@ func (c *conn) end(reset bool) {
 		}
 		s.Close()
 	}
+}
+
+// leaveLoop attaches client, c's socket taken off its event loop, for the
+// goroutine that serves c from now on. When c was cut meanwhile it resets
+// client and returns the cut's error.
+func (c *conn) leaveLoop(client *net.TCPConn) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cut != nil {
+		c.ended = true
+		resetClose(client)
+		return c.cut
+	}
+	c.client, c.ev = client, nil
+	return nil
 }
 
 // resetClose closes s with a reset; nil is fine.

@@ -163,7 +163,7 @@ func BenchmarkAddRemove(b *testing.B) {
 	for _, maxConns := range []int{0, 1 << 20} {
 		b.Run(fmt.Sprintf("MaxConns=%d", maxConns), func(b *testing.B) {
 			tun := Tunnel{MaxConns: maxConns}
-			cn := &conn{client: client}
+			cn := &conn{client: client, peer: addrPort(client.RemoteAddr())}
 			for b.Loop() {
 				tun.add(cn)
 				tun.remove(cn)

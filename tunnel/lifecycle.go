@@ -3,7 +3,6 @@ package tunnel
 import (
 	"context"
 	"errors"
-	"net"
 	"net/netip"
 	"time"
 
@@ -17,10 +16,19 @@ import (
 func (t *Tunnel) Shutdown(ctx context.Context) error {
 	t.mu.Lock()
 	t.shutdown = true
+	lns := make([]Listener, 0, len(t.listeners))
 	for ln := range t.listeners {
+		lns = append(lns, ln)
+	}
+	evs := t.evListeners
+	t.mu.Unlock()
+	// Outside the lock: the loops take it to count what they accept.
+	for _, ln := range lns {
+		if el := evs[ln]; el != nil {
+			el.stop(t.loops)
+		}
 		ln.Close()
 	}
-	t.mu.Unlock()
 
 	done := make(chan struct{})
 	go func() { t.wg.Wait(); close(done) }()
@@ -72,23 +80,23 @@ var errEvicted = errors.New("reset for another client's connection: the connecti
 
 // evictedForLimit reports that evicted was reset to admit c, in a warning
 // rate-limited like the others (each connection's access line says it).
-func (t *Tunnel) evictedForLimit(evicted *conn, c *net.TCPConn) {
+func (t *Tunnel) evictedForLimit(evicted *conn, c netip.AddrPort) {
 	if ok, held := t.evictions.allow(time.Now()); ok {
 		t.log().Warn("connection limit reached; resetting a connection of the client holding the most", "max_conns", t.MaxConns,
-			"reset_client", evicted.client.RemoteAddr().String(), "client", c.RemoteAddr().String(), "suppressed", held)
+			"reset_client", evicted.peer.String(), "client", c.String(), "suppressed", held)
 	}
 }
 
 // refusedForLimit reports a connection reset because MaxConns were being
 // served, logging at most one warning a second (the counter has them all).
-func (t *Tunnel) refusedForLimit(c *net.TCPConn) {
+func (t *Tunnel) refusedForLimit(c netip.AddrPort) {
 	if t.Observer != nil {
 		t.Observer.Refused("limit")
 	}
 	now := time.Now().UnixNano()
 	if last := t.limitLog.Load(); now-last >= int64(time.Second) && t.limitLog.CompareAndSwap(last, now) {
 		t.log().Warn("connection limit reached; resetting new connections", "max_conns", t.MaxConns,
-			"client", c.RemoteAddr().String())
+			"client", c.String())
 	}
 }
 
@@ -104,12 +112,16 @@ func (t *Tunnel) track(ln Listener) bool {
 		t.dials, t.cancelDial = context.WithCancel(context.Background())
 	}
 	t.listeners[ln] = struct{}{}
+	if t.evListeners == nil {
+		t.evListeners = make(map[Listener]*evListener)
+	}
 	return true
 }
 
 func (t *Tunnel) untrack(ln Listener) {
 	t.mu.Lock()
 	delete(t.listeners, ln)
+	delete(t.evListeners, ln)
 	t.mu.Unlock()
 }
 
@@ -123,6 +135,7 @@ func (t *Tunnel) isShutdown() bool {
 // gone; Serve will not start another.
 func (t *Tunnel) closeEngine() {
 	t.workers.stop()
+	t.stopLoops()
 	t.mu.Lock()
 	e := t.engine
 	t.engine = nil
@@ -150,7 +163,7 @@ func (t *Tunnel) add(r *conn) (result int, evict *conn) {
 		return addShutdown, nil
 	}
 	if t.MaxConns > 0 {
-		r.src = sniff.SourceKey(addrPort(r.client.RemoteAddr()).Addr())
+		r.src = sniff.SourceKey(r.peer.Addr())
 		if len(t.active) >= t.MaxConns {
 			mine := len(t.bySource[r.src])
 			var hog map[*conn]struct{}

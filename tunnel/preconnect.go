@@ -42,7 +42,7 @@ func (t *Tunnel) preconnect(c *conn, a Action, dst netip.AddrPort) (hop, error) 
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(t.dials, t.dialTimeout())
 	defer cancel()
-	p, err := g.Preconnect(ctx, g.Key.Key(addrPort(c.client.RemoteAddr()), dst, ""))
+	p, err := g.Preconnect(ctx, g.Key.Key(c.peer, dst, ""))
 	if err != nil {
 		if t.dials.Err() != nil && errors.Is(err, context.Canceled) {
 			err = errShutdown
@@ -78,7 +78,7 @@ func (t *Tunnel) connectPending(c *conn, h hop, dst netip.AddrPort, found sniff.
 	ctx, cancel := context.WithTimeout(t.dials, t.dialTimeout())
 	defer cancel()
 	prepared := h.pending.Conn()
-	h.target = t.proxyTarget(ctx, h.route.Name, addrPort(c.client.RemoteAddr()).Addr(), dst, found)
+	h.target = t.proxyTarget(ctx, h.route.Name, c.peer.Addr(), dst, found)
 	lease, err := h.pending.Dial(ctx, h.target, dst)
 	h.pending = nil
 	if err != nil && t.dials.Err() != nil && errors.Is(err, context.Canceled) {

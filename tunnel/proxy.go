@@ -190,7 +190,7 @@ func (t *Tunnel) serveProxy(p *ProxyPort, r *conn) {
 
 // info starts the access line of a request on this connection.
 func (pc *proxyConn) info(request string) *connInfo {
-	return &connInfo{start: pc.start, client: pc.r.client, inbound: ProxyInbound, request: request, outcome: "off"}
+	return &connInfo{start: pc.start, peer: pc.r.peer, inbound: ProxyInbound, request: request, outcome: "off"}
 }
 
 // refused logs a client turned away before any handshake.
@@ -198,9 +198,9 @@ func (pc *proxyConn) refused(reason string, err error) {
 	if pc.obs != nil {
 		pc.obs.Refused(reason)
 	}
-	if ok, held := pc.t.refusals.allowFrom(time.Now(), sniff.SourceKey(addrPort(pc.r.client.RemoteAddr()).Addr()), true); ok {
+	if ok, held := pc.t.refusals.allowFrom(time.Now(), sniff.SourceKey(pc.r.peer.Addr()), true); ok {
 		pc.t.log().LogAttrs(context.Background(), slog.LevelWarn, "refused",
-			slog.String("client", pc.r.client.RemoteAddr().String()),
+			slog.String("client", pc.r.peer.String()),
 			slog.String("inbound", "proxy"),
 			slog.String("error", err.Error()),
 			slog.Int("suppressed", held))
@@ -213,7 +213,7 @@ func (pc *proxyConn) refused(reason string, err error) {
 func (pc *proxyConn) fail(info *connInfo, reason string, err error, reply ...[]byte) {
 	r := pc.r
 	defer pc.t.remove(r)
-	if info.client == nil {
+	if !info.peer.IsValid() {
 		info = pc.info(info.request)
 	}
 	if pc.obs != nil {

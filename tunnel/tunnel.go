@@ -94,6 +94,10 @@ type Tunnel struct {
 	// Loops.Control: the direct dialer's does; upstream groups' dialers are
 	// the caller's. Nil means no loop detection.
 	Loops *LoopGuard
+	// NoEventLoops serves every connection on goroutines of its own, as
+	// for listeners that cannot hand out bare descriptors, instead of on
+	// the event loops (see event_linux.go). For comparisons and tests.
+	NoEventLoops bool
 
 	router   atomic.Pointer[Router]
 	sniffing atomic.Int64 // connections in the sniffing stage
@@ -103,6 +107,9 @@ type Tunnel struct {
 	// directDialer reaches original destinations (timeout, socket mark);
 	// built once, by the first Serve.
 	directDialer *upstream.Direct
+	// dialControl is Control with the loop guard's bookkeeping: what every
+	// direct dial runs on its socket.
+	dialControl func(network, address string, c syscall.RawConn) error
 	refusals     warnLimiter  // "refused" lines
 	loopLogged   atomic.Int64 // UnixNano of the last "routing loop" line
 	loopHeld     atomic.Int64 // loops not logged since
@@ -114,6 +121,11 @@ type Tunnel struct {
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
+	// evListeners are the listeners the event loops serve; Shutdown
+	// takes them off the loops before closing them.
+	evListeners map[Listener]*evListener
+	evOnce      sync.Once
+	loops       []*eventLoop // started by the first listener they serve
 	active    map[*conn]struct{}
 	bySource  map[netip.Prefix]map[*conn]struct{} // the same, per source; with MaxConns
 	spare     []map[*conn]struct{}                // emptied per-source maps, for reuse
@@ -193,6 +205,11 @@ func (t *Tunnel) Serve(ln Listener) error {
 	}
 	defer t.untrack(ln)
 	t.once.Do(t.setup)
+	if dl, ok := ln.(descListener); ok {
+		if err := t.serveLoops(dl); err != errNoLoops {
+			return err
+		}
+	}
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
@@ -221,6 +238,7 @@ func (t *Tunnel) setup() {
 	if t.Loops != nil {
 		control = t.Loops.Control(control)
 	}
+	t.dialControl = control
 	t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: control, KeepAlive: -1}}
 }
 
@@ -242,7 +260,7 @@ func (t *Tunnel) acceptFailed(ln Listener, err error, backoff time.Duration) tim
 // is reset, or a connection of the client holding the most is. It reports
 // false, closing c, after Shutdown.
 func (t *Tunnel) dispatch(ln Listener, c *net.TCPConn) bool {
-	cn := &conn{client: c}
+	cn := &conn{client: c, peer: addrPort(c.RemoteAddr())}
 	result, evicted := t.add(cn)
 	switch result {
 	case addShutdown:
@@ -251,12 +269,12 @@ func (t *Tunnel) dispatch(ln Listener, c *net.TCPConn) bool {
 	case addFull:
 		c.SetLinger(0)
 		c.Close()
-		t.refusedForLimit(c)
+		t.refusedForLimit(cn.peer)
 		return true
 	}
 	if evicted != nil {
 		evicted.cutOff(errEvicted)
-		t.evictedForLimit(evicted, c)
+		t.evictedForLimit(evicted, cn.peer)
 	}
 	if pl, ok := ln.(*proxyListener); ok {
 		if obs := pl.observer(t); obs != nil {
@@ -283,8 +301,21 @@ func (t *Tunnel) serveConn(ln Listener, c *conn) {
 	}
 	// One routing table for the whole connection, though a reload may
 	// install another while it is sniffed.
-	router := t.router.Load()
-	sn, h, err := t.sniff(c, router, dst)
+	t.serveFrom(c, start, dst, t.router.Load(), nil)
+}
+
+// serveFrom is serveConn from stage 2 on, for a connection accepted at
+// start going to dst. done, when not nil, is stage 2 done already (by an
+// event loop that handed the connection over).
+func (t *Tunnel) serveFrom(c *conn, start time.Time, dst netip.AddrPort, router *Router, done *sniffed) {
+	var sn sniffed
+	var h hop
+	var err error
+	if done != nil {
+		sn = *done
+	} else {
+		sn, h, err = t.sniff(c, router, dst)
+	}
 	switch {
 	case h.pending != nil && err != nil:
 		t.dropPending(h.pending)
@@ -296,7 +327,7 @@ func (t *Tunnel) serveConn(ln Listener, c *conn) {
 			h, err = t.connect(c, h.route, dst, sn.found)
 		}
 	}
-	line := &connInfo{start: start, client: c.client, dst: dst, found: sn.found, outcome: sn.outcome,
+	line := &connInfo{start: start, peer: c.peer, dst: dst, found: sn.found, outcome: sn.outcome,
 		sniffTook: sn.took, route: h.route, lease: h.lease, target: h.target}
 	if err == nil {
 		err = replay(c, sn.first)
@@ -325,7 +356,7 @@ func (t *Tunnel) originalDst(ln Listener, c *conn) (netip.AddrPort, bool) {
 		t.refuse(c, dst, "not_redirected", err)
 		return dst, false
 	}
-	if t.Loops != nil && t.Loops.Looped(addrPort(c.client.RemoteAddr()), dst) {
+	if t.Loops != nil && t.Loops.Looped(c.peer, dst) {
 		t.refuseLoop(c, dst)
 		return dst, false
 	}
@@ -352,7 +383,7 @@ func (t *Tunnel) refuseLoop(c *conn, dst netip.AddrPort) {
 		return
 	}
 	t.log().LogAttrs(context.Background(), slog.LevelError, "routing loop",
-		slog.String("client", c.client.RemoteAddr().String()),
+		slog.String("client", c.peer.String()),
 		slog.String("dst", dst.String()),
 		slog.String("mode", t.Mode),
 		slog.String("cause", t.Loops.cause()),
@@ -368,9 +399,9 @@ func (t *Tunnel) refuse(c *conn, dst netip.AddrPort, reason string, err error) {
 	if t.Observer != nil {
 		t.Observer.Refused(reason)
 	}
-	if ok, held := t.refusals.allowFrom(time.Now(), sniff.SourceKey(addrPort(c.client.RemoteAddr()).Addr()), true); ok {
+	if ok, held := t.refusals.allowFrom(time.Now(), sniff.SourceKey(c.peer.Addr()), true); ok {
 		t.log().LogAttrs(context.Background(), slog.LevelWarn, "refused",
-			slog.String("client", c.client.RemoteAddr().String()),
+			slog.String("client", c.peer.String()),
 			slog.String("dst", addrOrEmpty(dst)),
 			slog.String("mode", t.Mode),
 			slog.String("error", err.Error()),
@@ -395,7 +426,7 @@ type sniffed struct {
 // When the name cannot change the route, it connects first (see
 // connectEarly), and returns that hop.
 func (t *Tunnel) sniff(c *conn, router *Router, dst netip.AddrPort) (sn sniffed, h hop, err error) {
-	src := addrPort(c.client.RemoteAddr()).Addr()
+	src := c.peer.Addr()
 	switch {
 	case t.Sniff.Disabled:
 		sn.outcome = "off"
@@ -501,8 +532,8 @@ func (t *Tunnel) connectFor(r *conn, route Action, dst netip.AddrPort, found sni
 	ctx, cancel := context.WithTimeout(t.dials, t.dialTimeout())
 	defer cancel()
 	if proxied {
-		target = t.proxyTarget(ctx, route.Name, addrPort(r.client.RemoteAddr()).Addr(), dst, found)
-		key := route.Group.Key.Key(addrPort(r.client.RemoteAddr()), dst, found.Host)
+		target = t.proxyTarget(ctx, route.Name, r.peer.Addr(), dst, found)
+		key := route.Group.Key.Key(r.peer, dst, found.Host)
 		lease, err = route.Group.Dial(ctx, target, dst, key)
 		server = lease.Conn
 	} else {
@@ -567,7 +598,7 @@ func replay(c *conn, first []byte) error {
 func (t *Tunnel) relay(c *conn, line *connInfo, sn sniffed) error {
 	var first func(server bool)
 	if sn.watch {
-		first = t.watchFirst(line.dst, addrPort(c.client.RemoteAddr()).Addr(), time.Now())
+		first = t.watchFirst(line.dst, c.peer.Addr(), time.Now())
 	}
 	replayed := int64(len(sn.first))
 	return c.startRelay(t.engine, t.idleTimeout(), first, func(up, down int64, err error) {
@@ -580,7 +611,7 @@ func (t *Tunnel) relay(c *conn, line *connInfo, sn sniffed) error {
 // proxy port's in proxy.go).
 type connInfo struct {
 	start     time.Time
-	client    *net.TCPConn
+	peer      netip.AddrPort // the client
 	dst       netip.AddrPort
 	found     sniff.Result
 	outcome   string
@@ -633,7 +664,7 @@ func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 	// Room for every attribute the line may have: one allocation.
 	attrs := make([]slog.Attr, 0, 24)
 	attrs = append(attrs,
-		slog.String("client", c.client.RemoteAddr().String()),
+		slog.String("client", c.peer.String()),
 		slog.String("dst", dst),
 		slog.String("inbound", c.inbound.String()))
 	if c.inbound == Transparent {
