@@ -19,10 +19,10 @@ var errShutdown = errors.New("closed by shutdown")
 // started. Shutdown may cut it in any stage; a cut connection starts
 // nothing more.
 type conn struct {
-	client *net.TCPConn  // nil while on an event loop (ev)
+	client *net.TCPConn   // nil while on an event loop (ev)
 	peer   netip.AddrPort // the client's address
 	ev     *evConn        // the connection on an event loop; nil once handed to a goroutine
-	src    netip.Prefix // the client's sniff.SourceKey, with MaxConns
+	src    netip.Prefix   // the client's sniff.SourceKey, with MaxConns
 
 	mu     sync.Mutex
 	server *net.TCPConn // once dialled

@@ -40,7 +40,7 @@ type evConn struct {
 	sniffing   bool // holds a sniffing slot
 
 	route     Action
-	routed    bool  // route is decided (on the address alone, or after the sniff)
+	routed    bool // route is decided (on the address alone, or after the sniff)
 	dialStart time.Time
 	dialErr   error // a dial that failed while the sniff went on
 	connected bool

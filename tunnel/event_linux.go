@@ -63,12 +63,12 @@ func (lp *eventLoop) trimKit() {
 // duplicate of its descriptor, theirs to take out of their epoll sets and
 // close when the listener stops.
 type evListener struct {
-	ln   descListener
-	fd   int
+	ln      descListener
+	fd      int
 	toks    []evloop.Token // per loop
 	accepts []*evAccept    // per loop
-	done chan struct{}  // closed once no loop accepts on it
-	once sync.Once
+	done    chan struct{}  // closed once no loop accepts on it
+	once    sync.Once
 }
 
 // errNoLoops: the loops cannot serve this listener; Serve accepts on

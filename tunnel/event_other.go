@@ -27,11 +27,10 @@ type evConn struct{ lp *struct{ l poster } }
 
 type poster interface{ Post(func()) error }
 
-func (*evConn) cut(error)   {}
-func (*evConn) close(bool)  {}
+func (*evConn) cut(error)    {}
+func (*evConn) close(bool)   {}
 func (t *Tunnel) stopLoops() {}
 
 var errNoLoops = errors.New("no event loops")
 
 func (t *Tunnel) serveLoops(descListener) error { return errNoLoops }
-

@@ -110,14 +110,14 @@ type Tunnel struct {
 	// dialControl is Control with the loop guard's bookkeeping: what every
 	// direct dial runs on its socket.
 	dialControl func(network, address string, c syscall.RawConn) error
-	refusals     warnLimiter  // "refused" lines
-	loopLogged   atomic.Int64 // UnixNano of the last "routing loop" line
-	loopHeld     atomic.Int64 // loops not logged since
-	acceptLog    warnLimiter  // "accept failed" lines
-	evictions    warnLimiter  // "resetting a connection of the client holding the most" lines
-	nameWarns    warnLimiter  // "sniffed name does not resolve" lines
-	verify       verifyCache
-	once         sync.Once
+	refusals    warnLimiter  // "refused" lines
+	loopLogged  atomic.Int64 // UnixNano of the last "routing loop" line
+	loopHeld    atomic.Int64 // loops not logged since
+	acceptLog   warnLimiter  // "accept failed" lines
+	evictions   warnLimiter  // "resetting a connection of the client holding the most" lines
+	nameWarns   warnLimiter  // "sniffed name does not resolve" lines
+	verify      verifyCache
+	once        sync.Once
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
@@ -126,12 +126,12 @@ type Tunnel struct {
 	evListeners map[Listener]*evListener
 	evOnce      sync.Once
 	loops       []*eventLoop // started by the first listener they serve
-	active    map[*conn]struct{}
-	bySource  map[netip.Prefix]map[*conn]struct{} // the same, per source; with MaxConns
-	spare     []map[*conn]struct{}                // emptied per-source maps, for reuse
-	shutdown  bool
-	wg        sync.WaitGroup
-	workers   workers // run serveConn
+	active      map[*conn]struct{}
+	bySource    map[netip.Prefix]map[*conn]struct{} // the same, per source; with MaxConns
+	spare       []map[*conn]struct{}                // emptied per-source maps, for reuse
+	shutdown    bool
+	wg          sync.WaitGroup
+	workers     workers // run serveConn
 	// engine relays the connections; made by the first Serve, closed by
 	// Shutdown once the last connection is gone.
 	engine *relay.Engine

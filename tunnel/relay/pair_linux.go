@@ -22,12 +22,12 @@ import (
 // buffer or a pipe only while bytes wait for a full destination.
 type Pair struct {
 	kit   *Kit
-	fd    [2]int   // client, server
-	can   [2]Can   // what each socket's events allow
-	flows [2]flow  // client->server, server->client
-	err   error    // the first error: the relay is over
-	reset bool     // err came from a reset: pass it on
-	shut  int      // flows whose destination has its FIN
+	fd    [2]int  // client, server
+	can   [2]Can  // what each socket's events allow
+	flows [2]flow // client->server, server->client
+	err   error   // the first error: the relay is over
+	reset bool    // err came from a reset: pass it on
+	shut  int     // flows whose destination has its FIN
 	watch func(server bool)
 }
 
