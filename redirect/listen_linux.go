@@ -305,7 +305,7 @@ const ip6tSOOriginalDst = 80
 func getsockoptSockaddr(fd uintptr, level, opt int) (netip.AddrPort, error) {
 	var raw unix.RawSockaddrAny
 	size := uint32(unsafe.Sizeof(raw))
-	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), uintptr(opt),
+	_, _, errno := unix.RawSyscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), uintptr(opt),
 		uintptr(unsafe.Pointer(&raw)), uintptr(unsafe.Pointer(&size)), 0)
 	if errno != 0 {
 		return netip.AddrPort{}, errno
@@ -339,7 +339,12 @@ func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) e
 	return func(network, address string, c syscall.RawConn) error {
 		var serr error
 		if err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+			// Raw: setting an option never waits, and the event loops call
+			// this on every dial.
+			m := int32(mark)
+			if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_MARK, uintptr(unsafe.Pointer(&m)), 4, 0); e != 0 {
+				serr = e
+			}
 		}); err != nil {
 			return err
 		}

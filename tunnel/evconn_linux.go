@@ -217,6 +217,9 @@ func (e *evConn) readSniff() {
 			e.endSniff(sniff.Closed, io.EOF)
 			return
 		}
+		if len(e.buf)+n < cap(e.buf) {
+			e.can[0].ShortRead()
+		}
 		e.buf = e.buf[:len(e.buf)+n]
 		r, o, done, grow := sniff.Judge(e.buf, limit)
 		if done {

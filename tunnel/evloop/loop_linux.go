@@ -143,9 +143,9 @@ func (l *Loop) add(fd int, h Handler, events uint32) (Token, error) {
 	tok := Token(uint64(s.gen)<<32 | uint64(i))
 	ev := unix.EpollEvent{Events: events}
 	*(*uint64)(unsafe.Pointer(&ev.Fd)) = uint64(tok)
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if err := epollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		l.Remove(tok)
-		return 0, os.NewSyscallError("epoll_ctl", err)
+		return 0, err
 	}
 	return tok, nil
 }
@@ -171,10 +171,7 @@ func (l *Loop) Remove(tok Token) {
 // that stays open (a listener, or a socket handed elsewhere).
 func (l *Loop) Delete(tok Token, fd int) error {
 	l.Remove(tok)
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil); err != nil {
-		return os.NewSyscallError("epoll_ctl", err)
-	}
-	return nil
+	return epollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
 }
 
 func (l *Loop) slot(tok Token) *slot {
@@ -248,12 +245,18 @@ func (l *Loop) run() {
 	for {
 		l.now = time.Now()
 		if n, _ = epollWait(l.epfd, events); n == 0 && len(l.again) == 0 && !l.timerDue() {
+			if blockingWait {
+				n = l.block(events)
+				l.now = time.Now()
+				goto got
+			}
 			l.armTimer()
 			if err := l.rc.Read(collect); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 				return // the file is closed
 			}
 			l.now = time.Now()
 		}
+	got:
 		if !l.dispatch(events[:n]) {
 			return
 		}
@@ -306,6 +309,33 @@ func (l *Loop) runAgain() {
 			return // more next round, after the others' events
 		}
 	}
+}
+
+var blockingWait = os.Getenv("DETOUR_BLOCKWAIT") == "1"
+
+// block waits in epoll_pwait itself until an event or the first timer.
+func (l *Loop) block(events []unix.EpollEvent) int {
+	ms := -1
+	if len(l.timers) > 0 {
+		ms = int(l.timers[0].when.Sub(time.Now())/time.Millisecond) + 1
+		if ms < 0 {
+			ms = 0
+		}
+	}
+	n, err := unix.EpollWait(l.epfd, events, ms)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// epollCtl is epoll_ctl(2), raw (see sock_linux.go).
+func epollCtl(epfd, op, fd int, ev *unix.EpollEvent) error {
+	_, _, e := syscall.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd), uintptr(unsafe.Pointer(ev)), 0, 0)
+	if e != 0 {
+		return os.NewSyscallError("epoll_ctl", e)
+	}
+	return nil
 }
 
 // epollWait takes the events ready now, without waiting.

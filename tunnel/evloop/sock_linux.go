@@ -11,7 +11,10 @@ import (
 
 // The socket calls a loop's connections make, on bare descriptors, without
 // allocating: addresses go in and out as netip values. They are raw
-// syscalls: on non-blocking sockets none of them waits.
+// syscalls: on non-blocking sockets none of them waits, and the runtime's
+// bookkeeping for a syscall that may block (entersyscall, and sysmon
+// handing the loop's P to another thread when one takes over 20 µs, as a
+// close or a connect may) would cost more than the call.
 
 // Accept takes one connection from the listening socket lfd: a
 // non-blocking, close-on-exec descriptor and its peer (IPv4-mapped
@@ -67,10 +70,13 @@ func Connect(fd int, dst netip.AddrPort) error {
 // SockError is the pending error of fd (SO_ERROR), nil if none: after a
 // non-blocking connect, what it came to.
 func SockError(fd int) error {
-	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	var v int32
+	size := uint32(4)
+	_, _, e := syscall.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ERROR,
+		uintptr(unsafe.Pointer(&v)), uintptr(unsafe.Pointer(&size)), 0)
 	switch {
-	case err != nil:
-		return err
+	case e != 0:
+		return os.NewSyscallError("getsockopt", e)
 	case v != 0:
 		return syscall.Errno(v)
 	}
@@ -80,15 +86,37 @@ func SockError(fd int) error {
 // NoDelay turns Nagle's algorithm off on fd, as Go does for every TCP
 // connection: a relay writes what it reads at once.
 func NoDelay(fd int) error {
-	return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	return SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+}
+
+// SetsockoptInt sets an integer socket option.
+func SetsockoptInt(fd, level, opt, v int) error {
+	v32 := int32(v)
+	_, _, e := syscall.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt),
+		uintptr(unsafe.Pointer(&v32)), 4, 0)
+	if e != 0 {
+		return os.NewSyscallError("setsockopt", e)
+	}
+	return nil
 }
 
 // Close closes fd; with reset, with SO_LINGER 0, so the peer gets a reset.
 func Close(fd int, reset bool) {
 	if reset {
-		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		l := unix.Linger{Onoff: 1, Linger: 0}
+		syscall.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER,
+			uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
 	}
-	unix.Close(fd)
+	syscall.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
+}
+
+// ShutdownWrite sends fd's peer a FIN (shutdown(2) SHUT_WR).
+func ShutdownWrite(fd int) error {
+	_, _, e := syscall.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), unix.SHUT_WR, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
 }
 
 // Dup duplicates fd, close-on-exec: a loop's own handle on a listener
