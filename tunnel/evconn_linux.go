@@ -44,6 +44,8 @@ type evConn struct {
 	dialStart time.Time
 	dialErr   error // a dial that failed while the sniff went on
 	connected bool
+	up        *evUpstream // the way through an upstream group, if any
+	down      []byte      // the server's first bytes, come with a proxy's reply
 
 	sniffTimer *evloop.Timer
 	timer      *evloop.Timer // the dial's timeout, then the relay's idle timeout
@@ -97,7 +99,7 @@ func (lp *eventLoop) serve(ln descListener, fd int, peer netip.AddrPort) {
 		e.fail(fmt.Errorf("client: %w", err))
 		return
 	}
-	if a, final := e.router.RouteByAddr(dst); final && a.Kind == ActionProxy && a.Group != nil {
+	if a, final := e.router.RouteByAddr(dst); final && a.Kind == ActionProxy && a.Group != nil && !loopable(a) {
 		e.handOff(nil) // preconnect and sniff on a goroutine (tunnel.go)
 		return
 	}
@@ -145,6 +147,9 @@ func (h *evServer) Ready(ev uint32) {
 	case e.stage == evRelay:
 		e.pair.Event(1, ev)
 		e.run()
+	case e.stage != evDone && e.up != nil:
+		e.can[1] |= relay.CanFrom(ev)
+		e.upReady(ev)
 	case e.stage != evDone && !e.connected:
 		e.can[1] |= relay.CanFrom(ev)
 		if ev&(syscall.EPOLLOUT|syscall.EPOLLERR|syscall.EPOLLHUP) != 0 {
@@ -179,11 +184,8 @@ func (e *evConn) startSniff() {
 			timeout = sniff.DefaultTimeout
 		}
 		e.sniffTimer = e.lp.l.AfterFunc(timeout, e.sniffTimedOut)
-		if a, final := e.router.RouteByAddr(e.dst); final && a.Kind == ActionDirect {
-			e.route, e.routed = a, true
-			if !e.dial() {
-				return
-			}
+		if !e.connectEarly() {
+			return
 		}
 		e.readSniff()
 		return
@@ -193,6 +195,24 @@ func (e *evConn) startSniff() {
 	}
 	e.stage = evConnect
 	e.sniffed()
+}
+
+// connectEarly starts stage 4 before the sniff when the name cannot change
+// the route: a direct route is dialled; through an upstream group whose
+// pick cannot depend on the name, the proxy is connected and greeted (see
+// preconnect). It reports false when the connection is over.
+func (e *evConn) connectEarly() bool {
+	a, final := e.router.RouteByAddr(e.dst)
+	switch {
+	case !final:
+	case a.Kind == ActionDirect || a.Kind == ActionProxy && a.Group == nil:
+		e.route, e.routed = a, true
+		return e.dial()
+	case a.Kind == ActionProxy && a.Group.PicksWithoutName() && loopable(a):
+		e.upStart(a, true)
+		return e.stage != evDone
+	}
+	return true
 }
 
 // readSniff reads the client's first bytes until sniff.Judge has its
@@ -278,16 +298,20 @@ func (e *evConn) sniffed() {
 		switch {
 		case err != nil:
 			e.fail(err)
-			return
+		case a.Kind == ActionProxy && a.Group != nil && loopable(a):
+			e.upStart(a, false) // upDone starts the relay
 		case a.Kind == ActionProxy && a.Group != nil:
 			e.handOff(&e.sn)
-			return
+		default:
+			e.dial() // connectDone starts the relay
 		}
-		e.dial() // connectDone starts the relay
 		return
 	}
-	if e.connected {
+	switch {
+	case e.connected:
 		e.startRelay()
+	case e.up != nil && e.stage == evConnect:
+		e.upRead() // sends the request once the greeting is done
 	}
 }
 
@@ -381,9 +405,9 @@ func (e *evConn) startRelay() {
 	if e.sn.watch {
 		watch = t.watchFirst(e.dst, e.c.peer.Addr(), l.Now())
 	}
-	first := e.buf
-	e.buf = nil
-	e.pair.Init(e.lp.kit, e.cfd, e.sfd, first, e.can, watch)
+	first, down := e.buf, e.down
+	e.buf, e.down = nil, nil
+	e.pair.Init(e.lp.kit, e.cfd, e.sfd, first, down, e.can, watch)
 	e.last = l.Now()
 	e.timer = l.AfterFunc(t.idleTimeout(), e.checkIdle)
 	e.run()
@@ -458,6 +482,13 @@ func (e *evConn) close(reset bool) {
 		e.lp.kit.PutBuf(e.buf)
 		e.buf = nil
 	}
+	if e.down != nil {
+		e.lp.kit.PutBuf(e.down)
+		e.down = nil
+	}
+	if e.up != nil {
+		e.preconnected(false)
+	}
 	e.closeServer(reset)
 	l.Remove(e.ctok)
 	evloop.Close(e.cfd, reset)
@@ -497,8 +528,15 @@ func (e *evConn) cut(err error) {
 
 // info is the access line's account of e.
 func (e *evConn) info() *connInfo {
-	return &connInfo{start: e.start, peer: e.c.peer, dst: e.dst, found: e.sn.found, outcome: e.sn.outcome,
+	c := &connInfo{start: e.start, peer: e.c.peer, dst: e.dst, found: e.sn.found, outcome: e.sn.outcome,
 		sniffTook: e.sn.took, route: e.route}
+	if up := e.up; up != nil {
+		c.lease, c.target = up.lease, up.target
+		if c.lease.Upstream == nil {
+			c.lease.Upstream = up.u // failed: the last one tried
+		}
+	}
+	return c
 }
 
 // handOff moves e to a goroutine, for a route through an upstream group:

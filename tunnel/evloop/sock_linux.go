@@ -162,3 +162,13 @@ func Read(fd int, b []byte) (int, error) {
 	}
 	return int(r), nil
 }
+
+// Write writes b to fd: how much went, or an error (unix.EAGAIN: the send
+// buffer is full).
+func Write(fd int, b []byte) (int, error) {
+	r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}

@@ -125,19 +125,27 @@ func (e *Engine) NewKit() *Kit {
 // registered with the caller's loop edge-triggered), which can do what
 // can says (what their events since registration allowed and no EAGAIN
 // took back). first, if any, is written to the server before anything
-// else (the bytes sniffed): a buffer from the Kit (GetBuf), which p owns
-// from now on. watch, if not nil, hears once whose bytes were read first:
+// else (the bytes sniffed), and down to the client (the server's first
+// bytes that came with a proxy's reply): buffers from the Kit (GetBuf),
+// which p owns from now on. watch, if not nil, hears once whose bytes were read first:
 // the server's (true) or the client's.
-func (p *Pair) Init(k *Kit, client, server int, first []byte, can [2]Can, watch func(server bool)) {
+func (p *Pair) Init(k *Kit, client, server int, first, down []byte, can [2]Can, watch func(server bool)) {
 	*p = Pair{kit: k, fd: [2]int{client, server}, can: can, watch: watch}
-	if len(first) > 0 {
-		f := &p.flows[0]
-		f.buf, f.n = first[:cap(first)], len(first)
-	} else if first != nil {
-		k.PutBuf(first)
+	for i, b := range [2][]byte{first, down} {
+		if len(b) > 0 {
+			f := &p.flows[i]
+			f.buf, f.n = b[:cap(b)], len(b)
+		} else if b != nil {
+			k.PutBuf(b)
+		}
 	}
 	k.e.relays.Add(1)
 }
+
+// Scratch is the kit's scratch buffer, for the loop's own short-lived use
+// outside Run (a proxy handshake's messages): what is in it is gone at the
+// next Run.
+func (k *Kit) Scratch() []byte { return k.scratch }
 
 // Event records what an event on side (0 the client, 1 the server) allows.
 func (p *Pair) Event(side int, ev uint32) { p.can[side] |= CanFrom(ev) }

@@ -73,7 +73,7 @@ func startPair(t *testing.T, e *Engine, first []byte, watch func(bool)) (client,
 	}
 	started := make(chan error, 1)
 	l.Post(func() {
-		r.p.Init(kit, cfd, sfd, buf, [2]Can{}, watch)
+		r.p.Init(kit, cfd, sfd, buf, nil, [2]Can{}, watch)
 		var err error
 		if r.toks[0], err = l.Add(cfd, &pairSide{r, 0}); err == nil {
 			r.toks[1], err = l.Add(sfd, &pairSide{r, 1})
