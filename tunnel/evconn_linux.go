@@ -27,8 +27,9 @@ type evConn struct {
 	sfd    int   // the server; -1 until dialled
 	ctok   evloop.Token
 	stok   evloop.Token
-	can    [2]relay.Can // client, server: what their events allowed, until the relay
-	sock   *fdSocket    // the server socket, as Control and the loop guard see it
+	can    [2]relay.Can   // client, server: what their events allowed, until the relay
+	sock   *fdSocket      // the server socket, as Control and the loop guard see it
+	sockTo netip.AddrPort // what sock was dialled to
 	dst    netip.AddrPort
 	router *Router
 	start  time.Time
@@ -328,7 +329,7 @@ func (e *evConn) dial() bool {
 	if err != nil {
 		return e.dialFailed(err)
 	}
-	e.sfd, e.sock = fd, &fdSocket{fd: fd}
+	e.sfd, e.sock, e.sockTo = fd, &fdSocket{fd: fd}, e.dst
 	if ctl := t.dialControl; ctl != nil {
 		if err := ctl("tcp", e.dst.String(), e.sock); err != nil {
 			return e.dialFailed(err)
@@ -500,18 +501,29 @@ func (e *evConn) closeServer(reset bool) {
 		return
 	}
 	e.lp.l.Remove(e.stok)
-	e.sock.close()
+	e.closeSock()
 	evloop.Close(e.sfd, reset)
 	e.sfd = -1
+}
+
+// closeSock marks the server socket closed for the loop guard and
+// Control's holders, before its descriptor is closed.
+func (e *evConn) closeSock() {
+	if e.sock == nil {
+		return
+	}
+	if g := e.lp.t.Loops; g != nil {
+		g.dialClosed(e.sockTo, e.sock)
+	}
+	e.sock.close()
+	e.sock = nil
 }
 
 // forget takes both sockets out of the loop before the Pair closes them.
 func (e *evConn) forget() {
 	e.lp.l.Remove(e.ctok)
 	e.lp.l.Remove(e.stok)
-	if e.sock != nil {
-		e.sock.close()
-	}
+	e.closeSock()
 }
 
 // cut ends e for Shutdown or the connection limit (conn.cutOff).

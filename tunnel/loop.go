@@ -174,6 +174,30 @@ func (g *LoopGuard) Dialed(c *net.TCPConn) {
 	}
 }
 
+// dialClosed forgets rc, a socket dialled to dst by an event loop, before
+// its descriptor is closed. Such a socket is never Dialed: it stays in
+// flight (found by its local address, asked once) until it closes, so the
+// established table is not needed for it.
+func (g *LoopGuard) dialClosed(dst netip.AddrPort, rc syscall.RawConn) {
+	dst = unmap(dst)
+	s := loopShardOf(g, dst)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	list := s.inFlight[dst]
+	for i, d := range list {
+		if d.rc == rc {
+			list = append(list[:i], list[i+1:]...)
+			list[len(list):cap(list)][0] = nil
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(s.inFlight, dst)
+	} else {
+		s.inFlight[dst] = list
+	}
+}
+
 // Closed forgets c (call it before or right after closing c; its
 // addresses are cached by the net package).
 func (g *LoopGuard) Closed(c *net.TCPConn) {
