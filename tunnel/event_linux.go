@@ -3,9 +3,7 @@ package tunnel
 import (
 	"errors"
 	"net/netip"
-	"os"
 	"runtime"
-	"strconv"
 	"sync"
 	"syscall"
 	"time"
@@ -80,11 +78,7 @@ var errNoLoops = errors.New("no event loops")
 // startLoops makes the loops, once. It reports false when they cannot run.
 func (t *Tunnel) startLoops() bool {
 	t.evOnce.Do(func() {
-		n := max(runtime.GOMAXPROCS(0), 1)
-		if v, err := strconv.Atoi(os.Getenv("DETOUR_LOOPS")); err == nil && v > 0 {
-			n = v
-		}
-		for range n {
+		for range max(runtime.GOMAXPROCS(0), 1) {
 			l, err := evloop.New()
 			if err != nil {
 				t.log().Warn("event loop unavailable; serving connections on goroutines", "error", err.Error())

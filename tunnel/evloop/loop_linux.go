@@ -245,18 +245,12 @@ func (l *Loop) run() {
 	for {
 		l.now = time.Now()
 		if n, _ = epollWait(l.epfd, events); n == 0 && len(l.again) == 0 && !l.timerDue() {
-			if blockingWait {
-				n = l.block(events)
-				l.now = time.Now()
-				goto got
-			}
 			l.armTimer()
 			if err := l.rc.Read(collect); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 				return // the file is closed
 			}
 			l.now = time.Now()
 		}
-	got:
 		if !l.dispatch(events[:n]) {
 			return
 		}
@@ -309,24 +303,6 @@ func (l *Loop) runAgain() {
 			return // more next round, after the others' events
 		}
 	}
-}
-
-var blockingWait = os.Getenv("DETOUR_BLOCKWAIT") == "1"
-
-// block waits in epoll_pwait itself until an event or the first timer.
-func (l *Loop) block(events []unix.EpollEvent) int {
-	ms := -1
-	if len(l.timers) > 0 {
-		ms = int(l.timers[0].when.Sub(time.Now())/time.Millisecond) + 1
-		if ms < 0 {
-			ms = 0
-		}
-	}
-	n, err := unix.EpollWait(l.epfd, events, ms)
-	if err != nil {
-		return 0
-	}
-	return n
 }
 
 // epollCtl is epoll_ctl(2), raw (see sock_linux.go).
