@@ -205,13 +205,14 @@ func (l *Loop) Post(f func()) error {
 		l.mu.Unlock()
 		return ErrClosed
 	}
-	first := len(l.posted) == 0
 	l.posted = append(l.posted, f)
-	l.mu.Unlock()
-	if first {
+	if len(l.posted) == 1 {
+		// Under the lock: Close closes the eventfd only after taking it,
+		// so a Post that got in never writes to a number reused since.
 		one := uint64(1)
 		unix.Write(l.wake, (*[8]byte)(unsafe.Pointer(&one))[:])
 	}
+	l.mu.Unlock()
 	return nil
 }
 
@@ -230,7 +231,9 @@ func (l *Loop) Close() error {
 	one := uint64(1)
 	unix.Write(l.wake, (*[8]byte)(unsafe.Pointer(&one))[:])
 	<-l.done
+	l.mu.Lock()
 	unix.Close(l.wake)
+	l.mu.Unlock()
 	return l.file.Close()
 }
 
