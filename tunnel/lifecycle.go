@@ -17,14 +17,15 @@ func (t *Tunnel) Shutdown(ctx context.Context) error {
 	t.mu.Lock()
 	t.shutdown = true
 	lns := make([]Listener, 0, len(t.listeners))
+	evs := make([]*evListener, 0, len(t.listeners)) // read here: Serve's return deletes them
 	for ln := range t.listeners {
 		lns = append(lns, ln)
+		evs = append(evs, t.evListeners[ln])
 	}
-	evs := t.evListeners
 	t.mu.Unlock()
 	// Outside the lock: the loops take it to count what they accept.
-	for _, ln := range lns {
-		if el := evs[ln]; el != nil {
+	for i, ln := range lns {
+		if el := evs[i]; el != nil {
 			el.stop(t.loops)
 		}
 		ln.Close()
