@@ -1,0 +1,665 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/detour-proxy/detour/internal/testkit"
+	"github.com/detour-proxy/detour/tunnel/upstream"
+)
+
+// The transparent data path on the event loops (event_linux.go,
+// evconn_linux.go), driven through Serve with a listener that hands out
+// bare descriptors, as *redirect.Listener does: every test checks that
+// the loops served it, and that goroutines and descriptors are back where
+// they were once the tunnel is shut down.
+
+// descFake is a fakeListener the event loops can serve: its connections
+// "were going" to dst, or fail OriginalDstFD with err.
+type descFake struct{ *fakeListener }
+
+func (d *descFake) OriginalDstFD(int, netip.AddrPort) (netip.AddrPort, error) { return d.dst, d.err }
+
+// evTunnel serves connections to dst with tun on the event loops. Its
+// cleanup shuts the tunnel down, then checks that the goroutines and
+// descriptors the test started with are all that is left.
+func evTunnel(t *testing.T, dst netip.AddrPort, tun *Tunnel) (*descFake, *testkit.LogBuffer) {
+	t.Helper()
+	checkFDs(t)
+	testkit.CheckGoroutines(t)
+	ln := &descFake{newFakeListener(t, dst, nil)}
+	logs := startTunnel(t, ln, tun)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		tun.mu.Lock()
+		el := tun.evListeners[ln]
+		tun.mu.Unlock()
+		if el != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the listener is not served on the event loops:\n%s", logs)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return ln, logs
+}
+
+// checkFDs fails the test if it ends with more open descriptors than it
+// started with (after a grace of 2 s for closes under way, and for pools'
+// pipes closed by cleanups after a garbage collection). Call it
+// before anything that opens some, so its check runs last.
+func checkFDs(t *testing.T) {
+	t.Helper()
+	// The runtime's poller opens its descriptors once, on first use.
+	if l, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
+		l.Close()
+	}
+	before := countFDs(t)
+	t.Cleanup(func() {
+		deadline := time.Now().Add(2 * time.Second)
+		n := countFDs(t)
+		for n > before && time.Now().Before(deadline) {
+			// Pipes that pools let go (the test servers' io.Copy splices
+			// through the runtime's) are closed by cleanups after a GC.
+			runtime.GC()
+			time.Sleep(10 * time.Millisecond)
+			n = countFDs(t)
+		}
+		if n > before {
+			t.Errorf("%d descriptors open after the test, %d before: %v", n, before, fdNames(t))
+		}
+	})
+}
+
+// fdNames is what each open descriptor is.
+func fdNames(t *testing.T) []string {
+	ents, _ := os.ReadDir("/proc/self/fd")
+	var out []string
+	for _, e := range ents {
+		l, _ := os.Readlink("/proc/self/fd/" + e.Name())
+		out = append(out, e.Name()+"="+l)
+	}
+	return out
+}
+
+func countFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+func dialEv(t *testing.T, ln *descFake) *net.TCPConn {
+	t.Helper()
+	return dialTunnel(t, ln.fakeListener)
+}
+
+// dialEvFrom connects from the loopback address ip.
+func dialEvFrom(t *testing.T, ln *descFake, ip string) (*net.TCPConn, error) {
+	t.Helper()
+	c, err := net.DialTCP("tcp", &net.TCPAddr{IP: net.ParseIP(ip)}, ln.Addr().(*net.TCPAddr))
+	if err == nil {
+		t.Cleanup(func() { c.Close() })
+	}
+	return c, err
+}
+
+// tlsHello is the ClientHello crypto/tls sends for name.
+func tlsHello(t *testing.T, name string) []byte {
+	t.Helper()
+	conn := &recordingConn{}
+	tls.Client(conn, &tls.Config{ServerName: name, NextProtos: []string{"h2", "http/1.1"}}).Handshake()
+	if len(conn.written) == 0 {
+		t.Fatal("crypto/tls wrote no ClientHello")
+	}
+	return conn.written
+}
+
+// wantReset reads c until it ends, within 5 s, and fails unless a reset
+// ended it.
+func wantReset(t *testing.T, c *net.TCPConn, what string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := io.Copy(io.Discard, c)
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("%s: read = %v, want a reset", what, err)
+	}
+}
+
+// Bytes cross both ways, the sniffed ones first and a bulk stream after
+// them, each side's EOF reaches the other, and the access line says who,
+// where, what was sniffed, the route and the bytes each way.
+func TestEvDirectCarriesAndLogs(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		first []byte
+		want  []string
+	}{
+		{"tls", tlsHello(t, "tls.test"), []string{"host=tls.test", "proto=tls", "alpn=h2,http/1.1"}},
+		{"http", []byte(earlyRequest), []string{"host=early.test", "proto=http"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst, accepted := testkit.EchoServer(t)
+			ln, logs := evTunnel(t, dst, &Tunnel{Mode: "redirect", Sniff: SniffOptions{Timeout: 10 * time.Second}})
+
+			c := dialEv(t, ln)
+			bulk := testkit.RandomBytes(4<<20, 16)
+			sent := append(append([]byte(nil), tc.first...), bulk...)
+			got := make(chan []byte, 1)
+			go func() {
+				c.SetReadDeadline(time.Now().Add(20 * time.Second))
+				b, _ := io.ReadAll(c)
+				got <- b
+			}()
+			if _, err := c.Write(sent); err != nil {
+				t.Fatal(err)
+			}
+			c.CloseWrite()
+			if b := <-got; !bytes.Equal(b, sent) {
+				t.Fatalf("echo: %d bytes back of %d sent, equal %v", len(b), len(sent), bytes.Equal(b, sent[:min(len(b), len(sent))]))
+			}
+			line := waitLines(t, logs, 1)
+			n := len(sent)
+			wantIn(t, line, append(tc.want, "client="+c.LocalAddr().String(), "dst="+dst.String(), "mode=redirect",
+				"sniff=found", "route=direct", fmt.Sprintf("up=%d", n), fmt.Sprintf("down=%d", n), `error=""`)...)
+			if a := accepted.Load(); a != 1 {
+				t.Errorf("the destination accepted %d connections, want 1", a)
+			}
+		})
+	}
+}
+
+// A client that says nothing until its server greets: the sniff times
+// out, the connection dialled early carries the greeting and what follows,
+// and the silent cache learns the destination: its next connection is not
+// sniffed.
+func TestEvSniffTimeoutServerFirst(t *testing.T) {
+	const banner = "220 greeter ready\r\n"
+	dst := greeter(t, banner)
+	tun := &Tunnel{Sniff: SniffOptions{Timeout: 100 * time.Millisecond}}
+	ln, logs := evTunnel(t, dst, tun)
+
+	start := time.Now() // before the accept: the sniff's timeout runs from it
+	c := dialEv(t, ln)
+	readBanner(t, c, banner)
+	if took := time.Since(start); took < 100*time.Millisecond {
+		t.Errorf("the banner came after %v, before the sniff timed out", took)
+	}
+	c.Write([]byte("EHLO x\r\n"))
+	readEcho(t, c, "EHLO x\r\n")
+	c.Close()
+	wantIn(t, waitLines(t, logs, 1), "sniff=timeout", "route=direct", "up=8", fmt.Sprintf("down=%d", len(banner)+8), `error=""`)
+	if !tun.silent.Silent(dst) {
+		t.Fatal("a destination that greeted first was not learned")
+	}
+
+	c = dialEv(t, ln)
+	readBanner(t, c, banner)
+	c.Close()
+	wantIn(t, waitLines(t, logs, 2), "sniff=skipped", "sniff_time=0s", "route=direct", `error=""`)
+}
+
+// A client that resets while it is sniffed: the connection dialled early
+// is reset too, and the access line says the client reset.
+func TestEvClientResetDuringSniff(t *testing.T) {
+	dst, conns := acceptingServer(t)
+	ln, logs := evTunnel(t, dst, &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}})
+
+	c := dialEv(t, ln)
+	server := accepted(t, conns, 5*time.Second) // dialled early
+	c.Write([]byte("GET / HTTP/1.1\r\nHo"))     // not enough to judge
+	time.Sleep(50 * time.Millisecond)
+	c.SetLinger(0)
+	c.Close()
+	wantReset(t, server, "the destination of a client that reset")
+	wantIn(t, waitLines(t, logs, 1), "sniff=closed", "route=direct", "up=0", "down=0", `error="client: `, "reset by peer")
+}
+
+// A destination that refuses: the client is reset, and the access line
+// names the dial and the address, with the host when the client said it
+// (the dial failed early, while the client was sniffed) and without it
+// when nothing was sniffed.
+func TestEvDestinationRefuses(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		sniff SniffOptions
+		write string
+		want  []string
+	}{
+		{"dialled early", SniffOptions{Timeout: 10 * time.Second}, earlyRequest, []string{"sniff=found", "host=early.test"}},
+		{"sniff off", SniffOptions{Disabled: true}, "", []string{"sniff=off", `host=""`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dead := testkit.DeadPort(t)
+			ln, logs := evTunnel(t, dead, &Tunnel{Sniff: tc.sniff})
+
+			c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+			if err == nil {
+				defer c.Close()
+				if tc.write != "" { // (a write of nothing would take the reset)
+					time.Sleep(50 * time.Millisecond) // the dial fails before the bytes come
+					c.Write([]byte(tc.write))
+				}
+				wantReset(t, c, "the client of a refused destination")
+			} else if !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatal(err)
+			}
+			wantIn(t, waitLines(t, logs, 1), append(tc.want, "route=direct", "up=0",
+				`error="dial tcp `+dead.String()+`: connect: connection refused"`)...)
+		})
+	}
+}
+
+// A route that rejects the sniffed name: the client is reset, the
+// destination never dialled, and the access line says so.
+func TestEvRejectRoute(t *testing.T) {
+	dst, conns := acceptingServer(t)
+	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+	tun.SetRouter(&Router{Rules: []Rule{{Domains: []string{"blocked.test"}, Action: Action{Kind: ActionReject}}},
+		Default: Action{Kind: ActionDirect}})
+	ln, logs := evTunnel(t, dst, tun)
+
+	c := dialEv(t, ln)
+	c.Write([]byte("GET / HTTP/1.1\r\nHost: blocked.test\r\n\r\n"))
+	wantReset(t, c, "a rejected client")
+	wantIn(t, waitLines(t, logs, 1), "host=blocked.test", "sniff=found", "route=reject", "up=0", "down=0", `error="rejected by route"`)
+	select {
+	case <-conns:
+		t.Fatal("the destination of a rejected name was dialled")
+	case <-time.After(50 * time.Millisecond):
+	}
+
+	// An address rule that rejects: no sniff needed for the route, the
+	// client still reset.
+	tun.SetRouter(&Router{Default: Action{Kind: ActionReject}})
+	c = dialEv(t, ln)
+	c.Write([]byte(earlyRequest))
+	wantReset(t, c, "a client rejected by address")
+	wantIn(t, waitLines(t, logs, 2), "route=reject", `error="rejected by route"`)
+	select {
+	case <-conns:
+		t.Fatal("the destination of a rejected address was dialled")
+	default:
+	}
+}
+
+// A relay on which nothing moves ends once the idle timeout has passed
+// since the last byte, not before; bytes keep it open.
+func TestEvIdleTimeout(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	dst, _ := testkit.EchoServer(t)
+	ln, logs := evTunnel(t, dst, &Tunnel{IdleTimeout: idle, Sniff: SniffOptions{Timeout: 10 * time.Second}})
+
+	c := dialEv(t, ln)
+	c.Write([]byte(earlyRequest))
+	readEcho(t, c, earlyRequest)
+	// Bytes every third of the timeout, for twice the timeout: still open.
+	var last time.Time // before the last byte: the relay moved it after
+	for range 6 {
+		time.Sleep(idle / 3)
+		last = time.Now()
+		c.Write([]byte("x"))
+		readEcho(t, c, "x")
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	ended := time.Since(last)
+	if n != 0 || err != io.EOF {
+		t.Fatalf("idle client read = %d, %v; want EOF at the idle timeout", n, err)
+	}
+	if ended < idle || ended > idle+3*time.Second {
+		t.Errorf("the relay ended %v after the last byte; want it at the idle timeout of %v", ended, idle)
+	}
+	wantIn(t, waitLines(t, logs, 1), "route=direct", fmt.Sprintf("up=%d", len(earlyRequest)+6), `error="idle timeout"`)
+}
+
+// Shutdown stops accepting at once, lets the connections in flight finish
+// within the grace period, then cuts the rest, relayed or still sniffed,
+// with "closed by shutdown"; the loops end with them.
+func TestEvShutdownDrainsThenCuts(t *testing.T) {
+	dst, _ := testkit.EchoServer(t)
+	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+	ln, logs := evTunnel(t, dst, tun)
+
+	quick, stuck := dialEv(t, ln), dialEv(t, ln)
+	for _, c := range []*net.TCPConn{quick, stuck} {
+		c.Write([]byte(earlyRequest))
+		readEcho(t, c, earlyRequest)
+	}
+	silent := dialEv(t, ln) // held in its sniff
+	deadline := time.Now().Add(5 * time.Second)
+	for tun.Active() != 3 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	shut := make(chan error, 1)
+	go func() { shut <- tun.Shutdown(ctx) }()
+	// Once Shutdown has begun, nothing more is served, and soon the
+	// listener is closed: connecting is refused.
+	for !tun.isShutdown() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	for {
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), time.Second)
+		if err != nil {
+			break
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("the listener still accepts 5s into Shutdown")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// Served during the grace period.
+	quick.Write([]byte("y"))
+	quick.CloseWrite()
+	quick.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(quick); err != nil || string(got) != "y" {
+		t.Fatalf("connection during the grace period: %q, %v", got, err)
+	}
+	select {
+	case err := <-shut:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Shutdown = %v, want deadline exceeded (two connections were cut)", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not return within 5s")
+	}
+	wantReset(t, stuck, "a relayed connection left at the end of the grace period")
+	wantReset(t, silent, "a sniffed connection left at the end of the grace period")
+	waitLines(t, logs, 3)
+	if n := strings.Count(logs.String(), `error="closed by shutdown"`); n != 2 {
+		t.Errorf("%d access lines say closed by shutdown, want 2:\n%s", n, logs)
+	}
+	if n := len(logs.Lines(`error=""`)); n != 1 {
+		t.Errorf("%d access lines without an error, want 1 (the quick one):\n%s", n, logs)
+	}
+	if n := tun.Active(); n != 0 {
+		t.Errorf("%d connections active after Shutdown", n)
+	}
+}
+
+// With nothing in flight Shutdown returns at once, without an error.
+func TestEvShutdownIdle(t *testing.T) {
+	dst, _ := testkit.EchoServer(t)
+	tun := &Tunnel{}
+	ln, logs := evTunnel(t, dst, tun)
+	c := dialEv(t, ln)
+	c.Write([]byte(earlyRequest))
+	readEcho(t, c, earlyRequest)
+	c.Close()
+	waitLines(t, logs, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := tun.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown = %v with nothing in flight", err)
+	}
+}
+
+// MaxConns across several loops: one client holding every slot does not
+// lock another out, whichever loop holds its connections; one of its
+// connections is reset instead (on its own loop), and its access line
+// says why. Beyond that, new connections are reset.
+func TestEvMaxConnsEvictsAcrossLoops(t *testing.T) {
+	t.Setenv("DETOUR_LOOPS", "4")
+	dst, _ := testkit.EchoServer(t)
+	obs := newCountingObserver()
+	tun := &Tunnel{MaxConns: 4, Observer: obs}
+	ln, logs := evTunnel(t, dst, tun)
+	if n := len(tun.loops); n != 4 {
+		t.Fatalf("%d loops, want 4", n)
+	}
+	echo := func(c *net.TCPConn, msg string) error {
+		c.Write([]byte(msg))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err := io.ReadFull(c, make([]byte, len(msg)))
+		c.SetReadDeadline(time.Time{})
+		return err
+	}
+	var hog []*net.TCPConn
+	for range 4 {
+		c, err := dialEvFrom(t, ln, "127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := echo(c, "x"); err != nil {
+			t.Fatal(err)
+		}
+		hog = append(hog, c)
+	}
+	tun.mu.Lock()
+	on := map[*eventLoop]bool{}
+	for c := range tun.active {
+		on[c.ev.lp] = true
+	}
+	tun.mu.Unlock()
+	t.Logf("the hog's connections are on %d loops", len(on))
+
+	// The hog's own fifth is reset.
+	if extra, err := dialEvFrom(t, ln, "127.0.0.1"); err == nil {
+		wantReset(t, extra, "the hog's connection beyond the limit")
+	}
+	// Another client is served; exactly one of the hog's is reset.
+	other, err := dialEvFrom(t, ln, "127.0.0.2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := echo(other, "y"); err != nil {
+		t.Fatalf("the other client: %v", err)
+	}
+	logs.WaitFor(t, "held the most")
+	resets := 0
+	for _, c := range hog {
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); errors.Is(err, syscall.ECONNRESET) {
+			resets++
+		}
+	}
+	if resets != 1 {
+		t.Fatalf("%d of the hog's connections were reset, want 1", resets)
+	}
+	if n := obs.get(func(o *countingObserver) int { return o.refused["limit"] }); n != 1 {
+		t.Errorf("refused for the limit: %d, want 1", n)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for tun.Active() != 4 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := tun.Active(); n != 4 {
+		t.Errorf("%d connections active, want 4", n)
+	}
+}
+
+// staged returns a tunnel on the loops whose every connection (to
+// 198.18.2.2:80, never dialled) goes through group, and the access log.
+func stagedTunnel(t *testing.T, group *upstream.Group, mode NameMode) (*descFake, *Tunnel, *testkit.LogBuffer) {
+	t.Helper()
+	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+	tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: mode}})
+	ln, logs := evTunnel(t, netip.MustParseAddrPort("198.18.2.2:80"), tun)
+	return ln, tun, logs
+}
+
+// Through an upstream group: a group whose pick cannot depend on the name
+// is connected and greeted while the client is silent, and gets the name
+// once it speaks; one hashed on the host is connected only after the
+// sniff; either way bytes cross both ways and the access line names the
+// upstream and the target.
+func TestEvUpstreamGroup(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		strategy upstream.Strategy
+		key      upstream.HashKey
+		early    bool // greeted before the client speaks
+	}{
+		{"round robin: preconnected", nil, 0, true},
+		{"host hashed: after the sniff", &upstream.ConsistentHash{}, upstream.HashHost, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr, events := socksStaged(t, 0)
+			u := socksUpstream("socks", addr)
+			group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{u}, Strategy: tc.strategy, Key: tc.key}
+			ln, _, logs := stagedTunnel(t, group, Override)
+
+			c := dialEv(t, ln)
+			if tc.early {
+				wantEvent(t, events, "greeted", "", "the greeting before the client spoke")
+			}
+			noEvent(t, events, 100*time.Millisecond) // nothing more without the name
+			c.Write([]byte(earlyRequest))
+			if !tc.early {
+				wantEvent(t, events, "greeted", "", "the greeting after the sniff")
+			}
+			wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
+			readEcho(t, c, earlyRequest)
+			c.Write([]byte("more"))
+			readEcho(t, c, "more")
+			c.CloseWrite()
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+				t.Fatalf("after the client's FIN: %q, %v; want EOF", b, err)
+			}
+			n := len(earlyRequest) + 4
+			wantIn(t, waitLines(t, logs, 1), "host=early.test", "sniff=found", "route=proxies", "upstream=socks",
+				"target=early.test:80", fmt.Sprintf("up=%d", n), fmt.Sprintf("down=%d", n), `error=""`)
+			waitActive(t, u, 0)
+		})
+	}
+}
+
+// The first upstream of the group is dead: the connection falls over to
+// the next, which still gets the name; the dead one is benched.
+func TestEvUpstreamFailsOver(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		strategy upstream.Strategy
+		key      upstream.HashKey
+	}{
+		{"preconnected", nil, 0},
+		{"after the sniff", &upstream.ConsistentHash{}, upstream.HashHost},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr, events := socksStaged(t, 0)
+			dead := socksUpstream("dead", testkit.DeadPort(t).String())
+			live := socksUpstream("live", addr)
+			group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{dead, live}, Strategy: tc.strategy, Key: tc.key,
+				Log: slog.New(slog.DiscardHandler)}
+			ln, _, logs := stagedTunnel(t, group, Override)
+
+			// Names until one was hashed to the dead upstream first (round
+			// robin starts with it): every one is carried by the live one.
+			for i := 1; dead.Up(); i++ {
+				if i > 16 {
+					t.Fatal("the dead upstream was never tried in 16 connections")
+				}
+				host := fmt.Sprintf("h%d.test", i)
+				req := "GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n"
+				c := dialEv(t, ln)
+				c.Write([]byte(req))
+				wantEvent(t, events, "greeted", "", "a greeting")
+				wantEvent(t, events, "request", host+":80", "a request for "+host+":80")
+				readEcho(t, c, req)
+				c.Close()
+				wantIn(t, waitLines(t, logs, i), "upstream=live", "target="+host+":80", `error=""`)
+			}
+			waitActive(t, live, 0)
+		})
+	}
+}
+
+// Every upstream of the group is dead: the client is reset and the access
+// line says why.
+func TestEvUpstreamAllDead(t *testing.T) {
+	dead := socksUpstream("dead", testkit.DeadPort(t).String())
+	group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{dead}, Log: slog.New(slog.DiscardHandler)}
+	ln, _, logs := stagedTunnel(t, group, Override)
+	c := dialEv(t, ln)
+	c.Write([]byte(earlyRequest))
+	wantReset(t, c, "a client whose every upstream is dead")
+	wantIn(t, waitLines(t, logs, 1), "host=early.test", "route=proxies", "connection refused")
+}
+
+// A pre-connection whose client resets before a byte is closed before any
+// request, and no longer counted against its upstream.
+func TestEvPreconnectUnusedIsClosed(t *testing.T) {
+	addr, events := socksStaged(t, 0)
+	u := socksUpstream("socks", addr)
+	group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{u}}
+	ln, _, logs := stagedTunnel(t, group, Override)
+
+	c := dialEv(t, ln)
+	wantEvent(t, events, "greeted", "", "the greeting")
+	waitActive(t, u, 1)
+	c.SetLinger(0)
+	c.Close()
+	wantEvent(t, events, "closed", "", "its connection closed without a request")
+	waitLines(t, logs, 1)
+	waitActive(t, u, 0)
+	if !u.Up() {
+		t.Error("the upstream went down for a connection it never carried")
+	}
+}
+
+// Routes the loops hand to a goroutine (a proxy named by a host name, or a
+// name checked by Verify) are still carried, with the name.
+func TestEvHandOff(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		proxy   func(addr string) string
+		mode    NameMode
+		request string
+		target  string
+	}{
+		{"proxy by host name", func(addr string) string {
+			_, port, _ := net.SplitHostPort(addr)
+			return net.JoinHostPort("localhost", port)
+		}, Override, earlyRequest, "early.test:80"},
+		// localhost resolves to the destination (from /etc/hosts).
+		{"verify", func(addr string) string { return addr }, Verify, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", "localhost:80"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr, events := socksStaged(t, 0)
+			u := socksUpstream("socks", tc.proxy(addr))
+			group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{u}}
+			tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
+			tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: tc.mode}})
+			ln, logs := evTunnel(t, netip.MustParseAddrPort("127.0.0.1:80"), tun)
+
+			c := dialEv(t, ln)
+			c.Write([]byte(tc.request))
+			for {
+				ev := nextEvent(t, events, 5*time.Second)
+				if ev.kind == "greeted" {
+					continue
+				}
+				if ev.kind != "request" || ev.target != tc.target {
+					t.Fatalf("upstream saw %+v, want a request for %s", ev, tc.target)
+				}
+				break
+			}
+			readEcho(t, c, tc.request)
+			c.Close()
+			wantIn(t, waitLines(t, logs, 1), "route=proxies", "upstream=socks", "target="+tc.target,
+				fmt.Sprintf("up=%d", len(tc.request)), `error=""`)
+			waitActive(t, u, 0)
+		})
+	}
+}
