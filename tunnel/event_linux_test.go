@@ -38,9 +38,16 @@ func (d *descFake) OriginalDstFD(int, netip.AddrPort) (netip.AddrPort, error) { 
 // descriptors the test started with are all that is left.
 func evTunnel(t *testing.T, dst netip.AddrPort, tun *Tunnel) (*descFake, *testkit.LogBuffer) {
 	t.Helper()
+	return evTunnelErr(t, dst, nil, tun)
+}
+
+// evTunnelErr is evTunnel with a listener whose OriginalDstFD fails with
+// err, if not nil.
+func evTunnelErr(t *testing.T, dst netip.AddrPort, err error, tun *Tunnel) (*descFake, *testkit.LogBuffer) {
+	t.Helper()
 	checkFDs(t)
 	testkit.CheckGoroutines(t)
-	ln := &descFake{newFakeListener(t, dst, nil)}
+	ln := &descFake{newFakeListener(t, dst, err)}
 	logs := startTunnel(t, ln, tun)
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -661,5 +668,188 @@ func TestEvHandOff(t *testing.T) {
 				fmt.Sprintf("up=%d", len(tc.request)), `error=""`)
 			waitActive(t, u, 0)
 		})
+	}
+}
+
+// What the sniff reads stays the client's: bytes that came before a
+// timeout are replayed with the rest, a request longer than the loop's
+// buffer grows it, and one beyond MaxBytes is carried unsniffed.
+func TestEvSniffKeepsTheBytes(t *testing.T) {
+	pad := strings.Repeat("a", 40<<10)
+	big := "GET / HTTP/1.1\r\nX-Pad: " + pad + "\r\nHost: big.test\r\n\r\n"
+	for _, tc := range []struct {
+		name  string
+		sniff SniffOptions
+		parts []string // written with a pause between
+		pause time.Duration
+		want  []string
+	}{
+		{"timeout with bytes", SniffOptions{Timeout: 100 * time.Millisecond}, []string{"GET / HT", "TP/1.1\r\nHost: late.test\r\n\r\n"},
+			300 * time.Millisecond, []string{"sniff=timeout", `host=""`}},
+		{"longer than the buffer", SniffOptions{Timeout: 10 * time.Second}, []string{big}, 0,
+			[]string{"sniff=found", "host=big.test"}},
+		{"beyond MaxBytes", SniffOptions{Timeout: 10 * time.Second, MaxBytes: 4 << 10}, []string{big}, 0,
+			[]string{"sniff=too-large", `host=""`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dst, _ := testkit.EchoServer(t)
+			ln, logs := evTunnel(t, dst, &Tunnel{Sniff: tc.sniff})
+			c := dialEv(t, ln)
+			all := strings.Join(tc.parts, "")
+			got := make(chan string, 1)
+			go func() {
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				b, _ := io.ReadAll(c)
+				got <- string(b)
+			}()
+			for i, p := range tc.parts {
+				if i > 0 {
+					time.Sleep(tc.pause)
+				}
+				c.Write([]byte(p))
+			}
+			c.CloseWrite()
+			if b := <-got; b != all {
+				t.Fatalf("echo: %d bytes back, want the %d sent, in order", len(b), len(all))
+			}
+			wantIn(t, waitLines(t, logs, 1), append(tc.want, "route=direct",
+				fmt.Sprintf("up=%d", len(all)), fmt.Sprintf("down=%d", len(all)), `error=""`)...)
+		})
+	}
+}
+
+// A client that closes (FIN) before saying anything is carried like any
+// other: the destination dialled early gets its FIN, and what the
+// destination sends still reaches the client.
+func TestEvClientClosesDuringSniff(t *testing.T) {
+	dst, conns := acceptingServer(t)
+	ln, logs := evTunnel(t, dst, &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}})
+	c := dialEv(t, ln)
+	server := accepted(t, conns, 5*time.Second)
+	c.CloseWrite()
+	server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("destination read = %d, %v; want EOF", n, err)
+	}
+	server.Write([]byte("bye"))
+	server.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(c); err != nil || string(b) != "bye" {
+		t.Fatalf("client read %q, %v; want bye, then EOF", b, err)
+	}
+	wantIn(t, waitLines(t, logs, 1), "sniff=closed", "route=direct", "up=0", "down=3", `error=""`)
+}
+
+// The destination half-closes first: the client gets its EOF and may go
+// on sending, and the destination still reads what it sends.
+func TestEvServerHalfCloses(t *testing.T) {
+	dst, conns := acceptingServer(t)
+	ln, logs := evTunnel(t, dst, &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}})
+	c := dialEv(t, ln)
+	server := accepted(t, conns, 5*time.Second)
+	c.Write([]byte(earlyRequest))
+	echoOnce(t, server, earlyRequest)
+	readEcho(t, c, earlyRequest)
+	server.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("client read = %d, %v; want EOF after the destination's FIN", n, err)
+	}
+	c.Write([]byte("after"))
+	c.CloseWrite()
+	server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(server); err != nil || string(b) != "after" {
+		t.Fatalf("destination read %q, %v after its FIN; want after, then EOF", b, err)
+	}
+	n := len(earlyRequest)
+	wantIn(t, waitLines(t, logs, 1), "route=direct", fmt.Sprintf("up=%d", n+5), fmt.Sprintf("down=%d", n), `error=""`)
+}
+
+// blackhole is a loopback address whose connects hang: a listener with a
+// backlog of 0, its queue filled by one connection, drops further SYNs.
+func blackhole(t *testing.T) netip.AddrPort {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := netip.AddrPortFrom(netip.AddrFrom4(sa.(*syscall.SockaddrInet4).Addr), uint16(sa.(*syscall.SockaddrInet4).Port))
+	c, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	// A second connect must hang now.
+	if c2, err := net.DialTimeout("tcp", addr.String(), 100*time.Millisecond); err == nil {
+		c2.Close()
+		t.Skip("the kernel accepted a connection beyond a full backlog: no way to make a connect hang")
+	}
+	return addr
+}
+
+// A connect that hangs ends at DialTimeout: the client is reset and the
+// access line says the dial timed out. Shutdown cuts one still connecting.
+func TestEvDialTimeout(t *testing.T) {
+	dst := blackhole(t)
+	t.Run("timeout", func(t *testing.T) {
+		ln, logs := evTunnel(t, dst, &Tunnel{DialTimeout: 200 * time.Millisecond, Sniff: SniffOptions{Timeout: 10 * time.Second}})
+		start := time.Now() // before the accept, and the dial that follows it
+		c := dialEv(t, ln)
+		c.Write([]byte(earlyRequest))
+		wantReset(t, c, "the client of a destination that does not answer")
+		if took := time.Since(start); took < 200*time.Millisecond {
+			t.Errorf("reset %v after the client connected, before the dial timeout", took)
+		}
+		wantIn(t, waitLines(t, logs, 1), "host=early.test", "route=direct", `error="dial tcp `+dst.String()+`: `, "i/o timeout")
+	})
+	t.Run("shutdown", func(t *testing.T) {
+		tun := &Tunnel{DialTimeout: 10 * time.Second, Sniff: SniffOptions{Timeout: 10 * time.Second}}
+		ln, logs := evTunnel(t, dst, tun)
+		c := dialEv(t, ln)
+		c.Write([]byte(earlyRequest))
+		deadline := time.Now().Add(5 * time.Second)
+		for tun.Active() != 1 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		time.Sleep(50 * time.Millisecond) // sniffed, still connecting
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		if err := tun.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Shutdown = %v, want deadline exceeded", err)
+		}
+		wantReset(t, c, "a client whose dial Shutdown cut")
+		wantIn(t, waitLines(t, logs, 1), "host=early.test", `error="closed by shutdown"`)
+	})
+}
+
+// A connection the listener cannot give an original destination for is
+// closed at once, never dialled, and logged as refused with the reason.
+func TestEvRefusesNotRedirected(t *testing.T) {
+	dst, accepted := testkit.EchoServer(t)
+	obs := newCountingObserver()
+	ln, logs := evTunnelErr(t, dst, errors.New("not redirected"), &Tunnel{Observer: obs})
+	c := dialEv(t, ln)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("refused connection read = %d, %v; want it closed", n, err)
+	}
+	logs.WaitFor(t, "msg=refused")
+	wantIn(t, logs.String(), "client="+c.LocalAddr().String(), `error="not redirected"`)
+	if n := obs.get(func(o *countingObserver) int { return o.refused["not_redirected"] }); n != 1 {
+		t.Errorf("refused as not redirected: %d, want 1", n)
+	}
+	if n := accepted.Load(); n != 0 {
+		t.Errorf("the destination saw %d connections; a refused one is never dialled", n)
+	}
+	if lines := connLines(logs); len(lines) != 0 {
+		t.Errorf("access lines for a refused connection: %v", lines)
 	}
 }
