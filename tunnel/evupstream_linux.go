@@ -247,15 +247,16 @@ func (e *evConn) upDone(rest []byte) {
 }
 
 // upBroken is a failure to read from or write to the proxy. A
-// pre-connection that broke while it waited for the target (the proxy
-// dropped it while the client was slow) says nothing of the upstream: the
-// search starts over, unreported.
+// pre-connection that broke once prepared (the proxy dropped it while the
+// client was slow; the request may have gone before the close was read)
+// says nothing of the upstream, as in Pending.Dial: the search starts
+// over, unreported.
 func (e *evConn) upBroken(err error) {
 	up := e.up
-	if up.pre && up.up && !up.requested && up.h.Prepared() {
+	if up.pre && up.up && (up.requested || up.h.Prepared()) {
 		e.lp.l.Stop(e.timer)
 		e.closeServer(true)
-		up.pre = false
+		e.preconnected(false) // replaced by a fresh connection
 		e.upNext(true)
 		return
 	}
