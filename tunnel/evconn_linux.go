@@ -504,6 +504,9 @@ func (e *evConn) closeServer(reset bool) {
 	e.closeSock()
 	evloop.Close(e.sfd, reset)
 	e.sfd = -1
+	if e.up != nil {
+		e.up.release()
+	}
 }
 
 // closeSock marks the server socket closed for the loop guard and

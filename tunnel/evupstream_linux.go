@@ -138,6 +138,11 @@ func (e *evConn) upReady(ev uint32) {
 			return
 		}
 		up.up = true
+		if up.pre {
+			// Counted from now on, as Preconnect's Pending is: a
+			// least-conn pick sees the pre-connections held open.
+			up.lease = up.g.Lease(up.u, nil)
+		}
 		e.lp.l.Stop(e.timer)
 		e.timer = e.lp.l.AfterFunc(e.lp.t.dialTimeout()-e.lp.l.Now().Sub(up.start), e.upTimedOut)
 		if !e.upSend(up.h.Out(e.upBuf())) {
@@ -234,7 +239,9 @@ func (e *evConn) upDone(rest []byte) {
 	t, up := e.lp.t, e.up
 	e.lp.l.Stop(e.timer)
 	up.g.Report(up.u, nil)
-	up.lease = up.g.Lease(up.u, nil)
+	if up.lease.Upstream == nil { // not counted since the connect
+		up.lease = up.g.Lease(up.u, nil)
+	}
 	if len(rest) > 0 {
 		e.down = append(e.lp.kit.GetBuf(), rest...)
 	}
@@ -324,6 +331,13 @@ func (e *evConn) preconnected(used bool) {
 func (e *evConn) upAddr() string {
 	addr, _ := e.up.u.ProxyAddr()
 	return addr.String()
+}
+
+// release stops counting a connection to the proxy that is closed before
+// it carried anything (a pre-connection is counted from its connect).
+func (up *evUpstream) release() {
+	up.lease.Release()
+	up.lease = upstream.Lease{}
 }
 
 // upBuf is a buffer for one handshake message.
