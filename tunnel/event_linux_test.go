@@ -426,7 +426,7 @@ func TestEvShutdownIdle(t *testing.T) {
 // connections is reset instead (on its own loop), and its access line
 // says why. Beyond that, new connections are reset.
 func TestEvMaxConnsEvictsAcrossLoops(t *testing.T) {
-	t.Setenv("DETOUR_LOOPS", "4")
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4)) // one loop per P
 	dst, _ := testkit.EchoServer(t)
 	obs := newCountingObserver()
 	tun := &Tunnel{MaxConns: 4, Observer: obs}
@@ -852,4 +852,40 @@ func TestEvRefusesNotRedirected(t *testing.T) {
 	if lines := connLines(logs); len(lines) != 0 {
 		t.Errorf("access lines for a refused connection: %v", lines)
 	}
+}
+
+// A pre-connection the proxy drops while the client is slow to speak
+// teaches nothing (issue 12's rule): the client is carried on a fresh
+// connection, with its name, the upstream stays up, and the dropped one is
+// counted as an unused pre-connection.
+func TestEvPreconnectDroppedWhileSilent(t *testing.T) {
+	addr, events := socksStaged(t, 100*time.Millisecond)
+	u := socksUpstream("socks", addr)
+	groupLog := &testkit.LogBuffer{}
+	group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{u}, Log: slog.New(slog.NewTextHandler(groupLog, nil))}
+	obs := &preconnObserver{countingObserver: newCountingObserver()}
+	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}, Observer: obs}
+	tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: Override}})
+	ln, logs := evTunnel(t, netip.MustParseAddrPort("198.18.2.2:80"), tun)
+
+	for i := 1; i <= 2; i++ {
+		c := dialEv(t, ln)
+		wantEvent(t, events, "greeted", "", "the greeting")
+		wantEvent(t, events, "closed", "", "the idle pre-connection dropped")
+		time.Sleep(20 * time.Millisecond) // its FIN on its way
+		c.Write([]byte(earlyRequest))
+		wantEvent(t, events, "greeted", "", "a fresh connection's greeting")
+		wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
+		readEcho(t, c, earlyRequest)
+		c.Close()
+		wantIn(t, waitLines(t, logs, i), "upstream=socks", "target=early.test:80", `error=""`)
+		obs.waitCounts(t, 0, i)
+		if !u.Up() {
+			t.Fatalf("connection %d: the upstream was benched because a client kept its pre-connection waiting", i)
+		}
+	}
+	if n := len(groupLog.Lines("upstream down")); n != 0 {
+		t.Errorf("%d upstream-down lines: %s", n, groupLog)
+	}
+	waitActive(t, u, 0)
 }
