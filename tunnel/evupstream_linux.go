@@ -161,7 +161,11 @@ func (e *evConn) upRead() {
 				e.upRequest()
 				continue
 			}
-			return // the target is not known yet
+			// The target is not known yet: the connection waits as long
+			// as the sniff does; the request gets a dial timeout of its
+			// own (as Preconnect and Pending.Dial have each theirs).
+			e.lp.l.Stop(e.timer)
+			return
 		}
 		// Whatever follows the reply is the server's: Feed says where it
 		// starts, so reading more than Need is safe.
@@ -207,6 +211,10 @@ func (e *evConn) upRead() {
 func (e *evConn) upRequest() {
 	t, up := e.lp.t, e.up
 	up.requested = true
+	if up.pre { // a fresh dial timeout, as Pending.Dial has
+		e.lp.l.Stop(e.timer)
+		e.timer = e.lp.l.AfterFunc(t.dialTimeout(), e.upTimedOut)
+	}
 	up.target = t.proxyTarget(context.Background(), e.route.Name, e.c.peer.Addr(), e.dst, e.sn.found)
 	req, err := up.h.Request(e.upBuf(), up.target)
 	if err != nil {
