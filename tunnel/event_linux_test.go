@@ -889,3 +889,30 @@ func TestEvPreconnectDroppedWhileSilent(t *testing.T) {
 	}
 	waitActive(t, u, 0)
 }
+
+// A prepared pre-connection waits for the client as long as the sniff
+// does: the dial timeout bounds the connect and the handshake, not the
+// client's silence; the upstream is not blamed for it.
+func TestEvPreconnectOutlivesDialTimeout(t *testing.T) {
+	addr, events := socksStaged(t, 0)
+	u := socksUpstream("socks", addr)
+	groupLog := &testkit.LogBuffer{}
+	group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{u}, Log: slog.New(slog.NewTextHandler(groupLog, nil))}
+	obs := &preconnObserver{countingObserver: newCountingObserver()}
+	tun := &Tunnel{DialTimeout: 200 * time.Millisecond, Sniff: SniffOptions{Timeout: 5 * time.Second}, Observer: obs}
+	tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: Override}})
+	ln, logs := evTunnel(t, netip.MustParseAddrPort("198.18.2.2:80"), tun)
+
+	c := dialEv(t, ln)
+	wantEvent(t, events, "greeted", "", "the greeting")
+	noEvent(t, events, 500*time.Millisecond) // the client is silent past the dial timeout
+	c.Write([]byte(earlyRequest))
+	wantEvent(t, events, "request", "early.test:80", "a request for early.test:80 on the pre-connection")
+	readEcho(t, c, earlyRequest)
+	c.Close()
+	wantIn(t, waitLines(t, logs, 1), "upstream=socks", "target=early.test:80", `error=""`)
+	obs.waitCounts(t, 1, 0)
+	if !u.Up() || len(groupLog.Lines("upstream down")) != 0 {
+		t.Errorf("the upstream was blamed for a client's silence: %s", groupLog)
+	}
+}
