@@ -916,3 +916,71 @@ func TestEvPreconnectOutlivesDialTimeout(t *testing.T) {
 		t.Errorf("the upstream was blamed for a client's silence: %s", groupLog)
 	}
 }
+
+// Out of descriptors, a loop's accept fails: it says so, pauses (the
+// listener stays readable, and trying again at once would spin), and
+// takes the connection once descriptors are free again.
+func TestEvAcceptFailsThenRecovers(t *testing.T) {
+	dst, _ := testkit.EchoServer(t)
+	ln, logs := evTunnel(t, dst, &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}})
+
+	// The client's socket exists before descriptors run out.
+	cfd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	restore := func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			t.Error(err)
+		}
+	}
+	low := lim
+	low.Cur = uint64(cfd + 16)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low); err != nil {
+		syscall.Close(cfd)
+		t.Fatal(err)
+	}
+	var fill []int
+	for range 64 { // every free number below the limit
+		fd, err := syscall.Dup(cfd)
+		if err != nil {
+			break
+		}
+		fill = append(fill, fd)
+	}
+	freed := false
+	free := func() {
+		if !freed {
+			freed = true
+			for _, fd := range fill {
+				syscall.Close(fd)
+			}
+			restore()
+		}
+	}
+	defer free()
+	sa := &syscall.SockaddrInet4{Port: ln.Addr().(*net.TCPAddr).Port, Addr: [4]byte{127, 0, 0, 1}}
+	if err := syscall.Connect(cfd, sa); err != nil { // into the backlog
+		syscall.Close(cfd)
+		t.Fatal(err)
+	}
+	logs.WaitFor(t, "accept failed; retrying")
+	free()
+	f := os.NewFile(uintptr(cfd), "client")
+	fc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := fc.(*net.TCPConn)
+	defer c.Close()
+	c.Write([]byte(earlyRequest))
+	readEcho(t, c, earlyRequest)
+	c.Close()
+	wantIn(t, waitLines(t, logs, 1), "host=early.test", "route=direct", `error=""`)
+	wantIn(t, logs.String(), "too many open files")
+}
