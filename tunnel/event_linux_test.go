@@ -984,3 +984,64 @@ func TestEvAcceptFailsThenRecovers(t *testing.T) {
 	wantIn(t, waitLines(t, logs, 1), "host=early.test", "route=direct", `error=""`)
 	wantIn(t, logs.String(), "too many open files")
 }
+
+// connectProxy is an HTTP CONNECT proxy that answers with its reply head
+// and, in the same write, the destination's greeting (a server that speaks
+// first, as SMTP's), then echoes; targets hears what each CONNECT asked.
+func connectProxy(t *testing.T, greeting string) (addr string, targets <-chan string) {
+	t.Helper()
+	ch := make(chan string, 8)
+	ap, _ := testkit.Server(t, func(c *net.TCPConn) {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		var head []byte
+		b := make([]byte, 1)
+		for !bytes.HasSuffix(head, []byte("\r\n\r\n")) {
+			if _, err := c.Read(b); err != nil {
+				return
+			}
+			head = append(head, b[0])
+		}
+		line, _, _ := strings.Cut(string(head), "\r\n")
+		f := strings.Fields(line)
+		if len(f) != 3 || f[0] != "CONNECT" {
+			c.Write([]byte("HTTP/1.1 400 Bad Request\r\n\r\n"))
+			return
+		}
+		ch <- f[1]
+		c.SetReadDeadline(time.Time{})
+		c.Write([]byte("HTTP/1.1 200 Connection established\r\n\r\n" + greeting))
+		io.Copy(c, c)
+	})
+	return ap.String(), ch
+}
+
+// Through an HTTP CONNECT upstream on the loops: the destination's bytes
+// that came with the proxy's reply reach the client first, then bytes
+// cross both ways; the CONNECT named the sniffed host.
+func TestEvHTTPConnectServerBytesWithReply(t *testing.T) {
+	const greeting = "220 hello\r\n"
+	addr, targets := connectProxy(t, greeting)
+	u := &upstream.Upstream{Name: "http", Dialer: &upstream.HTTPConnect{Proxy: addr}}
+	group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{u}}
+	ln, _, logs := stagedTunnel(t, group, Override)
+
+	c := dialEv(t, ln)
+	c.Write([]byte(earlyRequest))
+	select {
+	case got := <-targets:
+		if got != "early.test:80" {
+			t.Fatalf("CONNECT %s, want early.test:80", got)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the proxy got no CONNECT within 5s")
+	}
+	readBanner(t, c, greeting+earlyRequest)
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+		t.Fatalf("after the client's FIN: %q, %v; want EOF", b, err)
+	}
+	wantIn(t, waitLines(t, logs, 1), "upstream=http", "target=early.test:80",
+		fmt.Sprintf("up=%d", len(earlyRequest)), fmt.Sprintf("down=%d", len(greeting)+len(earlyRequest)), `error=""`)
+	waitActive(t, u, 0)
+}
