@@ -212,3 +212,81 @@ func TestPairWatch(t *testing.T) {
 		}
 	}
 }
+
+// pipesAfter frees r's kit on its loop (after the relay ended) and returns
+// how many pipes e still counts: none, unless one leaked.
+func pipesAfter(t *testing.T, e *Engine, r *pairRun) int64 {
+	t.Helper()
+	done := make(chan struct{})
+	r.l.Post(func() { r.p.kit.Free(); close(done) })
+	<-done
+	return e.Stats().Pipes
+}
+
+// Destinations that do not read for a while: what cannot be written waits
+// (in a buffer, or in a pipe once bulk), nothing is lost or reordered, and
+// a direction that has more than its share of one round goes on after the
+// others had theirs. No pipe is left behind.
+func TestPairSlowReaders(t *testing.T) {
+	e := testEngine(t)
+	client, server, r := startPair(t, e, []byte("first:"), nil)
+	up, down := randomBytes(8<<20, 6), randomBytes(6<<20, 7)
+	go func() { client.Write(up); client.CloseWrite() }()
+	go func() { server.Write(down); server.CloseWrite() }()
+	time.Sleep(200 * time.Millisecond) // both ways fill up
+	gotDown := make(chan []byte, 1)
+	go func() {
+		client.SetReadDeadline(time.Now().Add(20 * time.Second))
+		b, _ := io.ReadAll(client)
+		gotDown <- b
+	}()
+	server.SetReadDeadline(time.Now().Add(20 * time.Second))
+	gotUp, err := io.ReadAll(server)
+	if err != nil || !bytes.Equal(gotUp, append([]byte("first:"), up...)) {
+		t.Fatalf("server got %d bytes (%v), want the %d sent after the first 6, in order", len(gotUp), err, len(up))
+	}
+	if b := <-gotDown; !bytes.Equal(b, down) {
+		t.Fatalf("client got %d bytes, want the %d sent, in order", len(b), len(down))
+	}
+	res := r.wait(t)
+	if res.err != nil || res.up != int64(len(up)+6) || res.down != int64(len(down)) {
+		t.Fatalf("relay = up %d down %d err %v", res.up, res.down, res.err)
+	}
+	if n := pipesAfter(t, e, r); n != 0 {
+		t.Errorf("%d pipes open after the relay ended and its kit was freed", n)
+	}
+}
+
+// A relay aborted while bytes wait for a destination that does not read
+// resets both sides, and closes the pipe that held them.
+func TestPairAbortWithBytesWaiting(t *testing.T) {
+	e := testEngine(t)
+	client, server, r := startPair(t, e, nil, nil)
+	go client.Write(randomBytes(8<<20, 8)) // more than the socket buffers hold
+	time.Sleep(200 * time.Millisecond)
+	if n := e.Stats().Pipes; n == 0 {
+		t.Fatal("no pipe holds the bytes waiting for the server")
+	}
+	aborted := make(chan struct{})
+	r.l.Post(func() {
+		r.over = true
+		r.l.Remove(r.toks[0])
+		r.l.Remove(r.toks[1])
+		r.p.Abort(errors.New("cut"), true)
+		r.p.Close()
+		close(aborted)
+	})
+	<-aborted
+	for name, c := range map[string]*net.TCPConn{"client": client, "server": server} {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.Copy(io.Discard, c); !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("%s after the abort: %v, want a reset", name, err)
+		}
+	}
+	if n := pipesAfter(t, e, r); n != 0 {
+		t.Errorf("%d pipes open after the relay was aborted and its kit freed", n)
+	}
+	if n := e.Stats().Relays; n != 0 {
+		t.Errorf("%d relays counted after the abort", n)
+	}
+}
