@@ -33,6 +33,7 @@ unit:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./cmd/... ./internal/... ./ports/... ./redirect/... ./sniff/... ./tunnel/...
+	DETOUR_TEST_GOROUTINES=1 $(GO) test -race -count=1 ./tunnel/
 
 # Each fuzz target (package:target) for FUZZEXECS executions; the seed
 # corpora (sniff/testdata, tunnel/proxyport/testdata, internal/socksudp/testdata,

@@ -22,33 +22,29 @@ import (
 )
 
 // The transparent data path on the event loops (event_linux.go,
-// evconn_linux.go), driven through Serve with a listener that hands out
-// bare descriptors, as *redirect.Listener does: every test checks that
-// the loops served it, and that goroutines and descriptors are back where
-// they were once the tunnel is shut down.
-
-// descFake is a fakeListener the event loops can serve: its connections
-// "were going" to dst, or fail OriginalDstFD with err.
-type descFake struct{ *fakeListener }
-
-func (d *descFake) OriginalDstFD(int, netip.AddrPort) (netip.AddrPort, error) { return d.dst, d.err }
+// evconn_linux.go, evupstream_linux.go), driven through Serve with a
+// listener that hands out bare descriptors (fakeListener), as
+// *redirect.Listener does: every test checks that the loops served it, and
+// that goroutines and descriptors are back where they were once the tunnel
+// is shut down. (The package's other tests run on the loops too, and on
+// goroutines with DETOUR_TEST_GOROUTINES=1.)
 
 // evTunnel serves connections to dst with tun on the event loops. Its
 // cleanup shuts the tunnel down, then checks that the goroutines and
 // descriptors the test started with are all that is left.
-func evTunnel(t *testing.T, dst netip.AddrPort, tun *Tunnel) (*descFake, *testkit.LogBuffer) {
+func evTunnel(t *testing.T, dst netip.AddrPort, tun *Tunnel) (*fakeListener, *testkit.LogBuffer) {
 	t.Helper()
 	return evTunnelErr(t, dst, nil, tun)
 }
 
 // evTunnelErr is evTunnel with a listener whose OriginalDstFD fails with
 // err, if not nil.
-func evTunnelErr(t *testing.T, dst netip.AddrPort, err error, tun *Tunnel) (*descFake, *testkit.LogBuffer) {
+func evTunnelErr(t *testing.T, dst netip.AddrPort, err error, tun *Tunnel) (*fakeListener, *testkit.LogBuffer) {
 	t.Helper()
 	checkFDs(t)
 	testkit.CheckGoroutines(t)
-	ln := &descFake{newFakeListener(t, dst, err)}
-	logs := startTunnel(t, ln, tun)
+	ln := newFakeListener(t, dst, err)
+	logs := serveTunnel(t, ln, tun) // on the loops, whatever DETOUR_TEST_GOROUTINES says
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		tun.mu.Lock()
@@ -112,13 +108,13 @@ func countFDs(t *testing.T) int {
 	return len(ents)
 }
 
-func dialEv(t *testing.T, ln *descFake) *net.TCPConn {
+func dialEv(t *testing.T, ln *fakeListener) *net.TCPConn {
 	t.Helper()
-	return dialTunnel(t, ln.fakeListener)
+	return dialTunnel(t, ln)
 }
 
 // dialEvFrom connects from the loopback address ip.
-func dialEvFrom(t *testing.T, ln *descFake, ip string) (*net.TCPConn, error) {
+func dialEvFrom(t *testing.T, ln *fakeListener, ip string) (*net.TCPConn, error) {
 	t.Helper()
 	c, err := net.DialTCP("tcp", &net.TCPAddr{IP: net.ParseIP(ip)}, ln.Addr().(*net.TCPAddr))
 	if err == nil {
@@ -497,7 +493,7 @@ func TestEvMaxConnsEvictsAcrossLoops(t *testing.T) {
 
 // staged returns a tunnel on the loops whose every connection (to
 // 198.18.2.2:80, never dialled) goes through group, and the access log.
-func stagedTunnel(t *testing.T, group *upstream.Group, mode NameMode) (*descFake, *Tunnel, *testkit.LogBuffer) {
+func stagedTunnel(t *testing.T, group *upstream.Group, mode NameMode) (*fakeListener, *Tunnel, *testkit.LogBuffer) {
 	t.Helper()
 	tun := &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}}
 	tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: mode}})

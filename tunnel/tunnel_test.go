@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -21,7 +22,10 @@ import (
 )
 
 // fakeListener is a loopback listener whose every connection "was going" to
-// dst, or fails OriginalDst with err.
+// dst, or fails OriginalDst with err. Like *redirect.Listener it hands out
+// bare descriptors too (OriginalDstFD), so Serve serves it on the event
+// loops; with DETOUR_TEST_GOROUTINES=1 in the environment startTunnel
+// serves it on goroutines instead (make unit runs the package both ways).
 type fakeListener struct {
 	*net.TCPListener
 	dst netip.AddrPort
@@ -31,6 +35,15 @@ type fakeListener struct {
 func (f *fakeListener) Accept() (*net.TCPConn, error) { return f.AcceptTCP() }
 
 func (f *fakeListener) OriginalDst(*net.TCPConn) (netip.AddrPort, error) { return f.dst, f.err }
+
+func (f *fakeListener) OriginalDstFD(int, netip.AddrPort) (netip.AddrPort, error) {
+	return f.dst, f.err
+}
+
+// onGoroutines: startTunnel serves every connection on goroutines of its
+// own (Tunnel.NoEventLoops), the data path of listeners without bare
+// descriptors and of the proxy port.
+var onGoroutines = os.Getenv("DETOUR_TEST_GOROUTINES") == "1"
 
 func newFakeListener(t *testing.T, dst netip.AddrPort, err error) *fakeListener {
 	t.Helper()
@@ -43,6 +56,15 @@ func newFakeListener(t *testing.T, dst netip.AddrPort, err error) *fakeListener 
 }
 
 func startTunnel(t *testing.T, ln Listener, tun *Tunnel) *testkit.LogBuffer {
+	t.Helper()
+	if onGoroutines {
+		tun.NoEventLoops = true
+	}
+	return serveTunnel(t, ln, tun)
+}
+
+// serveTunnel is startTunnel on the path tun says.
+func serveTunnel(t *testing.T, ln Listener, tun *Tunnel) *testkit.LogBuffer {
 	t.Helper()
 	logs := &testkit.LogBuffer{}
 	tun.Log = slog.New(slog.NewTextHandler(logs, nil))
