@@ -1041,3 +1041,58 @@ func TestEvHTTPConnectServerBytesWithReply(t *testing.T) {
 		fmt.Sprintf("up=%d", len(earlyRequest)), fmt.Sprintf("down=%d", len(greeting)+len(earlyRequest)), `error=""`)
 	waitActive(t, u, 0)
 }
+
+// IPv6 on the loops: a client and a destination on ::1, and an IPv4 client
+// accepted by a dual-stack listener (its address unmapped in the access
+// line).
+func TestEvIPv6(t *testing.T) {
+	ln6, err := net.ListenTCP("tcp6", &net.TCPAddr{IP: net.IPv6loopback})
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	ln6.Close()
+	for _, tc := range []struct {
+		name           string
+		listen, client net.IP
+		wantClient     string
+	}{
+		{"v6", net.IPv6loopback, net.IPv6loopback, "[::1]:"},
+		{"v4 on a dual-stack listener", net.IPv6unspecified, net.IPv4(127, 0, 0, 1), "127.0.0.1:"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkFDs(t)
+			testkit.CheckGoroutines(t)
+			dl, err := net.ListenTCP("tcp6", &net.TCPAddr{IP: net.IPv6loopback})
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst := dl.Addr().(*net.TCPAddr).AddrPort()
+			go func() {
+				for {
+					c, err := dl.AcceptTCP()
+					if err != nil {
+						return
+					}
+					go func() { io.Copy(c, c); c.Close() }()
+				}
+			}()
+			defer dl.Close()
+			l, err := net.ListenTCP("tcp", &net.TCPAddr{IP: tc.listen})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln := &fakeListener{TCPListener: l, dst: dst}
+			t.Cleanup(func() { l.Close() })
+			logs := serveTunnel(t, ln, &Tunnel{Sniff: SniffOptions{Timeout: 10 * time.Second}})
+			c, err := net.DialTCP("tcp", nil, &net.TCPAddr{IP: tc.client, Port: l.Addr().(*net.TCPAddr).Port})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.Write([]byte(earlyRequest))
+			readEcho(t, c, earlyRequest)
+			c.Close()
+			wantIn(t, waitLines(t, logs, 1), "client="+tc.wantClient, "dst="+dst.String(), "host=early.test", "route=direct", `error=""`)
+		})
+	}
+}
