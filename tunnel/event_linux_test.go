@@ -1096,3 +1096,111 @@ func TestEvIPv6(t *testing.T) {
 		})
 	}
 }
+
+// socksAnswering is a SOCKS5 server (no authentication) that answers every
+// CONNECT with reply code rep and closes; requests hears each target.
+func socksAnswering(t *testing.T, rep byte) (addr string, requests <-chan string) {
+	t.Helper()
+	ch := make(chan string, 8)
+	ap, _ := testkit.Server(t, func(c *net.TCPConn) {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		hello := make([]byte, 3)
+		if _, err := io.ReadFull(c, hello); err != nil {
+			return
+		}
+		c.Write([]byte{5, 0})
+		head := make([]byte, 1)
+		if _, err := io.ReadFull(c, head); err != nil {
+			return
+		}
+		target, err := socksRequestRest(c, head[0])
+		if err != nil {
+			return
+		}
+		ch <- target
+		c.Write([]byte{5, rep, 0, 1, 0, 0, 0, 0, 0, 0})
+	})
+	return ap.String(), ch
+}
+
+// The upstream says the destination refused: the search ends there (the
+// next upstream would hear the same), nobody is benched, the client is
+// reset and the access line has the proxy's answer.
+func TestEvUpstreamTargetRefused(t *testing.T) {
+	for _, pre := range []bool{true, false} {
+		t.Run(map[bool]string{true: "preconnected", false: "after the sniff"}[pre], func(t *testing.T) {
+			first, reqs := socksAnswering(t, 5) // connection refused
+			second, reqs2 := socksAnswering(t, 0)
+			u1, u2 := socksUpstream("first", first), socksUpstream("second", second)
+			group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{u1, u2}, Log: slog.New(slog.DiscardHandler)}
+			if !pre {
+				group.Strategy, group.Key = &upstream.ConsistentHash{}, upstream.HashHost
+			}
+			ln, _, logs := stagedTunnel(t, group, Override)
+			// With the host hashed, names until one lands on the first.
+			for i := 1; ; i++ {
+				if i > 16 {
+					t.Fatal("no name was hashed to the first upstream in 16")
+				}
+				host := fmt.Sprintf("h%d.test", i)
+				c := dialEv(t, ln)
+				c.Write([]byte("GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n"))
+				var got string
+				select {
+				case got = <-reqs:
+				case got = <-reqs2: // hashed to the second: it closes after its reply
+					c.SetReadDeadline(time.Now().Add(5 * time.Second))
+					io.Copy(io.Discard, c)
+					continue
+				case <-time.After(5 * time.Second):
+					t.Fatal("no upstream got a request within 5s")
+				}
+				if got != host+":80" {
+					t.Fatalf("the first upstream was asked for %s, want %s:80", got, host)
+				}
+				wantReset(t, c, "a client whose destination refused")
+				line := waitLines(t, logs, i)
+				wantIn(t, line, "upstream=first", "target="+host+":80", "connection refused")
+				select {
+				case r := <-reqs2:
+					t.Fatalf("the second upstream was asked for %s after a target failure", r)
+				case <-time.After(100 * time.Millisecond):
+				}
+				break
+			}
+			if !u1.Up() || !u2.Up() {
+				t.Error("an upstream was benched for a destination's refusal")
+			}
+			waitActive(t, u1, 0)
+			waitActive(t, u2, 0)
+		})
+	}
+}
+
+// A proxy whose connect hangs is given up after half the dial timeout: the
+// next upstream carries the connection, with the name, and the silent one
+// is benched.
+func TestEvUpstreamConnectTimesOut(t *testing.T) {
+	hole := blackhole(t)
+	addr, events := socksStaged(t, 0)
+	dead, live := socksUpstream("hole", hole.String()), socksUpstream("live", addr)
+	group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{dead, live}, Log: slog.New(slog.DiscardHandler)}
+	tun := &Tunnel{DialTimeout: 400 * time.Millisecond, Sniff: SniffOptions{Timeout: 10 * time.Second}}
+	tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: Override}})
+	ln, logs := evTunnel(t, netip.MustParseAddrPort("198.18.2.2:80"), tun)
+
+	start := time.Now()
+	c := dialEv(t, ln)
+	wantEvent(t, events, "greeted", "", "the second upstream's greeting")
+	if took := time.Since(start); took < 200*time.Millisecond {
+		t.Errorf("the second upstream was greeted %v in, before the first's connect timed out", took)
+	}
+	c.Write([]byte(earlyRequest))
+	wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
+	readEcho(t, c, earlyRequest)
+	c.Close()
+	wantIn(t, waitLines(t, logs, 1), "upstream=live", "target=early.test:80", `error=""`)
+	if dead.Up() {
+		t.Error("the upstream whose connect hung is still up")
+	}
+}
