@@ -1148,7 +1148,7 @@ func TestEvUpstreamTargetRefused(t *testing.T) {
 				var got string
 				select {
 				case got = <-reqs:
-				case got = <-reqs2: // hashed to the second: it closes after its reply
+				case <-reqs2: // hashed to the second: it closes after its reply
 					c.SetReadDeadline(time.Now().Add(5 * time.Second))
 					io.Copy(io.Discard, c)
 					continue
