@@ -290,3 +290,26 @@ func TestPairAbortWithBytesWaiting(t *testing.T) {
 		t.Errorf("%d relays counted after the abort", n)
 	}
 }
+
+// A Kit keeps the pipes its Pairs gave back for the next ones, and Trim
+// closes them once none was taken again since the last Trim.
+func TestKitTrim(t *testing.T) {
+	e := testEngine(t)
+	k := e.NewKit()
+	defer k.Free()
+	p := k.getPipe()
+	if p.buf != nil {
+		t.Skip("no pipes to be had")
+	}
+	k.putPipe(p)
+	if k.Spares() != 1 || e.Stats().Pipes != 1 {
+		t.Fatalf("spares %d, pipes %d after one was given back; want 1, 1", k.Spares(), e.Stats().Pipes)
+	}
+	k.putPipe(k.getPipe()) // taken again: kept by the next Trim
+	if !k.Trim() || k.Spares() != 1 {
+		t.Fatalf("Trim after a spare was taken: spares %d, want the pipe kept", k.Spares())
+	}
+	if k.Trim() || k.Spares() != 0 || e.Stats().Pipes != 0 {
+		t.Fatalf("Trim with nothing taken since: spares %d, pipes %d; want all closed", k.Spares(), e.Stats().Pipes)
+	}
+}
