@@ -188,6 +188,9 @@ func (e *evConn) upRead() {
 			e.upBroken(up.h.ReadError(err))
 			return
 		}
+		if n < len(buf) {
+			e.can[1].ShortRead() // the next bytes bring an event
+		}
 		k, err := up.h.Feed(buf[:n])
 		if err != nil {
 			e.upTried(err)
@@ -201,8 +204,12 @@ func (e *evConn) upRead() {
 			return
 		}
 	}
-	if up.h.Prepared() && e.stage == evConnect && !up.requested {
+	switch {
+	case e.stage == evDone || e.up != up || !up.h.Prepared() || up.requested:
+	case e.stage == evConnect:
 		e.upRequest()
+	default:
+		e.lp.l.Stop(e.timer) // waiting for the target, as above
 	}
 }
 

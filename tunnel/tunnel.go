@@ -197,8 +197,12 @@ var ErrServerClosed = errors.New("tunnel: server closed")
 // everything direct.
 func (t *Tunnel) SetRouter(r *Router) { t.router.Store(r) }
 
-// Serve accepts connections from ln until ln is closed or Shutdown is called,
-// serving each in its own goroutine. It always returns a non-nil error.
+// Serve accepts connections from ln until Shutdown is called and serves
+// them. A listener that hands out bare descriptors (*redirect.Listener; see
+// descListener) is served on the Tunnel's event loops, which accept on a
+// descriptor of their own: closing ln does not stop them, Shutdown does.
+// Any other listener is served until it is closed or Shutdown is called,
+// each connection on a goroutine. It always returns a non-nil error.
 func (t *Tunnel) Serve(ln Listener) error {
 	if !t.track(ln) {
 		return ErrServerClosed
