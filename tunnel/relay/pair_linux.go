@@ -3,9 +3,8 @@ package relay
 import (
 	"fmt"
 	"os"
-	"syscall"
-	"unsafe"
 
+	"github.com/detour-proxy/detour/tunnel/evloop"
 	"golang.org/x/sys/unix"
 )
 
@@ -193,7 +192,7 @@ func (p *Pair) Close() {
 		p.flows[i].release(p.kit)
 	}
 	for _, fd := range p.fd {
-		closeFD(fd, p.reset)
+		evloop.Close(fd, p.reset)
 	}
 	p.kit.e.relays.Add(-1)
 }
@@ -251,7 +250,7 @@ func (p *Pair) fill(i int) bool {
 	if f.bulk {
 		return p.fillPipe(i)
 	}
-	n, err := rawRead(src, p.kit.scratch)
+	n, err := evloop.Read(src, p.kit.scratch)
 	switch {
 	case err == unix.EINTR:
 		return true
@@ -273,7 +272,7 @@ func (p *Pair) fill(i int) bool {
 	}
 	w := 0
 	if p.can[1-i]&CanWrite != 0 {
-		w, err = rawWrite(dst, p.kit.scratch[:n])
+		w, err = evloop.Write(dst, p.kit.scratch[:n])
 		switch {
 		case err == unix.EAGAIN:
 			p.can[1-i] &^= CanWrite
@@ -343,7 +342,7 @@ func (p *Pair) half(i int) {
 	if p.shut == 2 {
 		return
 	}
-	if err := shutdownWrite(p.fd[1-i]); err != nil && err != unix.ENOTCONN {
+	if err := evloop.ShutdownWrite(p.fd[1-i]); err != nil && err != unix.ENOTCONN {
 		p.fail(i, "shutdown", err)
 	}
 }
@@ -355,25 +354,6 @@ func (p *Pair) fail(i int, op string, err error) {
 	}
 	p.reset = true // an error mid-relay: neither side gets a clean end
 	p.err = fmt.Errorf("%s: %w", dirNames[i], os.NewSyscallError(op, err))
-}
-
-// closeFD closes fd, with a reset if reset (SO_LINGER 0). Like the relay's
-// other syscalls it is raw: closing a socket never waits.
-func closeFD(fd int, reset bool) {
-	if reset {
-		l := unix.Linger{Onoff: 1, Linger: 0}
-		syscall.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_LINGER, uintptr(unsafe.Pointer(&l)), unsafe.Sizeof(l), 0)
-	}
-	syscall.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0)
-}
-
-// shutdownWrite sends fd's peer a FIN.
-func shutdownWrite(fd int) error {
-	_, _, e := syscall.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), unix.SHUT_WR, 0)
-	if e != 0 {
-		return e
-	}
-	return nil
 }
 
 // stash keeps b (copied) as bytes waiting for dst.
@@ -397,7 +377,7 @@ func (f *flow) drain(dst int) (int, error) {
 		}
 		return n, err
 	}
-	n, err := rawWrite(dst, f.buf[f.off:f.off+f.n])
+	n, err := evloop.Write(dst, f.buf[f.off:f.off+f.n])
 	if err == nil {
 		f.off += n
 		f.n -= n

@@ -8,8 +8,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
-	"unsafe"
 
+	"github.com/detour-proxy/detour/tunnel/evloop"
 	"golang.org/x/sys/unix"
 )
 
@@ -383,7 +383,7 @@ func (p *pipe) fill(src int) (int, error) {
 	var n int
 	var err error
 	if p.buf != nil {
-		n, err = rawRead(src, p.buf)
+		n, err = evloop.Read(src, p.buf)
 		p.off = 0
 	} else {
 		n, err = rawSplice(src, p.w, pipeSize)
@@ -400,7 +400,7 @@ func (p *pipe) drain(dst int) (int, error) {
 	var n int
 	var err error
 	if p.buf != nil {
-		n, err = rawWrite(dst, p.buf[p.off:p.off+p.n])
+		n, err = evloop.Write(dst, p.buf[p.off:p.off+p.n])
 		p.off += max(n, 0)
 	} else {
 		n, err = rawSplice(p.r, dst, p.n)
@@ -412,26 +412,11 @@ func (p *pipe) drain(dst int) (int, error) {
 	return n, nil
 }
 
-// The relay's own syscalls are raw: on non-blocking descriptors they
-// return at once, so they skip the runtime's bookkeeping for a syscall that
-// may block (entersyscall, exitsyscall), and sysmon does not hand the
-// goroutine's P to another thread while the kernel runs TCP for a write.
-
-func rawRead(fd int, b []byte) (int, error) {
-	r, _, e := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
-	if e != 0 {
-		return 0, e
-	}
-	return int(r), nil
-}
-
-func rawWrite(fd int, b []byte) (int, error) {
-	r, _, e := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
-	if e != 0 {
-		return 0, e
-	}
-	return int(r), nil
-}
+// The relay's own syscalls are raw (evloop's, and rawSplice): on
+// non-blocking descriptors they return at once, so they skip the runtime's
+// bookkeeping for a syscall that may block (entersyscall, exitsyscall), and
+// sysmon does not hand the goroutine's P to another thread while the kernel
+// runs TCP for a write.
 
 func rawSplice(in, out, n int) (int, error) {
 	r, _, e := syscall.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
