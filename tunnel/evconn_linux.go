@@ -100,11 +100,12 @@ func (lp *eventLoop) serve(ln descListener, fd int, peer netip.AddrPort) {
 		e.fail(fmt.Errorf("client: %w", err))
 		return
 	}
-	if a, final := e.router.RouteByAddr(dst); final && a.Kind == ActionProxy && a.Group != nil && !loopable(a) {
+	a, final := e.router.RouteByAddr(dst)
+	if final && a.Kind == ActionProxy && a.Group != nil && !loopable(a) {
 		e.handOff(nil) // preconnect and sniff on a goroutine (tunnel.go)
 		return
 	}
-	e.startSniff()
+	e.startSniff(a, final)
 }
 
 // admitEv counts c as served, like dispatch: beyond MaxConns it is reset,
@@ -130,43 +131,40 @@ func (t *Tunnel) admitEv(c *conn) bool {
 
 func (h *evClient) Ready(ev uint32) {
 	e := (*evConn)(h)
-	switch e.stage {
-	case evSniff:
-		e.can[0] |= relay.CanFrom(ev)
-		e.readSniff()
-	case evConnect:
-		e.can[0] |= relay.CanFrom(ev)
-	case evRelay:
+	if e.stage == evRelay {
 		e.pair.Event(0, ev)
 		e.run()
+		return
+	}
+	e.can[0] |= relay.CanFrom(ev)
+	if e.stage == evSniff {
+		e.readSniff()
 	}
 }
 
 func (h *evServer) Ready(ev uint32) {
 	e := (*evConn)(h)
-	switch {
-	case e.stage == evRelay:
+	if e.stage == evRelay {
 		e.pair.Event(1, ev)
 		e.run()
-	case e.stage != evDone && e.up != nil:
-		e.can[1] |= relay.CanFrom(ev)
+		return
+	}
+	e.can[1] |= relay.CanFrom(ev)
+	switch {
+	case e.stage == evDone || e.connected:
+	case e.up != nil:
 		e.upReady(ev)
-	case e.stage != evDone && !e.connected:
-		e.can[1] |= relay.CanFrom(ev)
-		if ev&(syscall.EPOLLOUT|syscall.EPOLLERR|syscall.EPOLLHUP) != 0 {
-			e.connectDone(ev)
-		}
-	default:
-		e.can[1] |= relay.CanFrom(ev)
+	case ev&(syscall.EPOLLOUT|syscall.EPOLLERR|syscall.EPOLLHUP) != 0:
+		e.connectDone(ev)
 	}
 }
 
 // startSniff is stage 2, unless sniffing is off, the port is a
 // server-first one, dst is known to speak first, or too many connections
-// are being sniffed (the same choice as Tunnel.sniff). A route that is
-// direct whatever the client says is dialled at once, so the connect
-// overlaps the wait for the first bytes.
-func (e *evConn) startSniff() {
+// are being sniffed (the same choice as Tunnel.sniff). a and final are the
+// route by the address alone (Router.RouteByAddr): when final, the connect
+// starts at once and overlaps the wait for the first bytes.
+func (e *evConn) startSniff(a Action, final bool) {
 	t := e.lp.t
 	switch {
 	case t.Sniff.Disabled:
@@ -185,7 +183,7 @@ func (e *evConn) startSniff() {
 			timeout = sniff.DefaultTimeout
 		}
 		e.sniffTimer = e.lp.l.AfterFunc(timeout, e.sniffTimedOut)
-		if !e.connectEarly() {
+		if !e.connectEarly(a, final) {
 			return
 		}
 		e.readSniff()
@@ -199,17 +197,18 @@ func (e *evConn) startSniff() {
 }
 
 // connectEarly starts stage 4 before the sniff when the name cannot change
-// the route: a direct route is dialled; through an upstream group whose
-// pick cannot depend on the name, the proxy is connected and greeted (see
-// preconnect). It reports false when the connection is over.
-func (e *evConn) connectEarly() bool {
-	a, final := e.router.RouteByAddr(e.dst)
+// the route (final: a is the route): a direct route is dialled; through an
+// upstream group whose pick cannot depend on the name, the proxy is
+// connected and greeted (see preconnect; serve handed a group the loop
+// cannot carry to a goroutine). It reports false when the connection is
+// over.
+func (e *evConn) connectEarly(a Action, final bool) bool {
 	switch {
 	case !final:
 	case a.Kind == ActionDirect || a.Kind == ActionProxy && a.Group == nil:
 		e.route, e.routed = a, true
 		return e.dial()
-	case a.Kind == ActionProxy && a.Group.PicksWithoutName() && loopable(a):
+	case a.Kind == ActionProxy && a.Group.PicksWithoutName():
 		e.upStart(a, true)
 		return e.stage != evDone
 	}
