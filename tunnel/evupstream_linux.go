@@ -287,13 +287,18 @@ func (e *evConn) upBroken(err error) {
 
 // upTried ends the attempt through the current upstream with err: the
 // group's health rules say whether to try the next one.
-func (e *evConn) upTried(err error) {
+func (e *evConn) upTried(err error) { e.upEnded(err, true) }
+
+// upEnded ends the attempt through the current upstream with err; report
+// says whether err tells of the upstream (Group.Report then says whether
+// to try the next one), else the search ends without benching anyone.
+func (e *evConn) upEnded(err error, report bool) {
 	up := e.up
 	e.lp.l.Stop(e.timer)
 	e.closeServer(true)
 	up.tried = append(up.tried, up.u)
 	up.errs = append(up.errs, err)
-	if !up.g.Report(up.u, err) {
+	if !report || !up.g.Report(up.u, err) {
 		e.upFail(up.g.Failure(up.tried, up.errs, true))
 		return
 	}
@@ -305,16 +310,9 @@ func (e *evConn) upTimedOut() {
 	if up == nil || e.stage == evDone || e.connected {
 		return
 	}
-	err := fmt.Errorf("dial tcp %s: %w", e.upAddr(), errDialTimeout.Err)
-	if up.requested {
-		// The target may be slow: nobody is benched, the search ends.
-		e.closeServer(true)
-		up.tried = append(up.tried, up.u)
-		up.errs = append(up.errs, err)
-		e.upFail(up.g.Failure(up.tried, up.errs, true))
-		return
-	}
-	e.upTried(err)
+	// Waiting for the reply to the request, the target may be slow: that
+	// benches nobody.
+	e.upEnded(fmt.Errorf("dial tcp %s: %w", e.upAddr(), errDialTimeout.Err), !up.requested)
 }
 
 // upFail ends the connection: no upstream carried it.
