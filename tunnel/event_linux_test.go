@@ -1204,3 +1204,58 @@ func TestEvUpstreamConnectTimesOut(t *testing.T) {
 		t.Error("the upstream whose connect hung is still up")
 	}
 }
+
+// A proxy that accepts the connection but never answers the greeting is
+// benched once the dial timeout runs out, and the next upstream carries the
+// name; one that answers the greeting but never the request is not blamed
+// (the target may be slow): the search ends there, with a timeout in the
+// access line, and the next upstream is never asked.
+func TestEvUpstreamSilentProxy(t *testing.T) {
+	mute, _ := testkit.Server(t, func(c *net.TCPConn) { io.Copy(io.Discard, c) })
+	noReply, _ := testkit.Server(t, func(c *net.TCPConn) {
+		hello := make([]byte, 3)
+		if _, err := io.ReadFull(c, hello); err == nil {
+			c.Write([]byte{5, 0})
+			io.Copy(io.Discard, c) // the request is never answered
+		}
+	})
+	for _, tc := range []struct {
+		name     string
+		silent   netip.AddrPort
+		benched  bool
+		carrier  string
+		errWant  string
+		liveUsed bool
+	}{
+		{"no answer to the greeting", mute, true, "upstream=live", `error=""`, true},
+		{"no answer to the request", noReply, false, "upstream=silent", "i/o timeout", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr, events := socksStaged(t, 0)
+			silent, live := socksUpstream("silent", tc.silent.String()), socksUpstream("live", addr)
+			group := &upstream.Group{Name: "proxies", Upstreams: []*upstream.Upstream{silent, live}, Log: slog.New(slog.DiscardHandler)}
+			tun := &Tunnel{DialTimeout: 400 * time.Millisecond, Sniff: SniffOptions{Timeout: 10 * time.Second}}
+			tun.SetRouter(&Router{Default: Action{Kind: ActionProxy, Group: group, Name: Override}})
+			ln, logs := evTunnel(t, netip.MustParseAddrPort("198.18.2.2:80"), tun)
+
+			c := dialEv(t, ln)
+			c.Write([]byte(earlyRequest))
+			if tc.liveUsed {
+				wantEvent(t, events, "greeted", "", "the next upstream's greeting")
+				wantEvent(t, events, "request", "early.test:80", "a request for early.test:80")
+				readEcho(t, c, earlyRequest)
+			} else {
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if _, err := c.Read(make([]byte, 1)); err == nil {
+					t.Error("the client got bytes through a proxy that never answered the request")
+				}
+				noEvent(t, events, 100*time.Millisecond)
+			}
+			c.Close()
+			wantIn(t, waitLines(t, logs, 1), tc.carrier, tc.errWant)
+			if silent.Up() == tc.benched {
+				t.Errorf("silent upstream up = %v, want %v", silent.Up(), !tc.benched)
+			}
+		})
+	}
+}

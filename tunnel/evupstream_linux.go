@@ -143,8 +143,11 @@ func (e *evConn) upReady(ev uint32) {
 			// least-conn pick sees the pre-connections held open.
 			up.lease = up.g.Lease(up.u, nil)
 		}
+		// The greeting (and authentication) have the other half of this
+		// attempt's budget: a proxy that never answers is given up, and
+		// benched, without eating the next one's.
 		e.lp.l.Stop(e.timer)
-		e.timer = e.lp.l.AfterFunc(e.lp.t.dialTimeout()-e.lp.l.Now().Sub(up.start), e.upTimedOut)
+		e.timer = e.lp.l.AfterFunc(e.lp.t.dialTimeout()/2, e.upTimedOut)
 		if !e.upSend(up.h.Out(e.upBuf())) {
 			return
 		}
