@@ -57,6 +57,35 @@ func (l *logWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// appendLine lets fill append one whole line to the buffer, in place, under
+// the lock that guards it; fill reports false to add nothing (what it
+// appended is dropped), and appendLine reports what fill did.
+func (l *logWriter) appendLine(fill func(b []byte) ([]byte, bool)) bool {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		b, ok := fill(nil)
+		if ok {
+			l.Write(b)
+		}
+		return ok
+	}
+	n := len(l.buf)
+	b, ok := fill(l.buf)
+	if !ok {
+		l.buf = b[:n]
+		l.mu.Unlock()
+		return false
+	}
+	l.buf = b
+	full := len(b) >= logFlushAt
+	l.mu.Unlock()
+	if full {
+		l.flush()
+	}
+	return true
+}
+
 // flush writes out what is buffered.
 func (l *logWriter) flush() {
 	l.out.Lock()

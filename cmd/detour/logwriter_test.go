@@ -57,3 +57,24 @@ func TestLogWriterFlushesWhenFull(t *testing.T) {
 		t.Fatalf("%d bytes written after filling the buffer, want %d", len(got), logFlushAt)
 	}
 }
+
+func TestLogWriterAppendLine(t *testing.T) {
+	var out testkit.LogBuffer
+	l := newLogWriter(&out, time.Hour)
+	add := func(s string, keep bool) {
+		t.Helper()
+		if got := l.appendLine(func(b []byte) ([]byte, bool) { return append(b, s...), keep }); got != keep {
+			t.Fatalf("appendLine(%q) = %v, want %v", s, got, keep)
+		}
+	}
+	add("one\n", true)
+	add("dropped\n", false) // what fill appended before it gave up is gone
+	l.Write([]byte("two\n"))
+	add("three\n", true)
+	l.Close()
+	add("after close\n", true)
+	add("dropped after close\n", false)
+	if got, _ := out.Snapshot(); got != "one\ntwo\nthree\nafter close\n" {
+		t.Fatalf("wrote %q", got)
+	}
+}

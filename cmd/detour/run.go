@@ -328,11 +328,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 
 	logw := newLogWriter(stderr, logFlushEvery)
 	defer logw.Close()
-	var handler slog.Handler = slog.NewTextHandler(logw, nil)
-	if cfg.logFormat == "json" {
-		handler = slog.NewJSONHandler(logw, nil)
-	}
-	log := slog.New(handler)
+	log := slog.New(newFastHandler(logw, cfg.logFormat == "json"))
 
 	// No keepalive on outbound sockets: the idle timeout ends dead
 	// connections (and upstreams have their probe).
