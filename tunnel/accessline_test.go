@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"context"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -16,6 +17,28 @@ import (
 func BenchmarkAccessLine(b *testing.B) {
 	client, _ := testkit.TCPPair(b)
 	t := &Tunnel{Mode: "redirect", Log: slog.New(slog.NewJSONHandler(io.Discard, nil))}
+	info := &connInfo{start: time.Now(), peer: addrPort(client.RemoteAddr()), dst: netip.MustParseAddrPort("198.18.2.2:80"),
+		found: sniff.Result{Proto: sniff.HTTP, Host: "site.test"}, outcome: "found", sniffTook: time.Millisecond,
+		route: Action{Kind: ActionDirect}}
+	b.ReportAllocs()
+	for b.Loop() {
+		t.logConn(info, 100, 200, nil)
+	}
+}
+
+// nopHandler takes every record and writes nothing.
+type nopHandler struct{}
+
+func (nopHandler) Enabled(context.Context, slog.Level) bool  { return true }
+func (nopHandler) Handle(context.Context, slog.Record) error { return nil }
+func (h nopHandler) WithAttrs([]slog.Attr) slog.Handler      { return h }
+func (h nopHandler) WithGroup(string) slog.Handler           { return h }
+
+// BenchmarkAccessLineRecord is BenchmarkAccessLine without the handler's
+// work: what logConn costs before the line is written.
+func BenchmarkAccessLineRecord(b *testing.B) {
+	client, _ := testkit.TCPPair(b)
+	t := &Tunnel{Mode: "redirect", Log: slog.New(nopHandler{})}
 	info := &connInfo{start: time.Now(), peer: addrPort(client.RemoteAddr()), dst: netip.MustParseAddrPort("198.18.2.2:80"),
 		found: sniff.Result{Proto: sniff.HTTP, Host: "site.test"}, outcome: "found", sniffTook: time.Millisecond,
 		route: Action{Kind: ActionDirect}}

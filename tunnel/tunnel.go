@@ -661,15 +661,12 @@ func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 	if c.noRoute {
 		route = ""
 	}
-	dst := ""
-	if c.dst.Addr().IsValid() {
-		dst = c.dst.String()
-	}
-	// Room for every attribute the line may have: one allocation.
+	client, dst := lineAddrs(c)
+	// Room for every attribute the line may have, on the stack.
 	attrs := make([]slog.Attr, 0, 24)
 	attrs = append(attrs,
-		slog.String("client", c.peer.String()),
-		slog.String("dst", dst),
+		client,
+		dst,
 		slog.String("inbound", c.inbound.String()))
 	if c.inbound == Transparent {
 		attrs = append(attrs, slog.String("mode", t.Mode))
@@ -706,7 +703,37 @@ func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 		slog.Int64("down", down),
 		slog.Duration("duration", time.Since(c.start)),
 		slog.String("error", errString(err)))
-	t.log().LogAttrs(context.Background(), slog.LevelInfo, "conn", attrs...)
+	t.writeLine(attrs)
+}
+
+// lineAddrs are the access line's client and dst, as pointers to the
+// values: boxing a netip.AddrPort would copy it to the heap. Handlers print
+// them with MarshalText, which is String, or "" for an invalid dst; an
+// invalid client keeps String's "invalid AddrPort".
+func lineAddrs(c *connInfo) (client, dst slog.Attr) {
+	client = slog.Any("client", &c.peer)
+	if !c.peer.IsValid() {
+		client = slog.String("client", c.peer.String())
+	}
+	return client, slog.Any("dst", &c.dst)
+}
+
+// writeLine hands the access line to the log's handler.
+func (t *Tunnel) writeLine(attrs []slog.Attr) {
+	if t.Log == nil {
+		slog.Default().LogAttrs(context.Background(), slog.LevelInfo, "conn", attrs...)
+		return
+	}
+	// Straight to the handler: Logger would look up the caller's frames
+	// (runtime.Callers) for a source no handler of detour's prints.
+	ctx := context.Background()
+	h := t.Log.Handler()
+	if !h.Enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	r := slog.NewRecord(time.Now(), slog.LevelInfo, "conn", 0)
+	r.AddAttrs(attrs...)
+	h.Handle(ctx, r) // nowhere to report a failure to log
 }
 
 func (t *Tunnel) log() *slog.Logger {
