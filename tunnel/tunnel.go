@@ -118,6 +118,7 @@ type Tunnel struct {
 	nameWarns   warnLimiter  // "sniffed name does not resolve" lines
 	verify      verifyCache
 	once        sync.Once
+	lineAttrs   sync.Pool // *[lineMax]slog.Attr: access lines for a LineHandler
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
@@ -662,9 +663,13 @@ func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 		route = ""
 	}
 	client, dst := lineAddrs(c)
-	// Room for every attribute the line may have, on the stack.
-	attrs := make([]slog.Attr, 0, 24)
-	attrs = append(attrs,
+	// Room for every attribute the line may have: a LineHandler keeps
+	// the slice from the stack, so it comes from a pool.
+	room, _ := t.lineAttrs.Get().(*[lineMax]slog.Attr)
+	if room == nil {
+		room = new([lineMax]slog.Attr)
+	}
+	attrs := append(room[:0],
 		client,
 		dst,
 		slog.String("inbound", c.inbound.String()))
@@ -704,6 +709,19 @@ func (t *Tunnel) logConn(c *connInfo, up, down int64, err error) {
 		slog.Duration("duration", time.Since(c.start)),
 		slog.String("error", errString(err)))
 	t.writeLine(attrs)
+	*room = [lineMax]slog.Attr{} // holds on to nothing of c's
+	t.lineAttrs.Put(room)
+}
+
+// lineMax is the most attributes an access line has.
+const lineMax = 24
+
+// A LineHandler is a slog.Handler that also takes a record as its parts,
+// as cmd/detour's does; Tunnel gives it the access lines that way, since a
+// slog.Record copies the attributes past its fifth to the heap, hundreds
+// of bytes for each line. It must keep nothing of attrs.
+type LineHandler interface {
+	HandleAttrs(ctx context.Context, t time.Time, level slog.Level, msg string, attrs []slog.Attr) error
 }
 
 // lineAddrs are the access line's client and dst, as pointers to the
@@ -731,9 +749,14 @@ func (t *Tunnel) writeLine(attrs []slog.Attr) {
 	if !h.Enabled(ctx, slog.LevelInfo) {
 		return
 	}
+	// Nowhere to report a failure to log.
+	if lh, ok := h.(LineHandler); ok {
+		lh.HandleAttrs(ctx, time.Now(), slog.LevelInfo, "conn", attrs)
+		return
+	}
 	r := slog.NewRecord(time.Now(), slog.LevelInfo, "conn", 0)
 	r.AddAttrs(attrs...)
-	h.Handle(ctx, r) // nowhere to report a failure to log
+	h.Handle(ctx, r)
 }
 
 func (t *Tunnel) log() *slog.Logger {

@@ -8,6 +8,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/detour-proxy/detour/tunnel"
 )
 
 // fastHandler writes the records detour logs most, the access lines, the
@@ -23,6 +25,9 @@ type fastHandler struct {
 	json bool
 	std  slog.Handler
 }
+
+// Tunnel hands it the access lines as their parts, without a slog.Record.
+var _ tunnel.LineHandler = (*fastHandler)(nil)
 
 // newFastHandler logs to w as JSON or as text (key=value).
 func newFastHandler(w *logWriter, json bool) *fastHandler {
@@ -51,15 +56,55 @@ func (h *fastHandler) Handle(ctx context.Context, r slog.Record) error {
 	return h.std.Handle(ctx, r)
 }
 
+// HandleAttrs is Handle for a record given as its parts, which tunnel uses
+// for the access lines (tunnel.LineHandler): a slog.Record would copy the
+// attributes past its fifth to the heap. attrs are not kept.
+func (h *fastHandler) HandleAttrs(ctx context.Context, t time.Time, level slog.Level, msg string, attrs []slog.Attr) error {
+	if h.w.appendLine(func(b []byte) ([]byte, bool) { return h.appendParts(b, t, level, msg, attrs) }) {
+		return nil
+	}
+	r := slog.NewRecord(t, level, msg, 0)
+	r.AddAttrs(attrs...)
+	return h.std.Handle(ctx, r)
+}
+
 // appendRecord appends r as one line, or reports false when the standard
 // handler must write it (what it appended is then dropped).
 func (h *fastHandler) appendRecord(b []byte, r *slog.Record) ([]byte, bool) {
+	b, ok := h.appendHead(b, r.Time, r.Level, r.Message)
+	if !ok {
+		return b, false
+	}
+	r.Attrs(func(a slog.Attr) bool {
+		b, ok = h.appendAttr(b, a)
+		return ok
+	})
+	if !ok {
+		return b, false
+	}
+	return h.appendEnd(b), true
+}
+
+// appendParts is appendRecord for a record's parts.
+func (h *fastHandler) appendParts(b []byte, t time.Time, level slog.Level, msg string, attrs []slog.Attr) ([]byte, bool) {
+	b, ok := h.appendHead(b, t, level, msg)
+	for i := 0; ok && i < len(attrs); i++ {
+		b, ok = h.appendAttr(b, attrs[i])
+	}
+	if !ok {
+		return b, false
+	}
+	return h.appendEnd(b), true
+}
+
+// appendHead appends the time (unless zero), level and message.
+func (h *fastHandler) appendHead(b []byte, t time.Time, level slog.Level, msg string) ([]byte, bool) {
 	if h.json {
 		b = append(b, '{')
 	}
 	sep := false
-	if !r.Time.IsZero() {
-		t := r.Time.Round(0)
+	if !t.IsZero() {
+		t = t.Round(0)
 		if !yearFits(t) {
 			return b, false
 		}
@@ -68,21 +113,16 @@ func (h *fastHandler) appendRecord(b []byte, r *slog.Record) ([]byte, bool) {
 		sep = true
 	}
 	b = h.appendKey(b, slog.LevelKey, sep)
-	b = h.appendString(b, r.Level.String())
+	b = h.appendString(b, level.String())
 	b = h.appendKey(b, slog.MessageKey, true)
-	b = h.appendString(b, r.Message)
-	ok := true
-	r.Attrs(func(a slog.Attr) bool {
-		b, ok = h.appendAttr(b, a)
-		return ok
-	})
-	if !ok {
-		return b, false
-	}
+	return h.appendString(b, msg), true
+}
+
+func (h *fastHandler) appendEnd(b []byte) []byte {
 	if h.json {
 		b = append(b, '}')
 	}
-	return append(b, '\n'), true
+	return append(b, '\n')
 }
 
 // appendAttr appends ` key=value` or `,"key":value`.

@@ -27,11 +27,26 @@ func stdLine(t testing.TB, json bool, r slog.Record) string {
 	return buf.String()
 }
 
-// fastLine is what fastHandler appends for r itself, and whether it does.
-func fastLine(json bool, r slog.Record) (string, bool) {
+// fastLine is what fastHandler appends for r itself, and whether it does;
+// given as a Record or as its parts, it must be the same.
+func fastLine(t testing.TB, json bool, r slog.Record) (string, bool) {
+	t.Helper()
 	h := &fastHandler{json: json}
 	b, ok := h.appendRecord(nil, &r)
+	p, pok := h.appendParts(nil, r.Time, r.Level, r.Message, attrsOf(r))
+	if ok != pok || ok && string(b) != string(p) {
+		t.Fatalf("%s: the record gives %v %q, its parts %v %q", format(json), ok, b, pok, p)
+	}
 	return string(b), ok
+}
+
+func attrsOf(r slog.Record) []slog.Attr {
+	var as []slog.Attr
+	r.Attrs(func(a slog.Attr) bool {
+		as = append(as, a)
+		return true
+	})
+	return as
 }
 
 func format(json bool) string {
@@ -169,7 +184,7 @@ func TestFastHandlerMatchesStd(t *testing.T) {
 			t.Run(c.name+"/"+format(json), func(t *testing.T) {
 				r := c.rec()
 				want := stdLine(t, json, r)
-				got, ok := fastLine(json, r)
+				got, ok := fastLine(t, json, r)
 				wantFast := c.fast || (json && c.fastJ) || (!json && c.fastT)
 				if ok != wantFast {
 					t.Errorf("written by fastHandler: %v, want %v", ok, wantFast)
@@ -181,6 +196,15 @@ func TestFastHandlerMatchesStd(t *testing.T) {
 				// whichever handler writes them.
 				if through := handleAll(t, json, []slog.Record{r}, nil); through != want {
 					t.Errorf("through logWriter:\n%q\nstd:\n%q", through, want)
+				}
+				var buf bytes.Buffer
+				l := newLogWriter(&buf, time.Hour)
+				if err := newFastHandler(l, json).HandleAttrs(context.Background(), r.Time, r.Level, r.Message, attrsOf(r)); err != nil {
+					t.Fatalf("HandleAttrs: %v", err)
+				}
+				l.Close()
+				if buf.String() != want {
+					t.Errorf("HandleAttrs through logWriter:\n%q\nstd:\n%q", buf.String(), want)
 				}
 			})
 		}
@@ -259,6 +283,10 @@ func TestFastHandlerAllocs(t *testing.T) {
 		if n := testing.AllocsPerRun(100, func() { h.Handle(ctx, r) }); n != 0 {
 			t.Errorf("%s: %v allocations per access record, want 0", format(json), n)
 		}
+		as := attrsOf(r)
+		if n := testing.AllocsPerRun(100, func() { h.HandleAttrs(ctx, r.Time, r.Level, r.Message, as) }); n != 0 {
+			t.Errorf("%s: %v allocations per access line's parts, want 0", format(json), n)
+		}
 		l.Close()
 	}
 }
@@ -304,7 +332,7 @@ func FuzzFastHandler(f *testing.F) {
 		yearOK := func(t time.Time) bool { return t.IsZero() || (t.Year() >= 0 && t.Year() < 10000) }
 		for _, json := range []bool{false, true} {
 			want := stdLine(t, json, r)
-			got, ok := fastLine(json, r)
+			got, ok := fastLine(t, json, r)
 			if ok && got != want {
 				t.Fatalf("%s:\nfast %q\nstd  %q", format(json), got, want)
 			}
@@ -339,7 +367,8 @@ func FuzzFastHandler(f *testing.F) {
 // BenchmarkLogAccess is one access record to a logWriter that writes to
 // io.Discard: "logger" through slog.Logger.LogAttrs with the standard
 // handler (how tunnel logged before fastHandler), "record" a Record built
-// and handed to the handler as tunnel does now, "handle" only the handler's
+// and handed to the handler, "parts" the same without a Record (as tunnel
+// hands fastHandler the access lines), "handle" only the handler's
 // work on a record built once.
 func BenchmarkLogAccess(b *testing.B) {
 	client := netip.MustParseAddrPort("198.18.0.1:40000")
@@ -356,7 +385,10 @@ func BenchmarkLogAccess(b *testing.B) {
 	ctx := context.Background()
 	for _, json := range []bool{false, true} {
 		for _, fast := range []bool{false, true} {
-			for _, how := range []string{"logger", "record", "handle"} {
+			for _, how := range []string{"logger", "record", "parts", "handle"} {
+				if how == "parts" && !fast {
+					continue // the standard handlers take only Records
+				}
 				name := format(json) + "/std/" + how
 				if fast {
 					name = format(json) + "/fast/" + how
@@ -387,6 +419,10 @@ func BenchmarkLogAccess(b *testing.B) {
 								r := slog.NewRecord(time.Now(), slog.LevelInfo, "conn", 0)
 								r.AddAttrs(attrs(&as)...)
 								h.Handle(ctx, r)
+							}
+						case "parts":
+							if h.Enabled(ctx, slog.LevelInfo) {
+								h.(*fastHandler).HandleAttrs(ctx, time.Now(), slog.LevelInfo, "conn", attrs(&as))
 							}
 						default:
 							h.Handle(ctx, built)
