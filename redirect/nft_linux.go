@@ -92,7 +92,9 @@ func (o RuleOptions) nftRules() (nftTable, error) {
 	// matches, then the action; a rule per combination, as for iptables.
 	// own: the chains that see the gateway's own connections, which match
 	// no interface or source.
-	capture := func(comment string, own bool, head []expr.Any, action func(Family) []expr.Any) []nftRule {
+	// capture's rules: own, the gateway's own connections (no interface or
+	// source); syn, TCP's takes a connection's first packet only.
+	capture := func(comment string, own, syn bool, head []expr.Any, action func(Family) []expr.Any) []nftRule {
 		var out []nftRule
 		for _, f := range fams {
 			ifaces, srcs := orAny(o.Interfaces), orAnyPrefix(o.sourcePrefixes(f))
@@ -111,6 +113,9 @@ func (o RuleOptions) nftRules() (nftTable, error) {
 								e = cat(e, addrIn(f, srcAddr, src))
 							}
 							e = cat(e, l4proto(proto))
+							if syn && proto == "tcp" {
+								e = cat(e, tcpSYNOnly())
+							}
 							if pr.Lo != 0 {
 								e = cat(e, dport(pr))
 							}
@@ -127,11 +132,11 @@ func (o RuleOptions) nftRules() (nftTable, error) {
 	case Redirect:
 		chains := []nftChain{{Name: nftChainRedirect, Type: nftables.ChainTypeNAT, Hook: *nftables.ChainHookPrerouting,
 			Priority: *nftables.ChainPriorityNATDest,
-			Rules:    concatNFT(exempt, capture(commentCapture, false, nil, o.nftRedirect))}}
+			Rules:    concatNFT(exempt, capture(commentCapture, false, false, nil, o.nftRedirect))}}
 		if o.Output {
 			chains = append(chains, nftChain{Name: nftChainRedirectOutput, Type: nftables.ChainTypeNAT, Hook: *nftables.ChainHookOutput,
 				Priority: *nftables.ChainPriorityNATDest,
-				Rules:    concatNFT(exempt, capture(commentOutput, true, nil, o.nftRedirect))})
+				Rules:    concatNFT(exempt, capture(commentOutput, true, false, nil, o.nftRedirect))})
 		}
 		return nftTable{sets, chains}, nil
 	}
@@ -141,8 +146,16 @@ func (o RuleOptions) nftRules() (nftTable, error) {
 	established := nftRule{commentEstablished, cat(l4proto("tcp"), tcpNotSYN(), socketTransparent(),
 		markOr(o.TProxyMark), verdict(expr.VerdictReturn))}
 	// Every packet passes here, not only a connection's first: the replies
-	// of connections not captured must pass too.
+	// of connections not captured must pass too. TCP's capture takes SYNs
+	// only, which no reply is, so it needs no connection tracking (which
+	// a ct expression turns on for every packet forwarded); UDP and
+	// --output do (see ruleSet).
 	replies := nftRule{commentReply, cat(ctReply(), verdict(expr.VerdictReturn))}
+	var head []nftRule
+	head = append(head, established)
+	if o.UDP || o.Output {
+		head = append(head, replies)
+	}
 	tproxy := func(f Family) []expr.Any {
 		return cat(o.nftTProxy(f), markOr(o.TProxyMark), verdict(expr.VerdictAccept))
 	}
@@ -150,17 +163,17 @@ func (o RuleOptions) nftRules() (nftTable, error) {
 	if o.Output {
 		// The gateway's own connections, marked in output and rerouted to
 		// lo by the policy route, come back in here.
-		fromLo = capture(commentOutput, true, cat(iifname("lo"), markHas(o.TProxyMark)), tproxy)
+		fromLo = capture(commentOutput, true, false, cat(iifname("lo"), markHas(o.TProxyMark)), tproxy)
 	}
 	chains := []nftChain{{Name: nftChainTProxy, Type: nftables.ChainTypeFilter, Hook: *nftables.ChainHookPrerouting,
 		Priority: *nftables.ChainPriorityMangle,
-		Rules:    concatNFT([]nftRule{established, replies}, exempt, fromLo, capture(commentCapture, false, nil, tproxy))}}
+		Rules:    concatNFT(head, exempt, fromLo, capture(commentCapture, false, true, nil, tproxy))}}
 	if o.Output {
 		// A route chain: a changed mark routes the packet again.
 		mark := func(Family) []expr.Any { return markOr(o.TProxyMark) }
 		chains = append(chains, nftChain{Name: nftChainTProxyOutput, Type: nftables.ChainTypeRoute, Hook: *nftables.ChainHookOutput,
 			Priority: *nftables.ChainPriorityMangle,
-			Rules:    concatNFT([]nftRule{replies}, exempt, capture(commentOutput, true, nil, mark))})
+			Rules:    concatNFT([]nftRule{replies}, exempt, capture(commentOutput, true, false, nil, mark))})
 	}
 	return nftTable{sets, chains}, nil
 }
@@ -433,6 +446,15 @@ func tcpNotSYN() []expr.Any {
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpFIN | tcpSYN | tcpRST | tcpACK}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{tcpSYN}},
+	}
+}
+
+// tcpSYNOnly: tcp flags & (fin|syn|rst|ack) == syn
+func tcpSYNOnly() []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpFIN | tcpSYN | tcpRST | tcpACK}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{tcpSYN}},
 	}
 }
 

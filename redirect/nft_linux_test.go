@@ -87,7 +87,7 @@ func TestNFTTProxy(t *testing.T) {
 			`		meta nfproto ipv4 ip daddr @bypass4 return comment "detour:bypass"` + "\n" +
 			`		meta nfproto ipv6 ip6 daddr @bypass6 return comment "detour:bypass"` + "\n" +
 			`		meta nfproto ipv4 iifname "lo" meta mark & 0x00000400 == 0x00000400 meta l4proto tcp tproxy ip to :7777 meta mark set meta mark | 0x00000400 accept comment "detour:output"`,
-		`		meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :7777 meta mark set meta mark | 0x00000400 accept comment "detour:capture"`,
+		`		meta nfproto ipv6 meta l4proto tcp tcp flags & (fin | syn | rst | ack) syn tproxy ip6 to :7777 meta mark set meta mark | 0x00000400 accept comment "detour:capture"`,
 		"\tset bypass4 {\n\t\ttype ipv4_addr\n\t\tflags constant,interval\n\t\telements = { 192.168.0.0/16 }\n\t}\n",
 		"\tset bypass6 {\n\t\ttype ipv6_addr\n\t\tflags constant,interval\n\t\telements = { ::1 }\n\t}\n",
 		"\tchain mangle_output {\n\t\ttype route hook output priority mangle; policy accept;\n" +
@@ -106,7 +106,8 @@ func TestNFTTProxy(t *testing.T) {
 		Ports: []ports.Range{{Lo: 53, Hi: 53}}}
 	got = strings.Join(nftLines(t, o), "\n")
 	for _, w := range []string{
-		`		meta nfproto ipv4 meta l4proto tcp th dport 53 tproxy ip to 198.18.1.1:7777 meta mark set meta mark | 0x00000100 accept comment "detour:capture"`,
+		`		meta nfproto ipv4 meta l4proto tcp tcp flags & (fin | syn | rst | ack) syn th dport 53 tproxy ip to 198.18.1.1:7777 meta mark set meta mark | 0x00000100 accept comment "detour:capture"`,
+		`		ct direction reply return comment "detour:reply"`,
 		`		meta nfproto ipv4 meta l4proto udp th dport 53 tproxy ip to 198.18.1.1:7777 meta mark set meta mark | 0x00000100 accept comment "detour:capture"`,
 	} {
 		if !strings.Contains(got, w) {
@@ -115,6 +116,16 @@ func TestNFTTProxy(t *testing.T) {
 	}
 	if strings.Contains(got, "ipv6") {
 		t.Errorf("IPv6 captured for an IPv4 listener:\n%s", got)
+	}
+
+	// TCP alone: SYNs are captured, the rest comes in as established, and
+	// nothing turns connection tracking on.
+	got = strings.Join(nftLines(t, RuleOptions{Mode: TProxy, Port: 7777, Bypass: []netip.Prefix{}}), "\n")
+	if strings.Contains(got, "ct ") {
+		t.Errorf("TCP-only TPROXY rules use conntrack:\n%s", got)
+	}
+	if !strings.Contains(got, `meta l4proto tcp tcp flags & (fin | syn | rst | ack) syn tproxy ip to :7777`) {
+		t.Errorf("TCP capture does not take SYNs only:\n%s", got)
 	}
 }
 

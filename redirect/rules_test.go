@@ -61,15 +61,32 @@ func TestCommandsTProxy(t *testing.T) {
 	want := `iptables -t mangle -N DETOUR_TPROXY
 iptables -t mangle -A DETOUR_TPROXY -p tcp ! --syn -m socket --transparent -m comment --comment detour:established -j MARK --set-xmark 0x100/0x100
 iptables -t mangle -A DETOUR_TPROXY -p tcp ! --syn -m socket --transparent -m comment --comment detour:established -j RETURN
-iptables -t mangle -A DETOUR_TPROXY -m conntrack --ctdir REPLY -m comment --comment detour:reply -j RETURN
 iptables -t mangle -A DETOUR_TPROXY -m mark --mark 0x2d -m comment --comment detour:own-mark -j RETURN
 iptables -t mangle -A DETOUR_TPROXY -m addrtype --dst-type LOCAL -m comment --comment detour:local -j RETURN
-iptables -t mangle -A DETOUR_TPROXY -p tcp -m comment --comment detour:capture -j TPROXY --on-port 7777 --tproxy-mark 0x100/0x100
+iptables -t mangle -A DETOUR_TPROXY -p tcp --syn -m comment --comment detour:capture -j TPROXY --on-port 7777 --tproxy-mark 0x100/0x100
 ip rule add fwmark 0x100/0x100 lookup 100 proto 45
 ip route add local 0.0.0.0/0 dev lo table 100 proto 45
 iptables -t mangle -I PREROUTING 1 -p tcp -m comment --comment detour:jump -j DETOUR_TPROXY`
 	if got != want {
 		t.Errorf("commands:\n%s\nwant:\n%s", got, want)
+	}
+	// TCP alone needs no connection tracking: the capture takes SYNs (no
+	// reply is one), the rest of a connection comes in as established.
+	if strings.Contains(got, "conntrack") {
+		t.Errorf("TCP-only TPROXY rules use conntrack:\n%s", got)
+	}
+
+	// UDP has no SYN: replies of forwarded UDP are told apart by conntrack,
+	// and its capture takes every datagram.
+	got = commands(mustSets(t, RuleOptions{Mode: TProxy, Port: 7777, UDP: true, Bypass: []netip.Prefix{}, NoIPv6: true}))
+	for _, want := range []string{
+		"iptables -t mangle -A DETOUR_TPROXY -m conntrack --ctdir REPLY -m comment --comment detour:reply -j RETURN",
+		"iptables -t mangle -A DETOUR_TPROXY -p tcp --syn -m comment --comment detour:capture -j TPROXY",
+		"iptables -t mangle -A DETOUR_TPROXY -p udp -m comment --comment detour:capture -j TPROXY",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("UDP TPROXY commands lack %q:\n%s", want, got)
+		}
 	}
 }
 
@@ -239,7 +256,7 @@ func TestOutputTProxy(t *testing.T) {
 		"iptables -t mangle -A DETOUR_TPROXY_OUT -p tcp -m comment --comment detour:output -j MARK --set-xmark 0x100/0x100",
 		// Rerouted to lo, they come back in on lo whatever --interface says.
 		"iptables -t mangle -A DETOUR_TPROXY -i lo -p tcp -m mark --mark 0x100/0x100 -m comment --comment detour:output -j TPROXY --on-port 7777 --tproxy-mark 0x100/0x100",
-		"iptables -t mangle -A DETOUR_TPROXY -i lan0 -p tcp -m comment --comment detour:capture -j TPROXY",
+		"iptables -t mangle -A DETOUR_TPROXY -i lan0 -p tcp --syn -m comment --comment detour:capture -j TPROXY",
 		"iptables -t mangle -I OUTPUT 1 -p tcp -m comment --comment detour:jump -j DETOUR_TPROXY_OUT",
 	} {
 		if !strings.Contains(got, want) {
