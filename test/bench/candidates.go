@@ -47,13 +47,16 @@ var allCandidates = []candidate{
 	// what Go itself costs on this machine, next to what detour adds.
 	{Name: "go-minimal", kind: gominKind, Peer: gatewayIP},
 	{Name: "detour-redirect", kind: detourKind, args: []string{"--mode", "redirect"}, Peer: gatewayIP},
-	{Name: "detour-tproxy", kind: detourKind, args: []string{"--mode", "tproxy"}, Peer: gatewayIP},
+	// TPROXY candidates carry TCP only, as ipt2socks -T and the hand-written
+	// TPROXY rules do: with UDP on, detour's rules need connection tracking
+	// for every packet the gateway forwards (see README → Performance).
+	{Name: "detour-tproxy", kind: detourKind, args: []string{"--mode", "tproxy", "--udp=false"}, Peer: gatewayIP},
 	// HAProxy is the direct-path anchor: a C proxy that does the same
 	// accept, original destination (server 0.0.0.0:0 reads SO_ORIGINAL_DST),
 	// connect and splice, without sniffing.
 	{Name: "haproxy", kind: haproxyKind, Peer: gatewayIP},
 	{Name: "detour-socks5", kind: detourKind, args: []string{"--mode", "redirect", "--upstream", fmt.Sprintf("socks5://%s:%d", upstreamIP, socksPort)}, Peer: upstreamIP},
-	{Name: "detour-socks5-tproxy", kind: detourKind, args: []string{"--mode", "tproxy", "--upstream", fmt.Sprintf("socks5://%s:%d", upstreamIP, socksPort)}, Peer: upstreamIP},
+	{Name: "detour-socks5-tproxy", kind: detourKind, args: []string{"--mode", "tproxy", "--udp=false", "--upstream", fmt.Sprintf("socks5://%s:%d", upstreamIP, socksPort)}, Peer: upstreamIP},
 	{Name: "redsocks-socks5", kind: redsocksKind, Peer: upstreamIP},
 	// ipt2socks (C, libev, TPROXY) runs only when -ipt2socks names a
 	// binary built by hand: it is not a Debian package.
