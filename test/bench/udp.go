@@ -77,7 +77,7 @@ func (b *bench) udpCost(cands []candidate) error {
 		c := candidateNamed(name)
 		b.logf("udp: %s", name)
 		res := udpResult{Setup: name}
-		r, err := b.startCandidate(c, "--max-udp-sessions", "16384", "--udp-idle-timeout", "5s")
+		r, err := b.startCandidate(c, "--udp=true", "--max-udp-sessions", "16384", "--udp-idle-timeout", "5s") // the candidate is TCP only
 		if err == nil {
 			for _, rate := range udpRates {
 				var rr *udpRateResult
