@@ -107,7 +107,7 @@ func TestRulesDryRunNftables(t *testing.T) {
 		"--bypass", "none", "--ipv6=false", "--table", "7", "--ports", "443"},
 		"# firewall nftables (--firewall nftables)\n",
 		"table inet detour {\n\tchain mangle_prerouting {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n",
-		"\t\tmeta nfproto ipv4 meta l4proto tcp th dport 443 tproxy ip to :9000 meta mark set meta mark | 0x00000100 accept comment \"detour:capture\"\n",
+		"\t\tmeta nfproto ipv4 meta l4proto tcp tcp flags & (fin | syn | rst | ack) syn th dport 443 tproxy ip to :9000 meta mark set meta mark | 0x00000100 accept comment \"detour:capture\"\n",
 		"# ip rule add fwmark 0x100/0x100 lookup 7 proto 45\n",
 	)
 	if strings.Contains(out, "iptables") || strings.Contains(out, "ipv6") {
