@@ -358,45 +358,66 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// TestTProxyForwardedReplies: a connection the gateway forwards (not
-// captured: it comes in on the server side) to a host on the captured
-// interface gets its replies through. Those replies are TCP packets coming
-// in on the captured interface with no socket of detour's behind them; the
-// TPROXY capture takes SYNs only, so without connection tracking (TCP only)
-// as with it (UDP on) they are forwarded, not handed to detour's listener,
-// which would reset them.
+// TestTProxyForwardedReplies: TPROXY captures TCP by its SYN alone, and
+// without UDP nothing turns connection tracking on; per backend, with UDP
+// off and on:
+//   - a captured connection still carries data both ways through detour
+//     (every packet after its SYN reaches detour's socket through the
+//     established rule, not the capture);
+//   - a connection the gateway forwards (not captured: it comes in on the
+//     server side) to a host on the captured interface gets its replies
+//     through: TCP packets coming in on the captured interface with no
+//     socket of detour's behind them, which a capture taking every packet
+//     would hand to detour's listener, which resets them.
 func TestTProxyForwardedReplies(t *testing.T) {
-	for _, udp := range []string{"false", "true"} {
-		t.Run("udp="+udp, func(t *testing.T) {
-			tp := newTopo(t)
-			startDetour(t, tp, "--listen", fmt.Sprintf(":%d", listenPort), "--mode", "tproxy", "--mark", mark,
-				"--install-rules", "--bypass", "none", "--interface", "gc", "--udp="+udp)
-			ln := listenIn(t, tp.C, net.JoinHostPort(families[0].client, "0"))
-			ln.SetDeadline(time.Now().Add(15 * time.Second))
-			go func() {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				io.Copy(c, c) // echo until the dialler's FIN
-			}()
-			c, err := dialIn(t, tp.S, ln.Addr().String())
-			if err != nil {
-				t.Fatalf("from the server side to %s on the client side: %v", ln.Addr(), err)
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(10 * time.Second))
-			msg := bytes.Repeat([]byte("forwarded "), 10000) // several segments each way
-			go func() {
-				c.Write(msg)
-				c.CloseWrite()
-			}()
-			got, err := io.ReadAll(c)
-			if err != nil || !bytes.Equal(got, msg) {
-				t.Fatalf("echo through the gateway: %d of %d bytes (%v)", len(got), len(msg), err)
-			}
-		})
+	for _, be := range backends {
+		for _, udp := range []string{"false", "true"} {
+			t.Run(be.name+"/udp="+udp, func(t *testing.T) { testTProxyForwardedReplies(t, be, udp) })
+		}
 	}
+}
+
+func testTProxyForwardedReplies(t *testing.T, be backend, udp string) {
+	tp := newTopo(t)
+	startServers(t, tp)
+	d := startDetour(t, tp, append(be.firewall(), "--listen", fmt.Sprintf(":%d", listenPort), "--mode", "tproxy", "--mark", mark,
+		"--install-rules", "--bypass", "none", "--interface", "gc", "--udp="+udp)...)
+	msg := bytes.Repeat([]byte("forwarded "), 10000) // several segments each way
+
+	// echo sends msg on c, half-closes, and wants msg back.
+	echo := func(what string, c *net.TCPConn, head []byte) {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		go func() {
+			c.Write(append(head, msg...))
+			c.CloseWrite()
+		}()
+		got, err := io.ReadAll(c)
+		if err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("%s: %d of %d bytes echoed (%v)", what, len(got), len(msg), err)
+		}
+	}
+
+	server := net.JoinHostPort(families[0].server, fmt.Sprint(bulkPort))
+	c := dial(t, tp, server)
+	echo("captured connection to "+server, c, []byte{'E'})
+	d.waitLog(t, 5*time.Second, "conn", map[string]string{"dst": server, "mode": "tproxy", "error": ""})
+
+	ln := listenIn(t, tp.C, net.JoinHostPort(families[0].client, "0"))
+	ln.SetDeadline(time.Now().Add(15 * time.Second))
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.Copy(c, c) // echo until the dialler's FIN
+	}()
+	f, err := dialIn(t, tp.S, ln.Addr().String())
+	if err != nil {
+		t.Fatalf("from the server side to %s on the client side: %v", ln.Addr(), err)
+	}
+	defer f.Close()
+	echo("forwarded connection to "+ln.Addr().String(), f, nil)
 }
