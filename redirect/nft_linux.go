@@ -151,8 +151,7 @@ func (o RuleOptions) nftRules() (nftTable, error) {
 	// a ct expression turns on for every packet forwarded); UDP and
 	// --output do (see ruleSet).
 	replies := nftRule{commentReply, cat(ctReply(), verdict(expr.VerdictReturn))}
-	var head []nftRule
-	head = append(head, established)
+	head := []nftRule{established}
 	if o.UDP || o.Output {
 		head = append(head, replies)
 	}
