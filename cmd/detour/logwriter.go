@@ -17,7 +17,9 @@ const logFlushAt = 64 << 10
 // logWriter batches log lines: one write(2) per batch instead of one per
 // access line, which at thousands of connections a second is a measurable
 // share of detour's system time. Lines reach w within logFlushEvery, at
-// once when logFlushAt bytes are waiting, and on Close.
+// once when logFlushAt bytes are waiting, and on Close. The flusher sleeps
+// until a line comes into an empty buffer, so an idle detour is not woken
+// every logFlushEvery for nothing.
 type logWriter struct {
 	w io.Writer
 
@@ -26,6 +28,7 @@ type logWriter struct {
 	buf     []byte
 	spare   []byte
 	closed  bool
+	kick    chan struct{} // a line came into the empty buffer
 	stop    chan struct{}
 	stopped chan struct{}
 }
@@ -33,7 +36,7 @@ type logWriter struct {
 // newLogWriter batches writes to w, writing them out at least every
 // flushEvery.
 func newLogWriter(w io.Writer, flushEvery time.Duration) *logWriter {
-	l := &logWriter{w: w, stop: make(chan struct{}), stopped: make(chan struct{})}
+	l := &logWriter{w: w, kick: make(chan struct{}, 1), stop: make(chan struct{}), stopped: make(chan struct{})}
 	go l.loop(flushEvery)
 	return l
 }
@@ -48,12 +51,11 @@ func (l *logWriter) Write(p []byte) (int, error) {
 		defer l.out.Unlock()
 		return l.w.Write(p)
 	}
+	first := len(l.buf) == 0
 	l.buf = append(l.buf, p...)
 	full := len(l.buf) >= logFlushAt
 	l.mu.Unlock()
-	if full {
-		l.flush()
-	}
+	l.queued(first, full)
 	return len(p), nil
 }
 
@@ -80,10 +82,22 @@ func (l *logWriter) appendLine(fill func(b []byte) ([]byte, bool)) bool {
 	l.buf = b
 	full := len(b) >= logFlushAt
 	l.mu.Unlock()
-	if full {
-		l.flush()
-	}
+	l.queued(n == 0, full)
 	return true
+}
+
+// queued follows a line added to the buffer: first, into an empty one
+// (the flusher is told); full, past logFlushAt (written now).
+func (l *logWriter) queued(first, full bool) {
+	switch {
+	case full:
+		l.flush()
+	case first:
+		select {
+		case l.kick <- struct{}{}:
+		default: // told already
+		}
+	}
 }
 
 // flush writes out what is buffered.
@@ -102,14 +116,22 @@ func (l *logWriter) flush() {
 	l.mu.Unlock()
 }
 
+// loop writes the buffer out every (one period) after a line came into it empty.
 func (l *logWriter) loop(every time.Duration) {
 	defer close(l.stopped)
-	t := time.NewTicker(every)
-	defer t.Stop()
+	t := time.NewTimer(every)
+	t.Stop()
 	for {
 		select {
-		case <-t.C:
-			l.flush()
+		case <-l.kick:
+			t.Reset(every)
+			select {
+			case <-t.C:
+				l.flush()
+			case <-l.stop:
+				l.flush()
+				return
+			}
 		case <-l.stop:
 			l.flush()
 			return

@@ -78,3 +78,30 @@ func TestLogWriterAppendLine(t *testing.T) {
 		t.Fatalf("wrote %q", got)
 	}
 }
+
+// The flusher sleeps while the buffer is empty and wakes for the next
+// line: each of a few lines written apart reaches the output by itself,
+// without Close and without a full buffer.
+func TestLogWriterWakesForEachLine(t *testing.T) {
+	var out testkit.LogBuffer
+	l := newLogWriter(&out, 5*time.Millisecond)
+	defer l.Close()
+	want := ""
+	for i := range 3 {
+		line := fmt.Sprintf("line %d\n", i)
+		want += line
+		l.Write([]byte(line))
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			if got, _ := out.Snapshot(); got == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				got, _ := out.Snapshot()
+				t.Fatalf("line %d: after 5s the output is %q, want %q", i, got, want)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(20 * time.Millisecond) // the flusher goes back to sleep
+	}
+}
