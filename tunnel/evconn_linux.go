@@ -48,8 +48,8 @@ type evConn struct {
 	up        *evUpstream // the way through an upstream group, if any
 	down      []byte      // the server's first bytes, come with a proxy's reply
 
-	sniffTimer *evloop.Timer
-	timer      *evloop.Timer // the dial's timeout, then the relay's idle timeout
+	sniffTimer evloop.Timer
+	timer      evloop.Timer // the dial's timeout, then the relay's idle timeout
 	pair       relay.Pair
 	last       time.Time // when the relay last moved bytes
 	moved      int64     // bytes moved by then
@@ -66,11 +66,20 @@ const (
 )
 
 // evClient and evServer are an evConn as the handler of its client's and
-// its server's socket.
+// its server's socket; the alarms, as what its timers call.
 type (
-	evClient evConn
-	evServer evConn
+	evClient     evConn
+	evServer     evConn
+	evSniffAlarm evConn
+	evDialAlarm  evConn
+	evIdleAlarm  evConn
+	evUpAlarm    evConn
 )
+
+func (a *evSniffAlarm) Alarm() { (*evConn)(a).sniffTimedOut() }
+func (a *evDialAlarm) Alarm()  { (*evConn)(a).dialTimedOut() }
+func (a *evIdleAlarm) Alarm()  { (*evConn)(a).checkIdle() }
+func (a *evUpAlarm) Alarm()    { (*evConn)(a).upTimedOut() }
 
 // serve starts the data path of a connection just accepted: stage 1, the
 // original destination; then the sniff, or a hand-over to a goroutine when
@@ -182,7 +191,7 @@ func (e *evConn) startSniff(a Action, final bool) {
 		if timeout <= 0 {
 			timeout = sniff.DefaultTimeout
 		}
-		e.sniffTimer = e.lp.l.AfterFunc(timeout, e.sniffTimedOut)
+		e.lp.l.Arm(&e.sniffTimer, timeout, (*evSniffAlarm)(e))
 		if !e.connectEarly(a, final) {
 			return
 		}
@@ -267,7 +276,7 @@ func (e *evConn) sniffTimedOut() {
 func (e *evConn) endSniff(o sniff.Outcome, err error) {
 	t := e.lp.t
 	e.stage = evConnect
-	e.lp.l.Stop(e.sniffTimer)
+	e.lp.l.Stop(&e.sniffTimer)
 	if e.sniffing {
 		e.sniffing = false
 		t.leaveSniffing(e.c.peer.Addr())
@@ -342,7 +351,7 @@ func (e *evConn) dial() bool {
 	case nil:
 		return e.connectDone(syscall.EPOLLOUT)
 	case syscall.EINPROGRESS:
-		e.timer = l.AfterFunc(t.dialTimeout(), e.dialTimedOut)
+		l.Arm(&e.timer, t.dialTimeout(), (*evDialAlarm)(e))
 		return true
 	default:
 		return e.dialFailed(os.NewSyscallError("connect", err))
@@ -360,7 +369,7 @@ func (e *evConn) connectDone(ev uint32) bool {
 		return e.dialFailed(os.NewSyscallError("connect", err))
 	}
 	e.connected = true
-	e.lp.l.Stop(e.timer)
+	e.lp.l.Stop(&e.timer)
 	if obs := e.lp.t.Observer; obs != nil {
 		obs.Dialed(e.route.String(), e.lp.l.Now().Sub(e.dialStart), nil)
 	}
@@ -382,7 +391,7 @@ var errDialTimeout = &net.OpError{Op: "dial", Net: "tcp", Err: os.ErrDeadlineExc
 // dialFailed ends a failed dial: at once, or, while the client's first
 // bytes are awaited, once they came (the access line names the host).
 func (e *evConn) dialFailed(err error) bool {
-	e.lp.l.Stop(e.timer)
+	e.lp.l.Stop(&e.timer)
 	err = fmt.Errorf("dial tcp %s: %w", e.dst, err)
 	if obs := e.lp.t.Observer; obs != nil {
 		obs.Dialed(e.route.String(), e.lp.l.Now().Sub(e.dialStart), err)
@@ -409,7 +418,7 @@ func (e *evConn) startRelay() {
 	e.buf, e.down = nil, nil
 	e.pair.Init(e.lp.kit, e.cfd, e.sfd, first, down, e.can, watch)
 	e.last = l.Now()
-	e.timer = l.AfterFunc(t.idleTimeout(), e.checkIdle)
+	l.Arm(&e.timer, t.idleTimeout(), (*evIdleAlarm)(e))
 	e.run()
 }
 
@@ -439,7 +448,7 @@ func (e *evConn) checkIdle() {
 	idle := e.lp.t.idleTimeout()
 	quiet := e.lp.l.Now().Sub(e.last)
 	if quiet < idle {
-		e.lp.l.Reset(e.timer, idle-quiet)
+		e.lp.l.Reset(&e.timer, idle-quiet)
 		return
 	}
 	e.pair.Abort(errIdle, false)
@@ -449,7 +458,7 @@ func (e *evConn) checkIdle() {
 // endRelay closes both sockets and writes the access line.
 func (e *evConn) endRelay() {
 	e.stage = evDone
-	e.lp.l.Stop(e.timer)
+	e.lp.l.Stop(&e.timer)
 	e.forget()
 	e.pair.Close()
 	e.lp.relayEnded()
@@ -472,8 +481,8 @@ func (e *evConn) fail(err error) {
 func (e *evConn) close(reset bool) {
 	l := e.lp.l
 	e.stage = evDone
-	l.Stop(e.sniffTimer)
-	l.Stop(e.timer)
+	l.Stop(&e.sniffTimer)
+	l.Stop(&e.timer)
 	if e.sniffing {
 		e.sniffing = false
 		e.lp.t.leaveSniffing(e.c.peer.Addr())
@@ -559,7 +568,7 @@ func (e *evConn) info() *connInfo {
 func (e *evConn) handOff(sn *sniffed) {
 	t, l := e.lp.t, e.lp.l
 	e.stage = evDone
-	l.Stop(e.sniffTimer)
+	l.Stop(&e.sniffTimer)
 	l.Delete(e.ctok, e.cfd)
 	var done *sniffed
 	if sn != nil {

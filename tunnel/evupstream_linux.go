@@ -114,8 +114,7 @@ func (e *evConn) upConnect(addr netip.AddrPort) error {
 	case nil:
 		e.upReady(syscall.EPOLLOUT)
 	case syscall.EINPROGRESS:
-		l.Stop(e.timer)
-		e.timer = l.AfterFunc(t.dialTimeout()/2, e.upTimedOut)
+		l.Arm(&e.timer, t.dialTimeout()/2, (*evUpAlarm)(e))
 	default:
 		return os.NewSyscallError("connect", err)
 	}
@@ -146,8 +145,7 @@ func (e *evConn) upReady(ev uint32) {
 		// The greeting (and authentication) have the other half of this
 		// attempt's budget: a proxy that never answers is given up, and
 		// benched, without eating the next one's.
-		e.lp.l.Stop(e.timer)
-		e.timer = e.lp.l.AfterFunc(e.lp.t.dialTimeout()/2, e.upTimedOut)
+		e.lp.l.Arm(&e.timer, e.lp.t.dialTimeout()/2, (*evUpAlarm)(e))
 		if !e.upSend(up.h.Out(e.upBuf())) {
 			return
 		}
@@ -167,7 +165,7 @@ func (e *evConn) upRead() {
 			// The target is not known yet: the connection waits as long
 			// as the sniff does; the request gets a dial timeout of its
 			// own (as Preconnect and Pending.Dial have each theirs).
-			e.lp.l.Stop(e.timer)
+			e.lp.l.Stop(&e.timer)
 			return
 		}
 		// Whatever follows the reply is the server's: Feed says where it
@@ -212,7 +210,7 @@ func (e *evConn) upRead() {
 	case e.stage == evConnect:
 		e.upRequest()
 	default:
-		e.lp.l.Stop(e.timer) // waiting for the target, as above
+		e.lp.l.Stop(&e.timer) // waiting for the target, as above
 	}
 }
 
@@ -222,8 +220,7 @@ func (e *evConn) upRequest() {
 	t, up := e.lp.t, e.up
 	up.requested = true
 	if up.pre { // a fresh dial timeout, as Pending.Dial has
-		e.lp.l.Stop(e.timer)
-		e.timer = e.lp.l.AfterFunc(t.dialTimeout(), e.upTimedOut)
+		e.lp.l.Arm(&e.timer, t.dialTimeout(), (*evUpAlarm)(e))
 	}
 	up.target = t.proxyTarget(context.Background(), e.route.Name, e.c.peer.Addr(), e.dst, e.sn.found)
 	req, err := up.h.Request(e.upBuf(), up.target)
@@ -255,7 +252,7 @@ func (e *evConn) upSend(b []byte) bool {
 // with the reply.
 func (e *evConn) upDone(rest []byte) {
 	t, up := e.lp.t, e.up
-	e.lp.l.Stop(e.timer)
+	e.lp.l.Stop(&e.timer)
 	up.g.Report(up.u, nil)
 	if up.lease.Upstream == nil { // not counted since the connect
 		up.lease = up.g.Lease(up.u, nil)
@@ -279,7 +276,7 @@ func (e *evConn) upDone(rest []byte) {
 func (e *evConn) upBroken(err error) {
 	up := e.up
 	if up.pre && up.up && (up.requested || up.h.Prepared()) {
-		e.lp.l.Stop(e.timer)
+		e.lp.l.Stop(&e.timer)
 		e.closeServer(true)
 		e.preconnected(false) // replaced by a fresh connection
 		e.upNext(true)
@@ -297,7 +294,7 @@ func (e *evConn) upTried(err error) { e.upEnded(err, true) }
 // to try the next one), else the search ends without benching anyone.
 func (e *evConn) upEnded(err error, report bool) {
 	up := e.up
-	e.lp.l.Stop(e.timer)
+	e.lp.l.Stop(&e.timer)
 	e.closeServer(true)
 	up.tried = append(up.tried, up.u)
 	up.errs = append(up.errs, err)

@@ -326,25 +326,42 @@ func epollWait(epfd int, events []unix.EpollEvent) (int, error) {
 	return int(r), nil
 }
 
-// Timer is a function to run on the loop at a time, once.
+// Timer is a function to run on the loop at a time, once. The zero Timer
+// is stopped: a connection keeps its timers as fields and starts them with
+// Arm, which allocates nothing (AfterFunc allocates the Timer).
 type Timer struct {
 	when time.Time
 	f    func()
-	i    int // in the heap; -1 when not in it
+	a    Alarm
+	i    int // the position in the heap plus one; 0 when not in it
+}
+
+// Alarm is what a Timer started by Arm calls: a pointer type made for the
+// purpose converts to it without an allocation, where a method value
+// (e.sniffTimedOut) would allocate a closure each time.
+type Alarm interface {
+	Alarm()
 }
 
 // AfterFunc runs f on the loop's goroutine after d.
 func (l *Loop) AfterFunc(d time.Duration, f func()) *Timer {
-	t := &Timer{f: f, i: -1}
+	t := &Timer{f: f}
 	l.Reset(t, d)
 	return t
+}
+
+// Arm makes t call a.Alarm() on the loop's goroutine after d, instead of
+// what it was set to do.
+func (l *Loop) Arm(t *Timer, d time.Duration, a Alarm) {
+	t.f, t.a = nil, a
+	l.Reset(t, d)
 }
 
 // Reset makes t run d after this round's start instead.
 func (l *Loop) Reset(t *Timer, d time.Duration) {
 	t.when = l.now.Add(d)
-	if t.i >= 0 {
-		heap.Fix(&l.timers, t.i)
+	if t.i > 0 {
+		heap.Fix(&l.timers, t.i-1)
 		return
 	}
 	heap.Push(&l.timers, t)
@@ -352,8 +369,8 @@ func (l *Loop) Reset(t *Timer, d time.Duration) {
 
 // Stop keeps t from running; it may be Reset again.
 func (l *Loop) Stop(t *Timer) {
-	if t != nil && t.i >= 0 {
-		heap.Remove(&l.timers, t.i)
+	if t != nil && t.i > 0 {
+		heap.Remove(&l.timers, t.i-1)
 	}
 }
 
@@ -377,7 +394,11 @@ func (l *Loop) armTimer() {
 func (l *Loop) runTimers() {
 	for l.timerDue() {
 		t := heap.Pop(&l.timers).(*Timer)
-		t.f()
+		if t.a != nil {
+			t.a.Alarm()
+		} else {
+			t.f()
+		}
 	}
 }
 
@@ -387,18 +408,18 @@ func (h timerHeap) Len() int           { return len(h) }
 func (h timerHeap) Less(i, j int) bool { return h[i].when.Before(h[j].when) }
 func (h timerHeap) Swap(i, j int) {
 	h[i], h[j] = h[j], h[i]
-	h[i].i, h[j].i = i, j
+	h[i].i, h[j].i = i+1, j+1
 }
 func (h *timerHeap) Push(x any) {
 	t := x.(*Timer)
-	t.i = len(*h)
 	*h = append(*h, t)
+	t.i = len(*h)
 }
 func (h *timerHeap) Pop() any {
 	old := *h
 	t := old[len(old)-1]
 	old[len(old)-1] = nil
-	t.i = -1
+	t.i = 0
 	*h = old[:len(old)-1]
 	return t
 }

@@ -622,3 +622,55 @@ func TestPostRacingClose(t *testing.T) {
 	}
 	waitGoroutines(t, before)
 }
+
+type alarmFunc func()
+
+func (f *alarmFunc) Alarm() { (*f)() }
+
+// Arm starts a zero Timer kept by value, runs its Alarm once, moves it
+// when armed again while pending (with the new Alarm), stops it, and
+// allocates nothing.
+func TestArm(t *testing.T) {
+	l := newLoop(t)
+	ch := make(chan string, 8)
+	first, second := alarmFunc(func() { ch <- "first" }), alarmFunc(func() { ch <- "second" })
+	var kept struct {
+		a, b, c Timer
+	}
+	var allocs float64
+	on(t, l, func() {
+		allocs = testing.AllocsPerRun(100, func() {
+			l.Arm(&kept.c, time.Hour, &first)
+			l.Stop(&kept.c)
+		})
+		l.Arm(&kept.a, time.Hour, &first)
+		l.Arm(&kept.a, 20*time.Millisecond, &second) // moved, and calls second now
+		l.Arm(&kept.b, 10*time.Millisecond, &first)
+		l.Arm(&kept.c, 5*time.Millisecond, &first)
+		l.Stop(&kept.c)
+		l.Stop(&kept.c) // harmless
+	})
+	if allocs != 0 {
+		t.Errorf("Arm and Stop allocate %v times, want 0", allocs)
+	}
+	for _, want := range []string{"first", "second"} {
+		select {
+		case got := <-ch:
+			if got != want {
+				t.Fatalf("alarm %q ran, want %q", got, want)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("alarm %q did not run within 5s", want)
+		}
+	}
+	select {
+	case got := <-ch:
+		t.Fatalf("alarm %q ran once more (the stopped timer, or one twice)", got)
+	case <-time.After(100 * time.Millisecond):
+	}
+	// A timer that ran can be armed again.
+	on(t, l, func() { l.Arm(&kept.b, 0, &second) })
+	if got := <-ch; got != "second" {
+		t.Fatalf("re-armed timer ran %q", got)
+	}
+}
