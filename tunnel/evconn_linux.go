@@ -338,10 +338,8 @@ func (e *evConn) dial() bool {
 		return e.dialFailed(err)
 	}
 	e.sfd, e.sock, e.sockTo = fd, &fdSocket{fd: fd}, e.dst
-	if ctl := t.dialControl; ctl != nil {
-		if err := ctl("tcp", e.dst.String(), e.sock); err != nil {
-			return e.dialFailed(err)
-		}
+	if err := t.prepareSocket(e.sock, e.dst); err != nil {
+		return e.dialFailed(err)
 	}
 	evloop.NoDelay(fd)
 	if e.stok, err = l.Add(fd, (*evServer)(e)); err != nil {
@@ -356,6 +354,26 @@ func (e *evConn) dial() bool {
 	default:
 		return e.dialFailed(os.NewSyscallError("connect", err))
 	}
+}
+
+// prepareSocket does to a socket a loop dials to dst what setup's control
+// does to the goroutines' (the mark, Control, the loop guard's record),
+// without its closures and without dst as a string to parse back.
+func (t *Tunnel) prepareSocket(s *fdSocket, dst netip.AddrPort) error {
+	if t.Mark != 0 {
+		if err := setMark(s.fd, t.Mark); err != nil {
+			return markError(t.Mark, dst.String(), err)
+		}
+	}
+	if t.Control != nil {
+		if err := t.Control("tcp", dst.String(), s); err != nil {
+			return err
+		}
+	}
+	if t.Loops != nil {
+		t.Loops.dialing(dst, s)
+	}
+	return nil
 }
 
 // connectDone is the end of the connect: ev is the server socket's first

@@ -1259,3 +1259,50 @@ func TestEvUpstreamSilentProxy(t *testing.T) {
 		})
 	}
 }
+
+// Every socket detour dials carries the Tunnel's mark before Control runs
+// on it, on the event loops (which set it without Control's closures) and
+// through the goroutines' dialer alike.
+func TestMarkAndControl(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("SO_MARK needs CAP_NET_ADMIN: run as root")
+	}
+	type seen struct {
+		addr string
+		mark int
+	}
+	control := func(ch chan<- seen) func(string, string, syscall.RawConn) error {
+		return func(_, addr string, c syscall.RawConn) error {
+			var m int
+			c.Control(func(fd uintptr) { m, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK) })
+			ch <- seen{addr, m}
+			return nil
+		}
+	}
+
+	dst, _ := testkit.EchoServer(t)
+	ch := make(chan seen, 4)
+	ln, _ := evTunnel(t, dst, &Tunnel{Mode: "redirect", Mark: 0x2d, Control: control(ch), Loops: &LoopGuard{},
+		Sniff: SniffOptions{Disabled: true}})
+	c := dialEv(t, ln)
+	c.Write([]byte("x"))
+	b := make([]byte, 1)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, b); err != nil {
+		t.Fatalf("echo through the loops: %v", err)
+	}
+	if s := <-ch; s.addr != dst.String() || s.mark != 0x2d {
+		t.Errorf("the loops' dial: Control saw %q with mark %#x, want %q with 0x2d", s.addr, s.mark, dst)
+	}
+
+	tun := &Tunnel{Mark: 0x2e, Control: control(ch)}
+	d := net.Dialer{Control: tun.socketControl()}
+	gc, err := d.Dial("tcp", dst.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	gc.Close()
+	if s := <-ch; s.addr != dst.String() || s.mark != 0x2e {
+		t.Errorf("the goroutines' dial: Control saw %q with mark %#x, want %q with 0x2e", s.addr, s.mark, dst)
+	}
+}

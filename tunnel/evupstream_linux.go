@@ -99,10 +99,8 @@ func (e *evConn) upNext(fresh bool) {
 // the dial budget (the rest is the handshake's), as Dial does.
 func (e *evConn) upConnect(addr netip.AddrPort) error {
 	t, l := e.lp.t, e.lp.l
-	if ctl := t.dialControl; ctl != nil {
-		if err := ctl("tcp", addr.String(), e.sock); err != nil {
-			return err
-		}
+	if err := t.prepareSocket(e.sock, addr); err != nil {
+		return err
 	}
 	evloop.NoDelay(e.sfd)
 	var err error

@@ -101,23 +101,29 @@ func (g *LoopGuard) Control(next func(network, address string, c syscall.RawConn
 		if err != nil {
 			return nil // not an IP literal: nothing loops to it by address
 		}
-		dst = unmap(dst)
-		s := loopShardOf(g, dst)
-		s.mu.Lock()
-		if s.inFlight == nil {
-			s.inFlight = map[netip.AddrPort][]*dialing{}
-		}
-		list := s.inFlight[dst]
-		if len(list) >= maxInFlight {
-			list = live(list)
-			if len(list) >= maxInFlight {
-				list = list[1:]
-			}
-		}
-		s.inFlight[dst] = append(list, &dialing{rc: c})
-		s.mu.Unlock()
+		g.dialing(dst, c)
 		return nil
 	}
+}
+
+// dialing records c, a socket being dialled to dst: Control's
+// bookkeeping, for a caller that has dst parsed already.
+func (g *LoopGuard) dialing(dst netip.AddrPort, c syscall.RawConn) {
+	dst = unmap(dst)
+	s := loopShardOf(g, dst)
+	s.mu.Lock()
+	if s.inFlight == nil {
+		s.inFlight = map[netip.AddrPort][]*dialing{}
+	}
+	list := s.inFlight[dst]
+	if len(list) >= maxInFlight {
+		list = live(list)
+		if len(list) >= maxInFlight {
+			list = list[1:]
+		}
+	}
+	s.inFlight[dst] = append(list, &dialing{rc: c})
+	s.mu.Unlock()
 }
 
 // Dialed records c, a connection detour made, as established: a connection

@@ -50,9 +50,12 @@ type Listener interface {
 // sniffs with the defaults and sends everything direct. Serve may be called
 // for several listeners at once.
 type Tunnel struct {
-	// Control is set on every outbound socket before it connects (direct
-	// and to upstream proxies); detour uses it to set the socket mark the
-	// redirection rules exempt. Nil sets nothing.
+	// Mark is the socket mark (SO_MARK) set on every outbound socket before
+	// it connects (direct and to upstream proxies): the mark the
+	// redirection rules exempt. Zero sets none.
+	Mark uint32
+	// Control is run on every outbound socket before it connects, after
+	// the mark is set. Nil runs nothing.
 	Control func(network, address string, c syscall.RawConn) error
 	// DialTimeout bounds connecting to the destination or an upstream
 	// (including its handshake). Zero means 10s.
@@ -107,18 +110,15 @@ type Tunnel struct {
 	// directDialer reaches original destinations (timeout, socket mark);
 	// built once, by the first Serve.
 	directDialer *upstream.Direct
-	// dialControl is Control with the loop guard's bookkeeping: what every
-	// direct dial runs on its socket.
-	dialControl func(network, address string, c syscall.RawConn) error
-	refusals    warnLimiter  // "refused" lines
-	loopLogged  atomic.Int64 // UnixNano of the last "routing loop" line
-	loopHeld    atomic.Int64 // loops not logged since
-	acceptLog   warnLimiter  // "accept failed" lines
-	evictions   warnLimiter  // "resetting a connection of the client holding the most" lines
-	nameWarns   warnLimiter  // "sniffed name does not resolve" lines
-	verify      verifyCache
-	once        sync.Once
-	lineAttrs   sync.Pool // *[lineMax]slog.Attr: access lines for a LineHandler
+	refusals     warnLimiter  // "refused" lines
+	loopLogged   atomic.Int64 // UnixNano of the last "routing loop" line
+	loopHeld     atomic.Int64 // loops not logged since
+	acceptLog    warnLimiter  // "accept failed" lines
+	evictions    warnLimiter  // "resetting a connection of the client holding the most" lines
+	nameWarns    warnLimiter  // "sniffed name does not resolve" lines
+	verify       verifyCache
+	once         sync.Once
+	lineAttrs    sync.Pool // *[lineMax]slog.Attr: access lines for a LineHandler
 
 	mu        sync.Mutex
 	listeners map[Listener]struct{}
@@ -239,12 +239,38 @@ func (t *Tunnel) Serve(ln Listener) error {
 // the direct dialer (timeout, socket mark, loop detection).
 func (t *Tunnel) setup() {
 	t.silent.TTL, t.silent.MaxEntries = t.Sniff.SilentTTL, t.Sniff.SilentEntries
-	control := t.Control
+	control := t.socketControl()
 	if t.Loops != nil {
 		control = t.Loops.Control(control)
 	}
-	t.dialControl = control
 	t.directDialer = &upstream.Direct{Forward: &net.Dialer{Timeout: t.dialTimeout(), Control: control, KeepAlive: -1}}
+}
+
+// socketControl is what every outbound socket runs before it connects:
+// the mark, then Control.
+func (t *Tunnel) socketControl() func(network, address string, c syscall.RawConn) error {
+	mark, next := t.Mark, t.Control
+	if mark == 0 {
+		return next
+	}
+	return func(network, address string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) { serr = setMark(int(fd), mark) }); err != nil {
+			return err
+		}
+		if serr != nil {
+			return markError(mark, address, serr)
+		}
+		if next != nil {
+			return next(network, address, c)
+		}
+		return nil
+	}
+}
+
+// markError is a failed SO_MARK on a socket to address.
+func markError(mark uint32, address string, err error) error {
+	return fmt.Errorf("setting SO_MARK %#x on socket to %s: %w (needs CAP_NET_ADMIN)", mark, address, err)
 }
 
 // acceptFailed waits after a failed accept (out of file descriptors, or a

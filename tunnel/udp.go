@@ -624,7 +624,7 @@ func (s *udpSession) connect(route Action) {
 	var err error
 	if route.Kind == ActionDirect {
 		srv.directOnce.Do(func() {
-			srv.direct = &upstream.Direct{Forward: &net.Dialer{Control: srv.Tunnel.Control}}
+			srv.direct = &upstream.Direct{Forward: &net.Dialer{Control: srv.Tunnel.socketControl()}}
 		})
 		lease.Conn, err = srv.direct.DialUDP(ctx, "", s.key.dst)
 	} else {

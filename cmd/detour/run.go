@@ -426,7 +426,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	}
 	t := &tunnel.Tunnel{
 		Loops:       loops,
-		Control:     redirect.MarkControl(cfg.mark),
+		Mark:        cfg.mark,
 		DialTimeout: cfg.dialTimeout,
 		IdleTimeout: cfg.idleTimeout,
 		Log:         log,
