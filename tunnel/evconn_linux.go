@@ -53,6 +53,12 @@ type evConn struct {
 	pair       relay.Pair
 	last       time.Time // when the relay last moved bytes
 	moved      int64     // bytes moved by then
+
+	// Kept here so a connection is one allocation: c points to rec, the
+	// first dial's sock to firstSock.
+	rec       conn
+	firstSock fdSocket
+	sockUsed  bool // firstSock was handed out
 }
 
 // The stages of an evConn.
@@ -87,7 +93,8 @@ func (a *evUpAlarm) Alarm()    { (*evConn)(a).upTimedOut() }
 func (lp *eventLoop) serve(ln descListener, fd int, peer netip.AddrPort) {
 	t := lp.t
 	e := &evConn{lp: lp, cfd: fd, sfd: -1, start: lp.l.Now()}
-	e.c = &conn{peer: peer, ev: e}
+	e.rec.peer, e.rec.ev = peer, e
+	e.c = &e.rec
 	if !t.admitEv(e.c) {
 		return
 	}
@@ -337,7 +344,7 @@ func (e *evConn) dial() bool {
 	if err != nil {
 		return e.dialFailed(err)
 	}
-	e.sfd, e.sock, e.sockTo = fd, &fdSocket{fd: fd}, e.dst
+	e.sfd, e.sock, e.sockTo = fd, e.newSock(fd), e.dst
 	if err := t.prepareSocket(e.sock, e.dst); err != nil {
 		return e.dialFailed(err)
 	}
@@ -568,8 +575,13 @@ func (e *evConn) cut(err error) {
 }
 
 // info is the access line's account of e.
+//
+// It is the loop's one connInfo, filled anew: finish uses it and lets go
+// of it before it returns, on the loop's goroutine, and a held connection
+// does not carry one.
 func (e *evConn) info() *connInfo {
-	c := &connInfo{start: e.start, peer: e.c.peer, dst: e.dst, found: e.sn.found, outcome: e.sn.outcome,
+	c := &e.lp.line
+	*c = connInfo{start: e.start, peer: e.c.peer, dst: e.dst, found: e.sn.found, outcome: e.sn.outcome,
 		sniffTook: e.sn.took, route: e.route}
 	if up := e.up; up != nil {
 		c.lease, c.target = up.lease, up.target
@@ -639,6 +651,16 @@ type fdSocket struct {
 }
 
 var errSocketClosed = errors.New("socket closed")
+
+// newSock is the fdSocket of fd, a socket e dials: the one kept in e the
+// first time (a closed one is never reused: the loop guard may still ask it).
+func (e *evConn) newSock(fd int) *fdSocket {
+	if !e.sockUsed {
+		e.sockUsed, e.firstSock.fd = true, fd
+		return &e.firstSock
+	}
+	return &fdSocket{fd: fd}
+}
 
 func (s *fdSocket) Control(f func(fd uintptr)) error {
 	s.mu.Lock()

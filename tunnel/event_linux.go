@@ -37,6 +37,7 @@ type eventLoop struct {
 	l    *evloop.Loop
 	kit  *relay.Kit
 	trim *evloop.Timer // while the kit keeps spare pipes
+	line connInfo      // the access line of the connection ending now (evConn.info)
 }
 
 // trimEvery is how often a loop closes the spare pipes its relays did not

@@ -87,7 +87,7 @@ func (e *evConn) upNext(fresh bool) {
 	up.h, _ = u.Handshake()
 	fd, err := evloop.Socket(addr)
 	if err == nil {
-		e.sfd, e.sock, e.sockTo = fd, &fdSocket{fd: fd}, addr
+		e.sfd, e.sock, e.sockTo = fd, e.newSock(fd), addr
 		err = e.upConnect(addr)
 	}
 	if err != nil {
