@@ -378,7 +378,8 @@ func (t *Tunnel) prepareSocket(s *fdSocket, dst netip.AddrPort) error {
 		}
 	}
 	if t.Loops != nil {
-		t.Loops.dialing(dst, s)
+		s.rec.rc = s
+		t.Loops.track(dst, &s.rec)
 	}
 	return nil
 }
@@ -648,6 +649,7 @@ type fdSocket struct {
 	mu     sync.Mutex
 	fd     int
 	closed bool
+	rec    dialing // the loop guard's record of it
 }
 
 var errSocketClosed = errors.New("socket closed")

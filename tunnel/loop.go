@@ -109,6 +109,12 @@ func (g *LoopGuard) Control(next func(network, address string, c syscall.RawConn
 // dialing records c, a socket being dialled to dst: Control's
 // bookkeeping, for a caller that has dst parsed already.
 func (g *LoopGuard) dialing(dst netip.AddrPort, c syscall.RawConn) {
+	g.track(dst, &dialing{rc: c})
+}
+
+// track is dialing with the record made by the caller (d.rc set), who may
+// keep it with the socket: one record per socket, never reused.
+func (g *LoopGuard) track(dst netip.AddrPort, d *dialing) {
 	dst = unmap(dst)
 	s := loopShardOf(g, dst)
 	s.mu.Lock()
@@ -122,7 +128,7 @@ func (g *LoopGuard) dialing(dst netip.AddrPort, c syscall.RawConn) {
 			list = list[1:]
 		}
 	}
-	s.inFlight[dst] = append(list, &dialing{rc: c})
+	s.inFlight[dst] = append(list, d)
 	s.mu.Unlock()
 }
 
