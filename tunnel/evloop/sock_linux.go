@@ -163,6 +163,18 @@ func Read(fd int, b []byte) (int, error) {
 	return int(r), nil
 }
 
+// WriteMore is Write with MSG_MORE: the kernel holds the bytes back for
+// what follows, so a FIN sent next (shutdown or close) leaves in the same
+// segment as the bytes.
+func WriteMore(fd int, b []byte) (int, error) {
+	r, _, e := syscall.RawSyscall6(syscall.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)),
+		unix.MSG_MORE, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
 // Write writes b to fd: how much went, or an error (unix.EAGAIN: the send
 // buffer is full).
 func Write(fd int, b []byte) (int, error) {

@@ -44,6 +44,9 @@ const (
 	// edge-triggered socket reports that once: from then on reads are not
 	// given up on a short count (see ShortRead).
 	PeerDone
+	// PeerFin: the peer's FIN came (EPOLLRDHUP without EPOLLERR): once the
+	// bytes before it are read, the end of the stream follows.
+	PeerFin
 )
 
 // CanFrom is what the epoll events ev allow.
@@ -57,6 +60,9 @@ func CanFrom(ev uint32) Can {
 	}
 	if ev&(unix.EPOLLRDHUP|unix.EPOLLERR|unix.EPOLLHUP) != 0 {
 		c |= PeerDone
+	}
+	if ev&(unix.EPOLLRDHUP|unix.EPOLLERR) == unix.EPOLLRDHUP {
+		c |= PeerFin
 	}
 	return c
 }
@@ -265,14 +271,24 @@ func (p *Pair) fill(i int) bool {
 		return true
 	}
 	p.first(i)
+	last := false
 	if n == len(p.kit.scratch) {
 		f.bulk = true
 	} else {
 		p.can[i].ShortRead()
+		// The last bytes before src's FIN: the next read is its end, and
+		// dst's FIN follows at once, in the same segment as these (one
+		// packet less for the peer, as when a server's response and its
+		// close arrive together).
+		last = p.can[i]&PeerFin != 0
 	}
 	w := 0
 	if p.can[1-i]&CanWrite != 0 {
-		w, err = evloop.Write(dst, p.kit.scratch[:n])
+		if last {
+			w, err = evloop.WriteMore(dst, p.kit.scratch[:n])
+		} else {
+			w, err = evloop.Write(dst, p.kit.scratch[:n])
+		}
 		switch {
 		case err == unix.EAGAIN:
 			p.can[1-i] &^= CanWrite

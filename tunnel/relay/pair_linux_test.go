@@ -11,6 +11,7 @@ import (
 
 	"github.com/detour-proxy/detour/internal/testkit"
 	"github.com/detour-proxy/detour/tunnel/evloop"
+	"golang.org/x/sys/unix"
 )
 
 // pairRun is one Pair on a loop of its own, as the tunnel drives it: both
@@ -57,6 +58,13 @@ func (s *pairSide) Ready(ev uint32) {
 // server before anything else; watch, if set, hears who spoke first.
 func startPair(t *testing.T, e *Engine, first []byte, watch func(bool)) (client, server *net.TCPConn, r *pairRun) {
 	t.Helper()
+	return startPairAfter(t, e, first, watch, nil)
+}
+
+// startPairAfter is startPair that runs before, if set, on the far ends
+// before the relay starts.
+func startPairAfter(t *testing.T, e *Engine, first []byte, watch func(bool), before func(client, server *net.TCPConn)) (client, server *net.TCPConn, r *pairRun) {
+	t.Helper()
 	l, err := evloop.New()
 	if err != nil {
 		t.Fatal(err)
@@ -66,6 +74,9 @@ func startPair(t *testing.T, e *Engine, first []byte, watch func(bool)) (client,
 	client, near := testkit.TCPPair(t)      // near: the proxy's client side
 	farServer, server := testkit.TCPPair(t) // farServer: the proxy's server side
 	cfd, sfd := bareFD(t, near), bareFD(t, farServer)
+	if before != nil {
+		before(client, server)
+	}
 	r = &pairRun{l: l, done: make(chan pairResult, 1)}
 	var buf []byte
 	if first != nil {
@@ -161,6 +172,46 @@ func TestPairHalfClose(t *testing.T) {
 	if res := r.wait(t); res.err != nil {
 		t.Fatalf("relay error %v", res.err)
 	}
+}
+
+// The last bytes before a FIN leave with the relay's FIN in one segment
+// (MSG_MORE, then the shutdown): a response that arrived with the server's
+// close reaches the client as one segment, not two.
+func TestPairLastBytesCarryTheFIN(t *testing.T) {
+	e := testEngine(t)
+	reply := []byte("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n")
+	var segs uint32
+	client, _, r := startPairAfter(t, e, nil, nil, func(client, server *net.TCPConn) {
+		server.Write(reply)
+		server.CloseWrite()
+		segs = segsIn(t, client)
+	})
+	got, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(got, reply) {
+		t.Fatalf("client got %q (%v), want %q", got, err, reply)
+	}
+	if n := segsIn(t, client) - segs; n != 1 {
+		t.Errorf("the reply and the FIN came in %d segments, want 1", n)
+	}
+	client.Close()
+	if res := r.wait(t); res.err != nil || res.down != int64(len(reply)) {
+		t.Fatalf("relay = down %d err %v", res.down, res.err)
+	}
+}
+
+// segsIn is the segments c's socket received (TCP_INFO).
+func segsIn(t *testing.T, c *net.TCPConn) uint32 {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	rc.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Segs_in
 }
 
 // A reset on one side is passed to the other as a reset, both ways.
