@@ -331,7 +331,6 @@ func epollWait(epfd int, events []unix.EpollEvent) (int, error) {
 // Arm, which allocates nothing (AfterFunc allocates the Timer).
 type Timer struct {
 	when time.Time
-	f    func()
 	a    Alarm
 	i    int // the position in the heap plus one; 0 when not in it
 }
@@ -343,9 +342,15 @@ type Alarm interface {
 	Alarm()
 }
 
+// funcAlarm is AfterFunc's function as an Alarm (a func value converts to
+// an interface without an allocation).
+type funcAlarm func()
+
+func (f funcAlarm) Alarm() { f() }
+
 // AfterFunc runs f on the loop's goroutine after d.
 func (l *Loop) AfterFunc(d time.Duration, f func()) *Timer {
-	t := &Timer{f: f}
+	t := &Timer{a: funcAlarm(f)}
 	l.Reset(t, d)
 	return t
 }
@@ -353,7 +358,7 @@ func (l *Loop) AfterFunc(d time.Duration, f func()) *Timer {
 // Arm makes t call a.Alarm() on the loop's goroutine after d, instead of
 // what it was set to do.
 func (l *Loop) Arm(t *Timer, d time.Duration, a Alarm) {
-	t.f, t.a = nil, a
+	t.a = a
 	l.Reset(t, d)
 }
 
@@ -393,12 +398,7 @@ func (l *Loop) armTimer() {
 
 func (l *Loop) runTimers() {
 	for l.timerDue() {
-		t := heap.Pop(&l.timers).(*Timer)
-		if t.a != nil {
-			t.a.Alarm()
-		} else {
-			t.f()
-		}
+		heap.Pop(&l.timers).(*Timer).a.Alarm()
 	}
 }
 
