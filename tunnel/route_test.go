@@ -2,10 +2,7 @@ package tunnel
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/detour-proxy/detour/ports"
@@ -247,27 +244,5 @@ func TestProxyTarget(t *testing.T) {
 		if got := tun.proxyTarget(t.Context(), tc.mode, netip.MustParseAddr("198.18.1.2"), dst, tc.found); got != tc.want {
 			t.Errorf("proxyTarget(%v, %+v) = %s, want %s", tc.mode, tc.found, got, tc.want)
 		}
-	}
-}
-
-// addrString and hostPort write what AddrPort.String and net.JoinHostPort
-// do, in one allocation.
-func TestTargetStrings(t *testing.T) {
-	for _, s := range []string{"198.18.0.1:443", "[fd00::1]:53", "[::ffff:198.18.0.1]:80", "0.0.0.0:0"} {
-		ap := netip.MustParseAddrPort(s)
-		if got := addrString(ap); got != ap.String() {
-			t.Errorf("addrString(%v) = %q", ap, got)
-		}
-	}
-	for _, h := range []string{"site.test", "fd00::1", "", strings.Repeat("a", 253)} {
-		for _, p := range []uint16{0, 80, 65535} {
-			if got, want := hostPort(h, p), net.JoinHostPort(h, strconv.Itoa(int(p))); got != want {
-				t.Errorf("hostPort(%q, %d) = %q, want %q", h, p, got, want)
-			}
-		}
-	}
-	ap := netip.MustParseAddrPort("[fd00::1]:443")
-	if n := testing.AllocsPerRun(100, func() { addrString(ap); hostPort("site.test", 443) }); n > 2 {
-		t.Errorf("addrString and hostPort allocate %v times, want 1 each", n)
 	}
 }

@@ -599,9 +599,9 @@ func (t *Tunnel) connectFor(r *conn, route Action, dst netip.AddrPort, found sni
 // sent.
 func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, src netip.Addr, dst netip.AddrPort, found sniff.Result) string {
 	if found.Host == "" || found.ViaProxy || mode == RouteOnly {
-		return addrString(dst)
+		return dst.String()
 	}
-	named := hostPort(found.Host, dst.Port())
+	named := net.JoinHostPort(found.Host, strconv.Itoa(int(dst.Port())))
 	if mode == Verify && !t.verify.resolvesTo(ctx, t.lookup, src, found.Host, dst.Addr()) {
 		if ok, held := t.nameWarns.allowFrom(time.Now(), sniff.SourceKey(src), true); ok {
 			t.log().LogAttrs(ctx, slog.LevelWarn, "sniffed name does not resolve to the destination; sending the IP",
@@ -610,24 +610,6 @@ func (t *Tunnel) proxyTarget(ctx context.Context, mode NameMode, src netip.Addr,
 		return dst.String()
 	}
 	return named
-}
-
-// addrString is dst.String() in one allocation.
-func addrString(dst netip.AddrPort) string {
-	var b [64]byte
-	return string(dst.AppendTo(b[:0]))
-}
-
-// hostPort is net.JoinHostPort(host, port) in one allocation.
-func hostPort(host string, port uint16) string {
-	var b [300]byte
-	out := b[:0]
-	if strings.IndexByte(host, ':') >= 0 {
-		out = append(append(append(out, '['), host...), ']')
-	} else {
-		out = append(out, host...)
-	}
-	return string(strconv.AppendUint(append(out, ':'), uint64(port), 10))
 }
 
 // replay is stage 5: the bytes peeked go to the server first; sniffing
