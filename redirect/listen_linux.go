@@ -331,26 +331,3 @@ func ntohs(p uint16) uint16 {
 	b := (*[2]byte)(unsafe.Pointer(&p))
 	return uint16(b[0])<<8 | uint16(b[1])
 }
-
-// MarkControl returns a Dialer.Control function that sets SO_MARK to mark on
-// every socket it sees, so that the redirection rules, which exempt the mark,
-// leave detour's own connections alone. Setting a mark needs CAP_NET_ADMIN.
-func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) error {
-	return func(network, address string, c syscall.RawConn) error {
-		var serr error
-		if err := c.Control(func(fd uintptr) {
-			// Raw: setting an option never waits, and the event loops call
-			// this on every dial.
-			m := int32(mark)
-			if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_MARK, uintptr(unsafe.Pointer(&m)), 4, 0); e != 0 {
-				serr = e
-			}
-		}); err != nil {
-			return err
-		}
-		if serr != nil {
-			return fmt.Errorf("setting SO_MARK %#x on socket to %s: %w (needs CAP_NET_ADMIN)", mark, address, serr)
-		}
-		return nil
-	}
-}

@@ -48,10 +48,5 @@ func (l *Listener) OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	return netip.AddrPort{}, errNotLinux
 }
 
-// MarkControl returns a Control function that fails on this OS.
-func MarkControl(mark uint32) func(network, address string, c syscall.RawConn) error {
-	return func(string, string, syscall.RawConn) error { return errNotLinux }
-}
-
 // MarkLoops fails on this OS.
 func MarkLoops(mark uint32) ([]Problem, error) { return nil, errNotLinux }

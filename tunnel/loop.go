@@ -101,19 +101,14 @@ func (g *LoopGuard) Control(next func(network, address string, c syscall.RawConn
 		if err != nil {
 			return nil // not an IP literal: nothing loops to it by address
 		}
-		g.dialing(dst, c)
+		g.track(dst, &dialing{rc: c})
 		return nil
 	}
 }
 
-// dialing records c, a socket being dialled to dst: Control's
-// bookkeeping, for a caller that has dst parsed already.
-func (g *LoopGuard) dialing(dst netip.AddrPort, c syscall.RawConn) {
-	g.track(dst, &dialing{rc: c})
-}
-
-// track is dialing with the record made by the caller (d.rc set), who may
-// keep it with the socket: one record per socket, never reused.
+// track records d, a socket being dialled to dst (d.rc set): Control's
+// bookkeeping. The caller may keep d with the socket: one record per
+// socket, never reused.
 func (g *LoopGuard) track(dst netip.AddrPort, d *dialing) {
 	dst = unmap(dst)
 	s := loopShardOf(g, dst)

@@ -250,10 +250,18 @@ func (t *Tunnel) setup() {
 // socketControl is what every outbound socket runs before it connects:
 // the mark, then Control.
 func (t *Tunnel) socketControl() func(network, address string, c syscall.RawConn) error {
-	mark, next := t.Mark, t.Control
-	if mark == 0 {
-		return next
+	if t.Mark == 0 {
+		return t.Control
 	}
+	return MarkControl(t.Mark, t.Control)
+}
+
+// MarkControl returns a Dialer.Control function that sets SO_MARK to mark
+// on the socket, so that the redirection rules, which exempt the mark,
+// leave detour's own connections alone, then runs next (if not nil).
+// Setting a mark needs CAP_NET_ADMIN. The event loops' dials set it
+// without the closure (prepareSocket).
+func MarkControl(mark uint32, next func(network, address string, c syscall.RawConn) error) func(network, address string, c syscall.RawConn) error {
 	return func(network, address string, c syscall.RawConn) error {
 		var serr error
 		if err := c.Control(func(fd uintptr) { serr = setMark(int(fd), mark) }); err != nil {

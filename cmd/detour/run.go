@@ -335,7 +335,7 @@ func runCommand(args []string, stdout, stderr io.Writer) int {
 	// Every outbound socket (direct and to upstreams) is known to loops,
 	// so that a connection coming back from one is refused at accept.
 	loops := &tunnel.LoopGuard{Cause: loopCause(cfg.mode, cfg.mark)}
-	forward := &net.Dialer{Timeout: cfg.dialTimeout, Control: loops.Control(redirect.MarkControl(cfg.mark)), KeepAlive: -1}
+	forward := &net.Dialer{Timeout: cfg.dialTimeout, Control: loops.Control(tunnel.MarkControl(cfg.mark, nil)), KeepAlive: -1}
 	cfg.routing, err = buildRouting(cfg.upstreams, cfg.strategy, cfg.file, forward, log)
 	if err != nil {
 		if cfg.file != nil && len(cfg.upstreams) == 0 {
