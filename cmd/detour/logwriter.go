@@ -116,7 +116,8 @@ func (l *logWriter) flush() {
 	l.mu.Unlock()
 }
 
-// loop writes the buffer out every (one period) after a line came into it empty.
+// loop writes the buffer out one period (every) after a line came into it
+// empty, and sleeps while it stays empty.
 func (l *logWriter) loop(every time.Duration) {
 	defer close(l.stopped)
 	t := time.NewTimer(every)

@@ -79,9 +79,10 @@ func TestLogWriterAppendLine(t *testing.T) {
 	}
 }
 
-// The flusher sleeps while the buffer is empty and wakes for the next
-// line: each of a few lines written apart reaches the output by itself,
-// without Close and without a full buffer.
+// The flusher, which waits for a line to come into the empty buffer, is
+// told again after each flush: each of a few lines written apart reaches
+// the output by itself, without Close and without a full buffer. (That it
+// sleeps in between is seen with strace, not here.)
 func TestLogWriterWakesForEachLine(t *testing.T) {
 	var out testkit.LogBuffer
 	l := newLogWriter(&out, 5*time.Millisecond)
