@@ -17,8 +17,13 @@ import (
 // BenchmarkAccessLine is one connection's access line, as detour writes it
 // (JSON), to io.Discard: the per-connection cost of the log.
 func BenchmarkAccessLine(b *testing.B) {
+	benchAccessLine(b, slog.NewJSONHandler(io.Discard, nil))
+}
+
+// benchAccessLine writes one connection's access line through h.
+func benchAccessLine(b *testing.B, h slog.Handler) {
 	client, _ := testkit.TCPPair(b)
-	t := &Tunnel{Mode: "redirect", Log: slog.New(slog.NewJSONHandler(io.Discard, nil))}
+	t := &Tunnel{Mode: "redirect", Log: slog.New(h)}
 	info := &connInfo{start: time.Now(), peer: addrPort(client.RemoteAddr()), dst: netip.MustParseAddrPort("198.18.2.2:80"),
 		found: sniff.Result{Proto: sniff.HTTP, Host: "site.test"}, outcome: "found", sniffTook: time.Millisecond,
 		route: Action{Kind: ActionDirect}}
@@ -43,15 +48,7 @@ func (nopHandler) HandleAttrs(context.Context, time.Time, slog.Level, string, []
 // work: what logConn costs before the line is written, handing it to a
 // LineHandler as detour's is.
 func BenchmarkAccessLineRecord(b *testing.B) {
-	client, _ := testkit.TCPPair(b)
-	t := &Tunnel{Mode: "redirect", Log: slog.New(nopHandler{})}
-	info := &connInfo{start: time.Now(), peer: addrPort(client.RemoteAddr()), dst: netip.MustParseAddrPort("198.18.2.2:80"),
-		found: sniff.Result{Proto: sniff.HTTP, Host: "site.test"}, outcome: "found", sniffTook: time.Millisecond,
-		route: Action{Kind: ActionDirect}}
-	b.ReportAllocs()
-	for b.Loop() {
-		t.logConn(info, 100, 200, nil)
-	}
+	benchAccessLine(b, nopHandler{})
 }
 
 // partsHandler keeps the attributes of the lines it is given, as a
